@@ -1,0 +1,288 @@
+"""Build an onnxruntime decoder graph for a Llama-family model, weight by weight.
+
+The graph is what the runtime's KV cache expects (see ``edgellm/manifest.py``):
+
+inputs
+    ``input_ids`` int64 ``(1, S)`` - S new tokens (prompt chunk, one step, or a verify batch);
+    ``num_logits`` int64 ``(1,)`` - logits are returned for the last ``num_logits`` positions;
+    ``seqlens_k`` int32 ``(1,)`` - total tokens in the cache after this call, minus one;
+    ``total_sequence_length`` int32 scalar - the same total;
+    ``past_key_values.%d.key|value`` float32 ``(1, kv_heads, max_context, head_dim)``.
+outputs
+    ``logits`` float32 ``(1, num_logits, vocab)``; ``present.%d.key|value`` like the past.
+
+Attention is onnxruntime's fused ``GroupQueryAttention`` with rotary embedding inside and the
+past and present KV buffers shared: new keys are written at positions ``[P, P + S)`` of a
+preallocated buffer, so rolling back is passing a smaller ``seqlens_k`` next time (O(1)).
+Linear layers are ``MatMulNBits`` (int4/int8), or ``MatMul`` over fp32 / fp16-stored weights.
+Weights stream to one external-data file as they are produced, so memory stays near one layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgellm.errors import ConfigError
+from edgellm.export.quantize import PackedWeight, concat_rows, quantize_blockwise
+from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, DecoderSpec, Source, layer_names
+
+logger = logging.getLogger(__name__)
+
+QUANTS = ("int4", "int8", "fp16", "fp32")
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How one model's weights are stored.
+
+    Attributes:
+        quant: ``int4`` / ``int8`` (MatMulNBits, weight-only), ``fp16`` (weights stored fp16,
+            computed fp32 on CPU) or ``fp32``.
+        block_size: MatMulNBits block size along the input dimension.
+        symmetric: int quantization without zero points.
+        accuracy_level: MatMulNBits compute type (4 = int8 activations, fastest on CPU;
+            1 = fp32).
+        lm_head_quant: storage of the output projection; ``None`` means the same as ``quant``.
+    """
+
+    quant: str = "int4"
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int = 4
+    lm_head_quant: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in (("quant", self.quant), ("lm_head_quant", self.lm_head_quant or self.quant)):
+            if value not in QUANTS:
+                raise ConfigError(f"{name}={value!r} is not allowed; allowed: {', '.join(QUANTS)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size={self.block_size}; allowed: a power of two >= 16 (32, 64, 128)")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"accuracy_level={self.accuracy_level}; allowed 0-4")
+
+    def to_dict(self) -> dict:
+        return {
+            "quant": self.quant,
+            "block_size": self.block_size if self.quant in ("int4", "int8") else None,
+            "symmetric": self.symmetric,
+            "accuracy_level": self.accuracy_level,
+            "lm_head_quant": self.lm_head_quant or self.quant,
+        }
+
+
+def io_names(num_layers: int) -> dict:
+    """The graph's IO names, as recorded in the manifest."""
+    return {
+        "input_ids": "input_ids",
+        "num_logits": "num_logits",
+        "seqlens_k": "seqlens_k",
+        "total_sequence_length": "total_sequence_length",
+        "past_key": "past_key_values.%d.key",
+        "past_value": "past_key_values.%d.value",
+        "present_key": "present.%d.key",
+        "present_value": "present.%d.value",
+        "logits": "logits",
+        "num_layers": num_layers,
+    }
+
+
+class _GraphWriter:
+    """Collects nodes; streams large initializers to one external data file."""
+
+    def __init__(self, data_path: Path) -> None:
+        from onnx import TensorProto, helper, numpy_helper
+
+        self.helper, self.numpy_helper, self.TensorProto = helper, numpy_helper, TensorProto
+        self.data_path = data_path
+        self._f = open(data_path, "wb")
+        self.nodes: list = []
+        self.inits: list = []
+        self._n = 0
+
+    def close(self) -> None:
+        self._f.close()
+
+    def name(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}_{self._n}"
+
+    def const(self, name: str, arr: np.ndarray) -> str:
+        arr = np.ascontiguousarray(arr)
+        if arr.nbytes < 4096:
+            self.inits.append(self.numpy_helper.from_array(arr, name))
+            return name
+        pad = (-self._f.tell()) % 4096  # page-aligned so onnxruntime can map it
+        self._f.write(b"\0" * pad)
+        offset = self._f.tell()
+        self._f.write(arr.tobytes())
+        t = self.TensorProto()
+        t.name = name
+        t.data_type = self.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        t.dims.extend(arr.shape)
+        t.data_location = self.TensorProto.EXTERNAL
+        for k, v in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(arr.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        self.inits.append(t)
+        return name
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
+        outs = [self.name(op) for _ in range(n_out)]
+        self.nodes.append(self.helper.make_node(op, inputs, outs, domain=domain or None, **attrs))
+        return outs
+
+
+class DecoderBuilder:
+    """Turns a :class:`Source` into an ONNX decoder graph (see module docstring)."""
+
+    def __init__(self, source: Source, quant: QuantConfig, max_context: int,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.src, self.spec, self.q = source, source.spec, quant
+        self.max_context = max_context
+        self.progress = progress or (lambda msg: None)
+
+    # ------------------------------------------------------------------ linear layers
+    def _linear(self, g: _GraphWriter, x: str, names: list[str], quant: str, tag: str) -> str:
+        """``x @ concat(W_names).T`` (+ biases when the source has them). Returns the output."""
+        mats = [self.src.tensor(n) for n in names]
+        if quant in ("int4", "int8"):
+            bits = 4 if quant == "int4" else 8
+            packed = concat_rows([quantize_blockwise(m, bits, self.q.block_size, self.q.symmetric) for m in mats])
+            del mats
+            y = self._matmul_nbits(g, x, packed, tag)
+        else:
+            w = np.concatenate(mats, axis=0).T
+            del mats
+            dtype = np.float16 if quant == "fp16" else np.float32
+            wname = g.const(tag + ".weight", np.ascontiguousarray(w.astype(dtype)))
+            if dtype == np.float16:
+                (wname,) = g.node("Cast", [wname], to=self.TensorProto.FLOAT)
+            (y,) = g.node("MatMul", [x, wname])
+        biases = [n.replace(".weight", ".bias") for n in names]
+        if all(self.src.has(b) for b in biases):
+            bias = np.concatenate([self.src.tensor(b) for b in biases]).astype(np.float32)
+            (y,) = g.node("Add", [y, g.const(tag + ".bias", bias)])
+        return y
+
+    def _matmul_nbits(self, g: _GraphWriter, x: str, p: PackedWeight, tag: str) -> str:
+        ins = [x, g.const(tag + ".qweight", p.data), g.const(tag + ".scales", p.scales)]
+        if p.zero_points is not None:
+            ins.append(g.const(tag + ".zero_points", p.zero_points))
+        (y,) = g.node("MatMulNBits", ins, domain=MS_DOMAIN, K=p.K, N=p.N, bits=p.bits,
+                      block_size=p.block_size, accuracy_level=self.q.accuracy_level)
+        return y
+
+    # ------------------------------------------------------------------ graph
+    def build(self, out_dir: Path, model_name: str = "model.onnx") -> Path:
+        """Write ``model_name`` and ``model_name + '.data'`` into ``out_dir``. Returns the graph path."""
+        import onnx
+        from onnx import TensorProto, helper
+
+        self.TensorProto = TensorProto
+        s = self.spec
+        g = _GraphWriter(out_dir / (model_name + ".data"))
+        kv_shape = ["batch", s.num_kv_heads, self.max_context, s.head_dim]
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("num_logits", TensorProto.INT64, [1]),
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        ]
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "num_logits", s.vocab_size])]
+        try:
+            cos, sin = self._rope_caches(g)
+            x = self._embedding(g)
+            resid = None
+            for i in range(s.num_layers):
+                self.progress(f"layer {i + 1}/{s.num_layers}")
+                for kind in ("key", "value"):
+                    inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+                    outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+                x, resid = self._layer(g, i, x, resid, cos, sin)
+            self.progress("lm_head")
+            normed = g.node("SkipSimplifiedLayerNormalization",
+                            [x, resid, g.const("final_norm", self.src.tensor(FINAL_NORM))],
+                            n_out=1, domain=MS_DOMAIN, epsilon=s.rms_norm_eps)[0]
+            (neg,) = g.node("Neg", ["num_logits"])
+            (last,) = g.node("Slice", [normed, neg, g.const("int64_max", np.array([2**62], np.int64)),
+                                       g.const("axis_1", np.array([1], np.int64))])
+            head = LM_HEAD if self.src.has(LM_HEAD) else EMBED
+            logits = self._linear(g, last, [head], self.q.lm_head_quant or self.q.quant, "lm_head")
+            g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+        finally:
+            g.close()
+        graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid(MS_DOMAIN, 1)],
+                                  producer_name="edgellm")
+        path = out_dir / model_name
+        onnx.save(model, str(path))
+        return path
+
+    def _rope_caches(self, g: _GraphWriter) -> tuple[str, str]:
+        d = self.spec.head_dim
+        inv_freq = 1.0 / (self.spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        freqs = np.outer(np.arange(self.max_context, dtype=np.float64), inv_freq)
+        return (g.const("cos_cache", np.cos(freqs).astype(np.float32)),
+                g.const("sin_cache", np.sin(freqs).astype(np.float32)))
+
+    def _embedding(self, g: _GraphWriter) -> str:
+        table = self.src.tensor(EMBED)
+        if self.q.quant == "fp32":
+            (x,) = g.node("Gather", [g.const("embed_tokens", table), "input_ids"])
+            return x
+        (x,) = g.node("Gather", [g.const("embed_tokens", table.astype(np.float16)), "input_ids"])
+        (x,) = g.node("Cast", [x], to=self.TensorProto.FLOAT)
+        return x
+
+    def _layer(self, g: _GraphWriter, i: int, x: str, resid: str | None, cos: str, sin: str) -> tuple[str, str]:
+        """One decoder block. ``x`` is the previous block's output delta (or the embedding)."""
+        s, n, ms = self.spec, layer_names(i), MS_DOMAIN
+        eps = s.rms_norm_eps
+        w_in = g.const(f"l{i}.input_norm", self.src.tensor(n["input_norm"]))
+        if resid is None:  # first block: plain RMSNorm of the embedding
+            (h,) = g.node("SimplifiedLayerNormalization", [x, w_in], axis=-1, epsilon=eps)
+            resid = x
+        else:
+            h, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [x, resid, w_in], n_out=4, domain=ms, epsilon=eps)
+        qkv = self._linear(g, h, [n["q"], n["k"], n["v"]], self.q.quant, f"l{i}.qkv")
+        q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        q, k, v = g.node("Split", [qkv, g.const(f"l{i}.qkv_split", np.array([q_dim, kv_dim, kv_dim], np.int64))],
+                         n_out=3, axis=-1)
+        attn = g.name("gqa")
+        g.nodes.append(self.helper_node(
+            "GroupQueryAttention",
+            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+             "total_sequence_length", cos, sin],
+            [attn, f"present.{i}.key", f"present.{i}.value"],
+            num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+            scale=float(1.0 / np.sqrt(s.head_dim)), local_window_size=-1,
+        ))
+        o = self._linear(g, attn, [n["o"]], self.q.quant, f"l{i}.o")
+        w_post = g.const(f"l{i}.post_norm", self.src.tensor(n["post_norm"]))
+        h2, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [o, resid, w_post], n_out=4, domain=ms, epsilon=eps)
+        gu = self._linear(g, h2, [n["gate"], n["up"]], self.q.quant, f"l{i}.gate_up")
+        gate, up = g.node("Split", [gu, g.const(f"l{i}.gu_split", np.array([s.intermediate_size] * 2, np.int64))],
+                          n_out=2, axis=-1)
+        (sig,) = g.node("Sigmoid", [gate])
+        (silu,) = g.node("Mul", [gate, sig])
+        (act,) = g.node("Mul", [silu, up])
+        return self._linear(g, act, [n["down"]], self.q.quant, f"l{i}.down"), resid
+
+    @staticmethod
+    def helper_node(op: str, inputs: list[str], outputs: list[str], **attrs):
+        from onnx import helper
+
+        return helper.make_node(op, inputs, outputs, domain=MS_DOMAIN, **attrs)
+
+
+def file_size(path: Path) -> int:
+    return os.path.getsize(path)

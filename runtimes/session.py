@@ -1,0 +1,122 @@
+"""One decoder graph in an onnxruntime session, with a preallocated KV cache bound in place.
+
+The cache is a static buffer ``(1, kv_heads, max_context, head_dim)`` per layer and per K/V,
+bound with IO binding as both the ``past`` input and the ``present`` output of the graph, so
+onnxruntime's GroupQueryAttention writes the new keys at ``[length, length + S)`` and nothing is
+copied between steps. The cache length is just an integer: rolling back is setting it lower
+(the stale rows past it are ignored by the next call and overwritten by it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgellm.errors import ContextLengthError, RollbackError
+from edgellm.runtimes.providers import ProviderChoice
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KVLayout:
+    """What the manifest says about one model's cache and IO (see ``edgellm/manifest.py``)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_context: int
+    vocab_size: int
+    io: dict[str, Any]
+
+
+class DecoderSession:
+    """A decoder graph plus its KV cache: ``forward`` appends tokens, ``rollback`` forgets them.
+
+    Invariant: ``self.length`` is the number of positions whose keys and values are in the cache.
+    """
+
+    def __init__(self, model_path: Path, layout: KVLayout, provider: ProviderChoice,
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.layout = layout
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        # Draft and target alternate on the same cores: spinning workers of the idle session
+        # would steal cycles from the busy one.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        t0 = time.perf_counter()
+        self.session = ort.InferenceSession(str(model_path), so, providers=provider.providers,
+                                            provider_options=provider.options)
+        self.load_seconds = time.perf_counter() - t0
+        self.providers = self.session.get_providers()
+        self._ort = ort
+        self.length = 0
+        self._bind_cache()
+
+    def _bind_cache(self) -> None:
+        lay, io = self.layout, self.layout.io
+        shape = (1, lay.num_kv_heads, lay.max_context, lay.head_dim)
+        self.binding = self.session.io_binding()
+        self.binding.bind_output(io["logits"], "cpu")  # bound first: get_outputs()[0]
+        self._cache = []
+        for i in range(lay.num_layers):
+            for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
+                buf = self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                self._cache.append(buf)
+                self.binding.bind_ortvalue_input(io[past] % i, buf)
+                self.binding.bind_ortvalue_output(io[present] % i, buf)
+
+    def forward(self, token_ids: np.ndarray, num_logits: int = 1) -> np.ndarray:
+        """Append ``token_ids`` to the cache and return logits of the last ``num_logits`` positions.
+
+        Args:
+            token_ids: int64 ``(S,)``, S >= 1.
+            num_logits: how many trailing positions to return logits for (1 <= num_logits <= S).
+
+        Returns:
+            float32 ``(num_logits, vocab_size)``.
+        """
+        s = len(token_ids)
+        total = self.length + s
+        if total > self.layout.max_context:
+            raise ContextLengthError(
+                f"{total} tokens do not fit this bundle's max_context={self.layout.max_context}; "
+                "shorten the prompt, lower max_new_tokens, or re-export with a larger --max-context"
+            )
+        io, b = self.layout.io, self.binding
+        b.bind_cpu_input(io["input_ids"], np.asarray(token_ids, np.int64).reshape(1, s))
+        b.bind_cpu_input(io["num_logits"], np.array([num_logits], np.int64))
+        b.bind_cpu_input(io["seqlens_k"], np.array([total - 1], np.int32))
+        b.bind_cpu_input(io["total_sequence_length"], np.array(total, np.int32))
+        b.bind_output(io["logits"], "cpu")  # its shape changes with num_logits: let ORT allocate
+        self.session.run_with_iobinding(b)
+        self.length = total
+        return b.get_outputs()[0].numpy()[0]
+
+    def rollback(self, length: int) -> None:
+        """Keep only the first ``length`` cached positions. O(1); idempotent.
+
+        Raises:
+            RollbackError: ``length`` is negative or beyond what is cached.
+        """
+        if not 0 <= length <= self.length:
+            raise RollbackError(f"cannot roll back to length {length}: the cache holds {self.length} positions")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def cache_array(self, layer: int, kind: str = "key") -> np.ndarray:
+        """A copy of one layer's cache ``(kv_heads, length, head_dim)`` (for tests)."""
+        buf = self._cache[2 * layer + (kind == "value")].numpy()
+        return buf[0, :, : self.length].copy()
