@@ -1,0 +1,270 @@
+"""edgellm.export: turn a target (and a draft) model into one self-describing bundle.
+
+The only part of edgellm that may import torch / transformers, and only inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edgellm.errors import ConfigError, EdgeLLMError, ExportError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["export", "DEFAULT_QUANT", "DEFAULT_DRAFT_QUANT"]
+
+DEFAULT_QUANT = "int4"
+DEFAULT_DRAFT_QUANT = "int4"
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_DRAFT_BLOCK_SIZE = 128
+DEFAULT_MAX_CONTEXT = 4096
+DEFAULT_MAX_TARGET_KL = 0.1
+QUALITY_SAMPLE_TOKENS = 256
+
+
+def export(
+    target: str | Path,
+    *,
+    output: str | Path,
+    draft: str | Path | None = None,
+    quant: str = DEFAULT_QUANT,
+    draft_quant: str = DEFAULT_DRAFT_QUANT,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    draft_block_size: int = DEFAULT_DRAFT_BLOCK_SIZE,
+    lm_head_quant: str | None = None,
+    max_context: int = DEFAULT_MAX_CONTEXT,
+    quality: str = "quant",
+    max_target_kl: float = DEFAULT_MAX_TARGET_KL,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Export ``target`` (and ``draft``) into a bundle folder at ``output``.
+
+    Args:
+        target: Hugging Face folder, ``.gguf`` file, or hub id (online only).
+        output: bundle folder to create; written to a temporary sibling and renamed at the end.
+        draft: optional draft model, same forms as ``target``; must share the tokenizer.
+        quant: target weights: ``int4``, ``int8``, ``fp16`` or ``fp32``.
+        draft_quant: draft weights (quantize it hard: it only changes speed).
+        block_size: MatMulNBits block size of the target.
+        draft_block_size: MatMulNBits block size of the draft.
+        lm_head_quant: storage of the target's output projection. ``None``: int8 when
+            ``quant`` is int4 (the head decides every token: guard it), else ``quant``. The
+            draft's head follows ``draft_quant``.
+        max_context: KV-cache length (prompt + generated tokens) the bundle supports.
+        quality: ``none``, ``quant`` (quantized vs fp32 graph) or ``full`` (also fp32 graph vs
+            the source model in transformers).
+        max_target_kl: warn loudly when the target's quantization costs more than this mean KL.
+        overwrite: replace an existing ``output``.
+        trust_remote_code: let transformers run code shipped with a model (off by default).
+        progress: called with one-line progress messages.
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        ConfigError: a bad option value, or ``output`` exists without ``overwrite``.
+        ExportError: a model cannot be read or converted.
+        IncompatibleModelsError: draft and target do not share a tokenizer.
+    """
+    from edgellm.export.builder import QuantConfig
+    from edgellm.export.quality import QUALITY_LEVELS
+
+    out = Path(output).expanduser()
+    if quality not in QUALITY_LEVELS:
+        raise ConfigError(f"quality={quality!r}; allowed: {', '.join(QUALITY_LEVELS)}")
+    if max_context < 64:
+        raise ConfigError(f"max_context={max_context}; allowed: at least 64")
+    if lm_head_quant is None:
+        lm_head_quant = "int8" if quant == "int4" else quant
+    qcfg = {"target": QuantConfig(quant, block_size, lm_head_quant=lm_head_quant)}
+    if draft is not None:
+        qcfg["draft"] = QuantConfig(draft_quant, draft_block_size)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output {str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise ConfigError(f"output {str(out)!r} is a non-empty folder that is not a bundle; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    say = _progress_printer(progress, t0)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, say)
+        _replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (EdgeLLMError, KeyboardInterrupt, SystemExit, MemoryError)):
+            raise
+        raise ExportError(f"export failed: {type(e).__name__}: {e}") from e
+    say(f"bundle written to {out}")
+    return out
+
+
+def _progress_printer(progress: Callable[[str], None] | None, t0: float) -> Callable[[str], None]:
+    def say(msg: str) -> None:
+        line = f"[{time.perf_counter() - t0:7.1f}s] {msg}"
+        logger.info(line)
+        if progress:
+            progress(line)
+
+    return say
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{int(time.time())}")
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, say) -> None:
+    from edgellm import __version__
+    from edgellm.export.source import open_source
+    from edgellm.export.tokenizer import check_compatible, tokenizer_files, write_tokenizer
+    from edgellm.manifest import FORMAT_VERSION, MANIFEST_NAME, parse_manifest, sha256_file
+
+    sources = {"target": open_source(target)}
+    if draft is not None:
+        sources["draft"] = open_source(draft)
+    say("reading tokenizers")
+    toks = {role: tokenizer_files(src, trust_remote_code=trust_remote_code) for role, src in sources.items()}
+    if "draft" in sources:
+        check_compatible(toks["target"], toks["draft"], sources["target"].spec.vocab_size,
+                         sources["draft"].spec.vocab_size)
+    tok_entry = write_tokenizer(toks["target"], tmp / "tokenizer")
+
+    models, report = {}, {"models": {}}
+    for role, src in sources.items():
+        ctx = min(max_context, src.spec.source_context_length)
+        models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say)
+        if quality != "none":
+            report["models"][role] = _quality(tmp, role, src, qcfg[role], models[role], ctx, quality,
+                                              tok_entry, say)
+    _judge(report, max_target_kl, say)
+    (tmp / "quality.json").write_text(json.dumps(report, indent=2))
+
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(tmp).as_posix()
+            say(f"hashing {rel}")
+            files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "edgellm_version": __version__,
+        "models": models,
+        "tokenizer": tok_entry,
+        "generation": {"num_draft_tokens": 4, "max_new_tokens": 256, "temperature": 0.0,
+                       "top_k": 0, "top_p": 1.0},
+        "quality_report": "quality.json",
+        "files": files,
+    }
+    parse_manifest(manifest)  # the exporter never writes what the runtime would refuse
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+
+
+def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say) -> dict[str, Any]:
+    from edgellm.export.builder import DecoderBuilder, io_names
+
+    s = src.spec
+    say(f"{role}: {s.architecture}, {s.num_layers} layers, hidden {s.hidden_size}, "
+        f"vocab {s.vocab_size}, from {src.describe()['kind']} -> {qcfg.quant}")
+    folder = tmp / role
+    folder.mkdir()
+    DecoderBuilder(src, qcfg, max_context, progress=lambda m: say(f"{role}: {m}")).build(folder)
+    return {
+        "graph": f"{role}/model.onnx",
+        "architecture": s.architecture,
+        "num_layers": s.num_layers,
+        "num_heads": s.num_heads,
+        "num_kv_heads": s.num_kv_heads,
+        "head_dim": s.head_dim,
+        "hidden_size": s.hidden_size,
+        "vocab_size": s.vocab_size,
+        "max_context": max_context,
+        "kv_layout": {"kind": "shared_buffer", "dims": ["batch", "num_kv_heads", "max_context", "head_dim"],
+                      "dtype": "float32"},
+        "io": io_names(s.num_layers),
+        "quantization": qcfg.to_dict(),
+        "source": {k: v for k, v in src.describe().items() if k != "path"} | {"name": Path(str(src.path)).name},
+    }
+
+
+def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str, tok_entry: dict, say) -> dict:
+    """Measure the exported graph against an fp32 graph (and the source model at level ``full``)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from edgellm.export.builder import DecoderBuilder, QuantConfig
+    from edgellm.export.quality import compare_logits, graph_logits, sample_text, source_logits
+    from edgellm.runtimes.session import KVLayout
+
+    tok = Tokenizer.from_file(str(tmp / tok_entry["file"]))
+    ids = np.array(tok.encode(sample_text()).ids[: min(QUALITY_SAMPLE_TOKENS, ctx)], np.int64)
+    layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], ctx, entry["vocab_size"],
+                      entry["io"])
+    vocab = tok_entry["vocab_size"]
+    result: dict[str, Any] = {"quantization": qcfg.to_dict(), "sample_tokens": int(len(ids)),
+                              "import": _import_note(src, qcfg)}
+    ref_dir = tmp / f"_fp32_{role}"
+    try:
+        if qcfg.quant == "fp32":
+            ref = graph_logits(tmp / entry["graph"], layout, ids)
+        else:
+            say(f"{role}: building an fp32 reference graph for the quality report")
+            ref_dir.mkdir()
+            ref_graph = DecoderBuilder(src, QuantConfig("fp32"), ctx).build(ref_dir)
+            ref = graph_logits(ref_graph, layout, ids)
+            say(f"{role}: scoring the {qcfg.quant} graph against fp32")
+            got = graph_logits(tmp / entry["graph"], layout, ids)
+            result["quantized_vs_fp32"] = compare_logits(ref, got, vocab)
+            del got
+        if level == "full":
+            say(f"{role}: running the source model in transformers")
+            result["fp32_vs_source"] = compare_logits(source_logits(src, ids), ref, vocab)
+    finally:
+        shutil.rmtree(ref_dir, ignore_errors=True)
+    return result
+
+
+def _import_note(src, qcfg) -> dict:
+    if src.kind != "gguf":
+        return {"lossless": qcfg.quant == "fp32", "note": "weights read from safetensors"}
+    return {
+        "lossless": qcfg.quant == "fp32",
+        "note": ("GGUF blocks dequantized to fp32, then re-quantized" if qcfg.quant != "fp32"
+                 else "GGUF blocks dequantized to fp32 exactly"),
+        "gguf_tensor_types": src.quant_types(),
+    }
+
+
+def _judge(report: dict, max_target_kl: float, say) -> None:
+    target = report["models"].get("target", {}).get("quantized_vs_fp32")
+    for role, r in report["models"].items():
+        q = r.get("quantized_vs_fp32")
+        if q:
+            say(f"quality {role}: top-1 agreement {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.4f} "
+                f"over {q['positions']} tokens vs fp32")
+        if r.get("fp32_vs_source"):
+            say(f"quality {role}: fp32 graph vs source max |logit diff| {r['fp32_vs_source']['max_abs_diff']:.2e}")
+    report["max_target_kl"] = max_target_kl
+    report["target_within_threshold"] = None if target is None else target["mean_kl"] <= max_target_kl
+    if target is not None and target["mean_kl"] > max_target_kl:
+        import warnings
+
+        msg = (f"WARNING: the target's quantization costs mean KL {target['mean_kl']:.4f} > max_target_kl "
+               f"{max_target_kl} (top-1 agreement {target['top1_agreement']:.3f}); its output quality "
+               "suffers. Export the target with --quant int8 or a smaller --block-size.")
+        say(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)

@@ -1,0 +1,337 @@
+"""The decoding loop: target-only, speculative (draft model) and lookup (n-gram) decoding.
+
+It knows token ids and positions only; a model is anything with ``length``,
+``forward(ids, num_logits) -> (num_logits, V) logits`` and ``rollback(length)`` (see
+:class:`edgellm.runtimes.session.DecoderSession`; tests use pure-numpy fakes).
+
+Names as in Leviathan et al.: ``p`` target, ``q`` draft, ``gamma`` drafted tokens per round.
+
+Invariants (tested in tests/unit/test_speculative.py):
+
+* every round emits at least one token (the correction or bonus token from the target);
+* between rounds the target's cache holds every committed token but the last one: the last
+  emitted token is the first input of the next verify batch;
+* the draft's cache may lag (by one after a fully accepted round, more after rounds without a
+  draft); it catches up by feeding the missing tokens in one batch;
+* rollback takes an absolute length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from edgellm.errors import ConfigError, ContextLengthError
+from edgellm.lookup import propose_lookup
+from edgellm.sampling import SamplingConfig, choose, greedy_accept, probabilities, rejection_accept, sample
+
+MODES = ("target", "speculative", "lookup")
+
+
+class Model(Protocol):
+    length: int
+    max_context: int
+
+    def forward(self, token_ids: np.ndarray, num_logits: int = 1) -> np.ndarray: ...
+
+    def rollback(self, length: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Everything the loop needs besides the models and the prompt.
+
+    Attributes:
+        mode: ``target``, ``speculative`` or ``lookup``.
+        max_new_tokens: stop after this many tokens.
+        sampling: temperature / top-k / top-p (greedy when temperature is 0).
+        num_draft_tokens: fixed gamma, or ``None`` for the adaptive controller.
+        max_draft_tokens: upper bound of the adaptive gamma.
+        eos_token_ids: tokens that end generation (not emitted).
+        vocab_size: tokenizer size; logits columns past it (vocabulary padding) are ignored.
+        seed: random seed for sampling.
+    """
+
+    mode: str = "speculative"
+    max_new_tokens: int = 128
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    num_draft_tokens: int | None = None
+    max_draft_tokens: int = 8
+    eos_token_ids: tuple[int, ...] = ()
+    vocab_size: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}; allowed: {', '.join(MODES)}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens!r}; allowed: an integer >= 1")
+        n = self.num_draft_tokens
+        if n is not None and (not isinstance(n, int) or not 0 <= n <= 64):
+            raise ConfigError(f"num_draft_tokens={n!r}; allowed: an integer 0-64, or None for adaptive")
+
+
+@dataclass
+class Round:
+    """Tokens one round committed. ``drafted[i]``: token i was proposed and accepted."""
+
+    tokens: list[int]
+    drafted: list[bool]
+    finish_reason: str | None = None
+
+
+@dataclass
+class DecodeStats:
+    rounds: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    emitted_tokens: int = 0
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    draft_steps: int = 0
+    verify_calls: int = 0
+    gammas: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
+
+    @property
+    def mean_tokens_per_round(self) -> float | None:
+        return self.emitted_tokens / self.rounds if self.rounds else None
+
+
+class DraftLengthController:
+    """Chooses gamma each round from measured acceptance and measured costs.
+
+    Expected tokens of a round with gamma drafts and per-token acceptance ``a``:
+    ``E(g) = (1 - a**(g+1)) / (1 - a)``; its cost ``g * t_draft + t_verify(g + 1)``. The
+    controller picks the g (0 = plain target step) with the most tokens per second, and probes
+    g = 1.. now and then after backing off so that a changed acceptance is noticed.
+    """
+
+    def __init__(self, max_gamma: int, draft_cost_free: bool = False, prior_acceptance: float = 0.7) -> None:
+        self.max_gamma = max_gamma
+        self.free = draft_cost_free
+        self.acc, self.trials = 4.0 * prior_acceptance, 4.0  # pseudo-counts
+        self.t_draft: float | None = None
+        self.t_verify: dict[int, float] = {}
+        self.rounds_since_probe = 0
+
+    @property
+    def alpha(self) -> float:
+        return min(self.acc / self.trials, 0.999)
+
+    def observe(self, gamma: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        decay = 0.9
+        if gamma:
+            self.acc = decay * self.acc + accepted
+            self.trials = decay * self.trials + accepted + (accepted < gamma)
+            if not self.free:
+                per = draft_s / gamma
+                self.t_draft = per if self.t_draft is None else 0.8 * self.t_draft + 0.2 * per
+        k = gamma + 1
+        old = self.t_verify.get(k)
+        self.t_verify[k] = verify_s if old is None else 0.8 * old + 0.2 * verify_s
+
+    def _verify_cost(self, k: int) -> float:
+        if k in self.t_verify:
+            return self.t_verify[k]
+        known = sorted(self.t_verify)
+        if not known:
+            return 1.0 + 0.1 * (k - 1)
+        lo = max([x for x in known if x < k], default=None)
+        hi = min([x for x in known if x > k], default=None)
+        if lo is not None and hi is not None:
+            w = (k - lo) / (hi - lo)
+            return (1 - w) * self.t_verify[lo] + w * self.t_verify[hi]
+        base = self.t_verify[known[0]]
+        return self.t_verify[lo if lo is not None else hi] + 0.1 * base * abs(k - (lo or hi))
+
+    def choose(self, limit: int) -> int:
+        limit = min(limit, self.max_gamma)
+        if limit <= 0:
+            return 0
+        if self.t_draft is None and not self.free:
+            return min(limit, 4)  # nothing measured yet
+        a, td = self.alpha, 0.0 if self.free else self.t_draft
+        rates = [((1 - a ** (g + 1)) / (1 - a)) / (g * td + self._verify_cost(g + 1)) for g in range(limit + 1)]
+        best = 0
+        for g in range(1, limit + 1):
+            if rates[g] > rates[best] * 1.02:  # a longer draft must pay clearly
+                best = g
+        self.rounds_since_probe = self.rounds_since_probe + 1 if best == 0 else 0
+        if best == 0 and self.rounds_since_probe >= 16:  # look again: acceptance may have changed
+            self.rounds_since_probe = 0
+            return 1
+        return best
+
+
+def _check_fits(model: Model, extra: int, role: str) -> None:
+    if model.length + extra > model.max_context:
+        raise ContextLengthError(
+            f"{role}: {model.length + extra} tokens do not fit max_context={model.max_context}"
+        )
+
+
+def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | None = None,
+           stats: DecodeStats | None = None) -> Iterator[Round]:
+    """Generate tokens after ``prompt``, one :class:`Round` at a time.
+
+    Args:
+        target: the target model (its output is what is generated).
+        prompt: prompt token ids (at least one).
+        cfg: decoding configuration.
+        draft: the draft model, required for ``speculative`` mode.
+        stats: filled in as the generation goes.
+
+    Yields:
+        Rounds of committed tokens; the last has ``finish_reason`` ``stop`` (an eos token) or
+        ``length`` (max_new_tokens reached).
+    """
+    if not prompt:
+        raise ConfigError("the prompt is empty; give at least one token")
+    if cfg.mode == "speculative" and draft is None:
+        raise ConfigError("mode='speculative' needs a draft model; this bundle has none — use mode='lookup' or 'target'")
+    if len(prompt) + 1 > target.max_context:
+        raise ContextLengthError(
+            f"the prompt has {len(prompt)} tokens; max_context is {target.max_context} "
+            "(prompt plus at least one new token must fit)"
+        )
+    stats = stats if stats is not None else DecodeStats()
+    rng = np.random.default_rng(cfg.seed)
+    target.rollback(0)
+    if draft is not None:
+        draft.rollback(0)
+    v = cfg.vocab_size
+    eos = set(cfg.eos_token_ids)
+
+    # Prefill: the whole prompt through the target gives the first token directly.
+    t0 = time.perf_counter()
+    logits = target.forward(np.asarray(prompt, np.int64), 1)[-1, :v]
+    stats.prefill_seconds = time.perf_counter() - t0
+    seq = list(prompt)
+    first = choose(logits, cfg.sampling, rng)
+    done = _commit(seq, [first], [False], eos, cfg, stats, len(prompt))
+    yield done
+    if done.finish_reason:
+        return
+
+    if cfg.mode == "target":
+        yield from _target_loop(target, seq, cfg, stats, rng, len(prompt))
+        return
+    ctl = DraftLengthController(cfg.max_draft_tokens, draft_cost_free=cfg.mode == "lookup")
+    while True:
+        left = cfg.max_new_tokens - (len(seq) - len(prompt))
+        room = target.max_context - len(seq)
+        gamma = cfg.num_draft_tokens if cfg.num_draft_tokens is not None else ctl.choose(left - 1)
+        gamma = max(0, min(gamma, left - 1, room - 1))
+        rnd = _speculative_round(target, draft if cfg.mode == "speculative" else None, seq, gamma, cfg, rng,
+                                 stats, ctl)
+        done = _commit(seq, rnd.tokens, rnd.drafted, eos, cfg, stats, len(prompt))
+        yield done
+        if done.finish_reason:
+            return
+
+
+def _target_loop(target: Model, seq: list[int], cfg: DecodeConfig, stats: DecodeStats,
+                 rng: np.random.Generator, prompt_len: int) -> Iterator[Round]:
+    while True:
+        _check_fits(target, 1, "target")
+        t0 = time.perf_counter()
+        logits = target.forward(np.asarray(seq[-1:], np.int64), 1)[-1, : cfg.vocab_size]
+        stats.verify_seconds += time.perf_counter() - t0
+        stats.verify_calls += 1
+        done = _commit(seq, [choose(logits, cfg.sampling, rng)], [False], set(cfg.eos_token_ids), cfg, stats,
+                       prompt_len)
+        yield done
+        if done.finish_reason:
+            return
+
+
+def _speculative_round(target: Model, draft: Model | None, seq: list[int], gamma: int, cfg: DecodeConfig,
+                       rng: np.random.Generator, stats: DecodeStats, ctl: DraftLengthController) -> Round:
+    """One round: 1 draft, 2 verify in one target pass, 3 accept, 4 commit (by the caller), 5 roll back."""
+    v, greedy = cfg.vocab_size, cfg.sampling.greedy
+    base = len(seq)  # committed tokens; the target's cache holds base - 1 of them
+
+    # 1. draft: gamma proposals, and their distributions q when sampling
+    t0 = time.perf_counter()
+    if draft is None:
+        proposals = propose_lookup(seq, gamma)
+        q = None
+    else:
+        proposals, q = _draft_tokens(draft, seq, gamma, cfg, rng) if gamma else ([], None)
+    gamma = len(proposals)
+    t1 = time.perf_counter()
+
+    # 2. verify: the last committed token plus all proposals, in one target pass
+    _check_fits(target, gamma + 1, "target")
+    logits = target.forward(np.asarray(seq[-1:] + proposals, np.int64), gamma + 1)[:, :v]
+    t2 = time.perf_counter()
+
+    # 3. accept: longest matching prefix (greedy) or rejection sampling
+    if greedy:
+        n, nxt = greedy_accept(np.asarray(proposals, np.int64), logits.argmax(-1))
+    else:
+        p = probabilities(logits, cfg.sampling)
+        if q is None:  # deterministic proposals (lookup): q is one-hot
+            q = np.zeros((gamma, p.shape[1]))
+            q[np.arange(gamma), proposals] = 1.0
+        n, nxt = rejection_accept(np.asarray(proposals, np.int64), q, p, rng)
+
+    # 5. roll back what was not accepted: the target keeps base - 1 + n + 1 - 1 positions
+    target.rollback(base + n)
+    if draft is not None:
+        draft.rollback(min(draft.length, base + n))
+    stats.rounds += 1
+    stats.drafted_tokens += gamma
+    stats.accepted_tokens += n
+    stats.draft_seconds += t1 - t0
+    stats.verify_seconds += t2 - t1
+    stats.verify_calls += 1
+    stats.gammas.append(gamma)
+    ctl.observe(gamma, n, t1 - t0, t2 - t1)
+    return Round(proposals[:n] + [nxt], [True] * n + [False])
+
+
+def _draft_tokens(draft: Model, seq: list[int], gamma: int, cfg: DecodeConfig,
+                  rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:
+    """Run the draft ``gamma`` steps after catching it up with ``seq``. Returns tokens and q."""
+    v, greedy = cfg.vocab_size, cfg.sampling.greedy
+    _check_fits(draft, len(seq) - draft.length + gamma, "draft")
+    feed = seq[draft.length :]  # catch-up: usually one token, two after a fully accepted round
+    tokens, qs = [], []
+    for _ in range(gamma):
+        logits = draft.forward(np.asarray(feed, np.int64), 1)[-1, :v]
+        if greedy:
+            tok = int(np.argmax(logits))
+        else:
+            qi = probabilities(logits, cfg.sampling)
+            tok = sample(qi, rng)
+            qs.append(qi)
+        tokens.append(tok)
+        feed = [tok]
+    return tokens, (np.stack(qs) if qs else None)
+
+
+def _commit(seq: list[int], tokens: list[int], drafted: list[bool], eos: set[int], cfg: DecodeConfig,
+            stats: DecodeStats, prompt_len: int) -> Round:
+    """4. commit: append the round's tokens, cutting at eos and at max_new_tokens."""
+    out, flags, reason = [], [], None
+    for tok, d in zip(tokens, drafted):
+        if tok in eos:
+            reason = "stop"
+            break
+        out.append(tok)
+        flags.append(d)
+        if len(seq) + len(out) - prompt_len >= cfg.max_new_tokens:
+            reason = "length"
+            break
+    seq.extend(out)
+    stats.emitted_tokens += len(out)
+    return Round(out, flags, reason)

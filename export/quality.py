@@ -1,0 +1,72 @@
+"""Quality report: what export and quantization cost, measured on sample text.
+
+For each model: the fp32 ONNX graph against the source model (``max_abs_diff`` of logits,
+``full`` level only, needs torch), and the quantized graph against the fp32 graph
+(teacher-forced greedy top-1 agreement, mean KL divergence, max abs diff of logits).
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.runtimes.providers import resolve_provider
+from edgellm.runtimes.session import DecoderSession, KVLayout
+
+logger = logging.getLogger(__name__)
+
+QUALITY_LEVELS = ("none", "quant", "full")
+
+
+def sample_text() -> str:
+    """The text shipped with edgellm for quality checks (code and prose)."""
+    return resources.files("edgellm").joinpath("data/quality_sample.txt").read_text(encoding="utf-8")
+
+
+def graph_logits(graph: Path, layout: KVLayout, ids: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Teacher-forced logits of every position of ``ids`` (int64 ``(n,)``) -> float32 ``(n, V)``."""
+    sess = DecoderSession(graph, layout, resolve_provider("cpu"), threads=threads)
+    return sess.forward(ids, num_logits=len(ids))
+
+
+def source_logits(src, ids: np.ndarray) -> np.ndarray:
+    """Logits of the source model run by transformers (torch), float32 ``(n, V)``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgellm.export.source import GGUFSource
+
+    if isinstance(src, GGUFSource):
+        model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name,
+                                                     torch_dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(src.path), torch_dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.tensor(ids, dtype=torch.long)[None]).logits[0].float().numpy()
+    del model
+    return out
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray, vocab: int) -> dict[str, float]:
+    """Compare two ``(n, V)`` logit arrays on the first ``vocab`` columns.
+
+    Returns:
+        ``top1_agreement`` (fraction of positions with the same argmax), ``mean_kl``
+        (mean over positions of KL(softmax(ref) || softmax(got)), nats), ``max_abs_diff``.
+    """
+    ref, got = ref[:, :vocab].astype(np.float64), got[:, :vocab].astype(np.float64)
+    lp = ref - ref.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = got - got.max(-1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    return {
+        "positions": int(ref.shape[0]),
+        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+        "mean_kl": float(kl.mean()),
+        "max_abs_diff": float(np.abs(ref - got).max()),
+    }
