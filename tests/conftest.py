@@ -65,3 +65,58 @@ def fake_lm():
 
 def slow_enabled() -> bool:
     return os.environ.get("EDGELLM_SLOW") == "1"
+
+
+# --------------------------------------------------------------------------- tiny real models
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["def foo(x): return x + 1\n" * 50, "hello world, héllo wörld 😀 " * 30], trainer)
+    return tok
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tiny_hf_model(folder, arch: str = "qwen2", seed: int = 0, vocab_size: int = 320, tokenizer=None):
+    """A random 2-layer Hugging Face model (+ a small trained BPE tokenizer) saved in ``folder``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    with torch.no_grad():  # sharper distributions than the default init: greedy text is less flat
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer or _train_tokenizer(), eos_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_model_dir):
+    """A bundle whose draft is the target itself (int4 target, int4 draft): must accept everything."""
+    from edgellm.export import export
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return export(tiny_model_dir, draft=tiny_model_dir, output=out, max_context=256, draft_quant="int4",
+                  draft_block_size=32, lm_head_quant="int4")

@@ -1,0 +1,263 @@
+"""The public Python API: ``edgellm.load(bundle)`` -> :class:`LLM`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from edgellm.errors import ConfigError
+from edgellm.manifest import Manifest, ModelEntry, check_bundle, read_manifest
+from edgellm.sampling import SamplingConfig
+from edgellm.speculative import DecodeConfig, DecodeStats, Round, decode
+from edgellm.tokenizer import StreamDecoder, TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = "str | list[dict[str, str]]"
+
+
+@dataclass
+class GenerationResult:
+    """What :meth:`LLM.generate` returns.
+
+    Attributes:
+        text: the generated text (prompt excluded).
+        token_ids: the generated token ids (prompt and eos excluded).
+        finish_reason: ``stop`` (eos or a stop string) or ``length``.
+        stats: timings and speculation statistics (see :func:`stats_dict`).
+        drafted: per generated token, whether it was a draft proposal the target accepted.
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: dict[str, Any]
+    drafted: list[bool] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "stats": self.stats}
+
+
+@dataclass
+class StreamEvent:
+    """One piece of a streamed generation; the last event carries ``result``."""
+
+    text: str
+    token_ids: list[int]
+    drafted: list[bool]
+    result: GenerationResult | None = None
+
+
+class LLM:
+    """A loaded bundle: target (and draft) sessions, tokenizer, defaults."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, *, provider: str = "cpu", draft_provider: str | None = None,
+                 threads: int | None = None, fallback: bool = False) -> None:
+        from edgellm.runtimes.providers import resolve_provider
+        from edgellm.runtimes.session import DecoderSession
+
+        self.bundle, self.manifest = bundle, manifest
+        self.tokenizer = TextTokenizer(bundle, manifest)
+        threads = threads or os.cpu_count() or 1
+        t0 = time.perf_counter()
+        target_p = resolve_provider(provider, fallback=fallback)
+        self.target = _Bound(DecoderSession(bundle / manifest.target.graph, _layout(manifest.target), target_p,
+                                            threads), manifest.target)
+        self.draft = None
+        if manifest.draft is not None:
+            draft_p = resolve_provider(draft_provider or provider, fallback=fallback)
+            self.draft = _Bound(DecoderSession(bundle / manifest.draft.graph, _layout(manifest.draft), draft_p,
+                                               threads), manifest.draft)
+        self.load_seconds = time.perf_counter() - t0
+        self.providers = {"target": target_p.name, "draft": draft_p.name if self.draft else None}
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """Token ids of a prompt string, or of chat messages rendered with the chat template."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ConfigError("the prompt is empty; give some text")
+            return self.tokenizer.encode(prompt)
+        text = self.tokenizer.apply_chat_template(prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode_config(self, *, mode: str | None = None, max_new_tokens: int | None = None, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                      num_draft_tokens: int | None = None) -> DecodeConfig:
+        gen = self.manifest.generation
+        mode = mode or ("speculative" if self.draft else "target")
+        return DecodeConfig(
+            mode=mode,
+            max_new_tokens=max_new_tokens if max_new_tokens is not None else int(gen.get("max_new_tokens", 256)),
+            sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p),
+            num_draft_tokens=num_draft_tokens,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+            vocab_size=self.tokenizer.vocab_size,
+            seed=seed,
+        )
+
+    # ------------------------------------------------------------------ generation
+    def generate_tokens(self, prompt_ids: Sequence[int], cfg: DecodeConfig,
+                        stats: DecodeStats | None = None) -> Iterator[Round]:
+        """The low-level generator: rounds of committed token ids (see :func:`edgellm.speculative.decode`)."""
+        if cfg.mode == "speculative" and self.draft is None:
+            raise ConfigError("mode='speculative' needs a draft model, and this bundle has none; "
+                              "use mode='lookup' (draft-free) or 'target'")
+        return decode(self.target, list(prompt_ids), cfg, draft=self.draft, stats=stats)
+
+    def stream_events(self, prompt: str | list[dict[str, str]], *, stop: Sequence[str] | str | None = None,
+                      **kwargs: Any) -> Iterator[StreamEvent]:
+        """Stream :class:`StreamEvent` pieces; the last one carries the :class:`GenerationResult`.
+
+        Keyword arguments are those of :meth:`decode_config`.
+        """
+        cfg = self.decode_config(**kwargs)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ConfigError(f"stop={stop!r}; allowed: a non-empty string or a list of them")
+        ids = self.prompt_ids(prompt)
+        stats, dec = DecodeStats(), StreamDecoder(self.tokenizer)
+        out_ids: list[int] = []
+        drafted: list[bool] = []
+        text, sent, finish, t_first = "", 0, "length", None
+        hold = max((len(s) for s in stops), default=1) - 1
+        t0 = time.perf_counter()
+        for rnd in self.generate_tokens(ids, cfg, stats):
+            t_first = t_first or time.perf_counter()
+            out_ids += rnd.tokens
+            drafted += rnd.drafted
+            text += dec.push(rnd.tokens)
+            if rnd.finish_reason:
+                text += dec.flush()
+                finish = rnd.finish_reason
+            cut = _find_stop(text, stops)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+            safe = len(text) if (cut is not None or rnd.finish_reason) else max(sent, len(text) - hold)
+            if safe > sent or rnd.tokens:
+                yield StreamEvent(text[sent:safe], rnd.tokens, rnd.drafted)
+                sent = safe
+            if cut is not None:
+                break
+        t_end = time.perf_counter()
+        result = GenerationResult(text, out_ids, finish, stats_dict(stats, cfg, len(ids), t0, t_first, t_end),
+                                  drafted)
+        yield StreamEvent("", [], [], result)
+
+    def generate(self, prompt: str | list[dict[str, str]], **kwargs: Any) -> GenerationResult:
+        """Generate a completion of ``prompt`` (a string, or chat messages).
+
+        Args:
+            prompt: text, or ``[{"role": "user", "content": "..."}]`` (rendered with the chat template).
+            **kwargs: ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``,
+                ``mode`` (``speculative`` | ``target`` | ``lookup``), ``num_draft_tokens``.
+        """
+        result = None
+        for ev in self.stream_events(prompt, **kwargs):
+            result = ev.result or result
+        assert result is not None  # stream_events always ends with a result
+        return result
+
+    def stream(self, prompt: str | list[dict[str, str]], **kwargs: Any) -> Iterator[str]:
+        """Yield text pieces as they are decided (same arguments as :meth:`generate`)."""
+        for ev in self.stream_events(prompt, **kwargs):
+            if ev.text:
+                yield ev.text
+
+    @property
+    def info(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "bundle": str(self.bundle),
+            "target": {"architecture": m.target.architecture, "quantization": m.target.quantization,
+                       "provider": self.providers["target"]},
+            "draft": None if m.draft is None else {"architecture": m.draft.architecture,
+                                                   "quantization": m.draft.quantization,
+                                                   "provider": self.providers["draft"]},
+            "max_context": m.target.max_context,
+        }
+
+
+class _Bound:
+    """A :class:`DecoderSession` seen by the decoding loop (adds ``max_context``)."""
+
+    def __init__(self, session, entry: ModelEntry) -> None:
+        self.session, self.max_context = session, entry.max_context
+
+    @property
+    def length(self) -> int:
+        return self.session.length
+
+    def forward(self, token_ids, num_logits: int = 1):
+        return self.session.forward(token_ids, num_logits)
+
+    def rollback(self, length: int) -> None:
+        self.session.rollback(length)
+
+
+def _layout(entry: ModelEntry):
+    from edgellm.runtimes.session import KVLayout
+
+    return KVLayout(entry.num_layers, entry.num_kv_heads, entry.head_dim, entry.max_context, entry.vocab_size,
+                    entry.io)
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def stats_dict(stats: DecodeStats, cfg: DecodeConfig, prompt_tokens: int, t0: float, t_first: float | None,
+               t_end: float) -> dict[str, Any]:
+    """Flatten :class:`DecodeStats` into the documented ``stats`` fields."""
+    n = stats.emitted_tokens
+    t_first = t_first or t_end
+    decode_s = t_end - t_first
+    rounds = max(stats.rounds, 1)
+    return {
+        "mode": cfg.mode,
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": n,
+        "time_to_first_token_s": t_first - t0,
+        "total_s": t_end - t0,
+        # decode speed: tokens after the first one over the time after the first one
+        "tokens_per_second": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
+        "acceptance_rate": stats.acceptance_rate,
+        "mean_tokens_per_round": (n - 1) / stats.rounds if stats.rounds else None,
+        "rounds": stats.rounds,
+        "drafted_tokens": stats.drafted_tokens,
+        "accepted_tokens": stats.accepted_tokens,
+        "draft_ms_per_round": 1e3 * stats.draft_seconds / rounds if stats.rounds else None,
+        "verify_ms_per_round": 1e3 * stats.verify_seconds / rounds if stats.rounds else None,
+        "target_ms_per_step": 1e3 * stats.verify_seconds / stats.verify_calls if cfg.mode == "target" and stats.verify_calls else None,
+        "mean_gamma": sum(stats.gammas) / len(stats.gammas) if stats.gammas else None,
+    }
+
+
+def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: str | None = None,
+         threads: int | None = None, fallback: bool = False, verify: bool = True) -> LLM:
+    """Load a bundle written by ``edgellm export``.
+
+    Args:
+        bundle: the bundle folder.
+        provider: execution provider of the target (``cpu``, ``xnnpack``, ``coreml``, ``nnapi``,
+            ``qnn``, ``dml``, ``webgpu``, ``openvino``, ``cuda``).
+        draft_provider: provider of the draft (default: same as ``provider``).
+        threads: intra-op threads per session (default: all cores; the sessions alternate).
+        fallback: use the CPU with a warning when a provider is missing, instead of raising.
+        verify: check the sha256 of every file against the manifest before loading.
+
+    Raises:
+        BundleError: missing or damaged bundle (the message names each bad file).
+        ManifestError: malformed manifest or unsupported ``format_version``.
+        ProviderUnavailableError: the provider is not in this onnxruntime (and no fallback).
+    """
+    path = Path(bundle).expanduser()
+    manifest = read_manifest(path)
+    check_bundle(path, manifest, hashes=verify)
+    return LLM(path, manifest, provider=provider, draft_provider=draft_provider, threads=threads, fallback=fallback)

@@ -1,0 +1,275 @@
+"""The ``edgellm`` command: a thin shell over the Python API (parse -> one call -> render).
+
+Flag names are the API's parameter names with dashes. Errors are mapped at one boundary
+(:func:`main`): usage errors exit 2, edgellm errors exit 1 with ``Error: ...``; a traceback
+only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgellm.errors import EdgeLLMError
+
+MODES = ("speculative", "target", "lookup")
+
+
+def _json_out(doc: Any) -> None:
+    click.echo(json.dumps(doc, ensure_ascii=False, default=str))
+
+
+def _err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group()
+@click.version_option(package_name="edgellm")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """edgellm: exact speculative decoding on CPUs, phones and small boards."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ---------------------------------------------------------------------------------- export
+@cli.command()
+@click.argument("target")
+@click.option("--draft", default=None, help="Draft model: HF folder, .gguf file or hub id (same tokenizer).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option("--quant", default="int4", show_default=True, type=click.Choice(["int4", "int8", "fp16", "fp32"]))
+@click.option("--draft-quant", default="int4", show_default=True, type=click.Choice(["int4", "int8", "fp16", "fp32"]))
+@click.option("--block-size", default=32, show_default=True, type=int, help="Target MatMulNBits block size.")
+@click.option("--draft-block-size", default=128, show_default=True, type=int)
+@click.option("--lm-head-quant", default=None, type=click.Choice(["int4", "int8", "fp16", "fp32"]),
+              help="Target output projection [default: int8 when --quant int4, else --quant].")
+@click.option("--max-context", default=4096, show_default=True, type=int, help="KV cache length.")
+@click.option("--quality", default="quant", show_default=True, type=click.Choice(["none", "quant", "full"]),
+              help="quant: quantized vs fp32 graph; full: also fp32 graph vs the source model (torch).")
+@click.option("--max-target-kl", default=0.1, show_default=True, type=float,
+              help="Warn when the target's quantization costs more than this mean KL (nats).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output bundle.")
+@click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+def export(target: str, draft: str | None, output: Path, as_json: bool, **opts: Any) -> None:
+    """Export TARGET (and --draft) into a quantized ONNX bundle."""
+    try:
+        from edgellm.export import export as do_export
+    except ImportError as e:
+        raise EdgeLLMError(f"the exporter needs the export extra: pip install 'edgellm[export]' ({e})") from e
+    path = do_export(target, draft=draft, output=output, progress=_err, **opts)
+    report = json.loads((path / "quality.json").read_text())
+    if as_json:
+        _json_out({"bundle": str(path), "quality": report})
+    else:
+        click.echo(str(path))
+
+
+# ---------------------------------------------------------------------------------- inspect
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--no-hashes", is_flag=True, help="Compare sizes only (fast).")
+@click.option("--json", "as_json", is_flag=True)
+def inspect(bundle: Path, no_hashes: bool, as_json: bool) -> None:
+    """Validate BUNDLE's manifest and file hashes and summarize it."""
+    from edgellm.inspect import inspect_bundle
+
+    summary = inspect_bundle(bundle, hashes=not no_hashes)
+    if as_json:
+        _json_out(summary)
+    else:
+        _print_summary(summary)
+    if summary["problems"]:
+        raise EdgeLLMError(f"bundle {str(bundle)!r} is damaged: " + "; ".join(summary["problems"]))
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    click.echo(f"bundle {s['bundle']} (format_version {s['format_version']}, edgellm {s['edgellm_version']})")
+    for role, m in s["models"].items():
+        q = m["quantization"]
+        click.echo(f"  {role}: {m['architecture']} {m['num_layers']} layers, vocab {m['vocab_size']}, "
+                   f"max_context {m['max_context']}, {q['quant']} (block {q.get('block_size')}), "
+                   f"{m['size_mb']:.0f} MB")
+        if m.get("quality"):
+            click.echo(f"    quality vs fp32: top-1 {m['quality']['top1_agreement']:.3f}, "
+                       f"mean KL {m['quality']['mean_kl']:.4f}")
+    click.echo(f"  tokenizer: {s['tokenizer']['vocab_size']} tokens, eos {s['tokenizer']['eos_token_ids']}")
+    click.echo(f"  files: {s['files']} checked ({'sha256' if s['hashes_checked'] else 'sizes only'}), "
+               f"{'OK' if not s['problems'] else str(len(s['problems'])) + ' problem(s)'}")
+
+
+# ---------------------------------------------------------------------------------- generate
+def _gen_options(f):
+    opts = [
+        click.option("--mode", default=None, type=click.Choice(MODES),
+                     help="speculative (default with a draft), target, or lookup (draft-free)."),
+        click.option("--max-new-tokens", default=256, show_default=True, type=int),
+        click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy."),
+        click.option("--top-k", default=0, show_default=True, type=int),
+        click.option("--top-p", default=1.0, show_default=True, type=float),
+        click.option("--seed", default=None, type=int),
+        click.option("--num-draft-tokens", default=None, type=int, help="Fixed gamma [default: adaptive]."),
+        click.option("--provider", default="cpu", show_default=True),
+        click.option("--draft-provider", default=None),
+        click.option("--threads", default=None, type=int),
+        click.option("--fallback", is_flag=True, help="Use the CPU when a provider is missing."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _load(bundle: Path, o: dict[str, Any]):
+    import edgellm
+
+    return edgellm.load(bundle, provider=o.pop("provider"), draft_provider=o.pop("draft_provider"),
+                        threads=o.pop("threads"), fallback=o.pop("fallback"))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--chat", is_flag=True, help="Wrap PROMPT as a user message with the chat template.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
+@_gen_options
+def generate(bundle: Path, prompt: str, chat: bool, stop: tuple[str, ...], as_json: bool, **o: Any) -> None:
+    """Generate a completion of PROMPT with BUNDLE (streams to the terminal)."""
+    llm = _load(bundle, o)
+    p = [{"role": "user", "content": prompt}] if chat else prompt
+    result = None
+    for ev in llm.stream_events(p, stop=list(stop), **o):
+        if not as_json and ev.text:
+            click.echo(ev.text, nl=False)
+        result = ev.result or result
+    if as_json:
+        _json_out(result.to_dict())
+    else:
+        click.echo()
+        _err(_stats_line(result.stats))
+
+
+def _stats_line(s: dict[str, Any]) -> str:
+    parts = [f"{s['generated_tokens']} tokens", f"mode {s['mode']}"]
+    if s.get("tokens_per_second"):
+        parts.append(f"{s['tokens_per_second']:.1f} tok/s")
+    if s.get("acceptance_rate") is not None:
+        parts.append(f"acceptance {s['acceptance_rate']:.2f}")
+    if s.get("mean_tokens_per_round"):
+        parts.append(f"{s['mean_tokens_per_round']:.2f} tokens/round")
+    parts.append(f"first token {1e3 * s['time_to_first_token_s']:.0f} ms")
+    return "[" + ", ".join(parts) + "]"
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="System message.")
+@_gen_options
+def chat(bundle: Path, system: str | None, **o: Any) -> None:
+    """Interactive chat with BUNDLE (empty line or Ctrl-D to quit)."""
+    llm = _load(bundle, o)
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        click.echo("assistant> ", nl=False)
+        result = None
+        for ev in llm.stream_events(messages, **o):
+            click.echo(ev.text, nl=False)
+            result = ev.result or result
+        click.echo()
+        _err(_stats_line(result.stats))
+        messages.append({"role": "assistant", "content": result.text})
+
+
+# ---------------------------------------------------------------------------------- bench
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(path_type=Path),
+              help="JSONL with {\"prompt\": ...} or {\"messages\": [...]} per line [default: built-in set].")
+@click.option("--modes", default="target,speculative,lookup", show_default=True)
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--repeats", default=3, show_default=True, type=int)
+@click.option("--num-draft-tokens", default=None, type=int)
+@click.option("--provider", default="cpu", show_default=True)
+@click.option("--draft-provider", default=None)
+@click.option("--threads", default=None, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Only the JSON document on stdout.")
+def bench(bundle: Path, prompts_file: Path | None, modes: str, as_json: bool, **o: Any) -> None:
+    """Benchmark every mode on the same prompts in one process; speedups over target."""
+    from edgellm.bench import render_table, run_bench
+
+    report = run_bench(bundle, prompts_file=prompts_file, modes=[m.strip() for m in modes.split(",") if m.strip()],
+                       progress=_err, **o)
+    _err(render_table(report))
+    _json_out(report)
+
+
+# ---------------------------------------------------------------------------------- providers
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def providers(as_json: bool) -> None:
+    """List execution providers: which this onnxruntime has, and where the others run."""
+    from edgellm.runtimes.providers import provider_table
+
+    rows = provider_table()
+    if as_json:
+        _json_out(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['name']:9} {'available' if r['available'] else 'missing  '}  {r['ort_name']:28} {r['platforms']}")
+
+
+# ---------------------------------------------------------------------------------- demo
+@cli.command()
+@click.option("--cache-dir", default=None, type=click.Path(path_type=Path),
+              help="Where models and the bundle are kept [default: ~/.cache/edgellm].")
+@click.option("--prompt", default=None, help="Prompt to complete [default: a code prompt].")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--dry-run", is_flag=True, help="Only explain the steps, their disk and time cost.")
+def demo(cache_dir: Path | None, prompt: str | None, max_new_tokens: int, dry_run: bool) -> None:
+    """The main job: fetch the default pair, export it, generate with speculation, print the speedup."""
+    from edgellm.demo import run_demo
+
+    run_demo(cache_dir=cache_dir, prompt=prompt, max_new_tokens=max_new_tokens, dry_run=dry_run, say=_err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: the one error boundary of the CLI."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="edgellm", standalone_mode=False)
+    except click.exceptions.Abort:
+        _err("Aborted.")
+        return 130
+    except click.UsageError as e:
+        e.show()
+        return 2
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except EdgeLLMError as e:
+        if debug:
+            raise
+        _err(f"Error: {e}")
+        return 1
+    except KeyboardInterrupt:
+        _err("Interrupted.")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

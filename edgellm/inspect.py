@@ -1,0 +1,47 @@
+"""``edgellm inspect``: validate a bundle and summarize it, without creating sessions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgellm.manifest import read_manifest, verify_files
+
+
+def inspect_bundle(bundle: str | Path, *, hashes: bool = True) -> dict[str, Any]:
+    """Validate the manifest and files of ``bundle``; return a summary with ``problems``.
+
+    Raises:
+        BundleError / ManifestError: no bundle there, or its manifest is invalid.
+    """
+    path = Path(bundle).expanduser()
+    m = read_manifest(path)
+    problems = verify_files(path, m, hashes=hashes)
+    quality: dict[str, Any] = {}
+    if m.quality_report and (path / m.quality_report).is_file():
+        try:
+            quality = json.loads((path / m.quality_report).read_text()).get("models", {})
+        except json.JSONDecodeError:
+            problems.append(f"{m.quality_report}: not valid JSON")
+    models = {}
+    for role, e in m.models.items():
+        prefix = e.graph.rsplit("/", 1)[0] + "/"
+        size = sum(meta["size"] for rel, meta in m.files.items() if rel.startswith(prefix))
+        models[role] = {
+            "architecture": e.architecture, "num_layers": e.num_layers, "num_heads": e.num_heads,
+            "num_kv_heads": e.num_kv_heads, "head_dim": e.head_dim, "vocab_size": e.vocab_size,
+            "max_context": e.max_context, "quantization": e.quantization, "source": e.source,
+            "size_mb": size / 1e6,
+            "quality": quality.get(role, {}).get("quantized_vs_fp32"),
+        }
+    return {
+        "bundle": str(path),
+        "format_version": m.format_version,
+        "edgellm_version": m.edgellm_version,
+        "models": models,
+        "tokenizer": {k: m.tokenizer.get(k) for k in ("vocab_size", "eos_token_ids", "bos_token_id", "fingerprint")},
+        "files": len(m.files),
+        "hashes_checked": hashes,
+        "problems": problems,
+    }

@@ -1,0 +1,127 @@
+"""Exporter: tiny random Hugging Face models exported at every quantization."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_hf_model
+from edgellm.errors import ConfigError, ExportError, IncompatibleModelsError
+from edgellm.manifest import read_manifest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from edgellm.export import export  # noqa: E402
+from edgellm.runtimes.providers import resolve_provider  # noqa: E402
+from edgellm.runtimes.session import DecoderSession, KVLayout  # noqa: E402
+
+
+def _session(bundle, role="target"):
+    m = read_manifest(bundle)
+    e = m.models[role]
+    layout = KVLayout(e.num_layers, e.num_kv_heads, e.head_dim, e.max_context, e.vocab_size, e.io)
+    return DecoderSession(bundle / e.graph, layout, resolve_provider("cpu"), threads=1)
+
+
+def _torch_logits(model_dir, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(ids)[None]).logits[0].numpy()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def model_dir(request, tmp_path_factory):
+    return make_tiny_hf_model(tmp_path_factory.mktemp(request.param), arch=request.param, seed=3)
+
+
+@pytest.mark.parametrize("quant,tol", [("fp32", 1e-4), ("fp16", 5e-2), ("int8", 0.2), ("int4", 1.0)])
+def test_export_matches_torch(model_dir, tmp_path, quant, tol):
+    bundle = export(model_dir, output=tmp_path / "b", quant=quant, max_context=128, quality="none")
+    ids = np.random.default_rng(0).integers(0, 300, 24)
+    ref = _torch_logits(model_dir, ids)
+    sess = _session(bundle)
+    # prefill, one step, a 5-token verify step, a rollback and a re-run: all must match torch
+    got = [sess.forward(ids[:9], 9), sess.forward(ids[9:10], 1), sess.forward(ids[10:15], 5)[:2]]
+    sess.rollback(12)
+    got.append(sess.forward(ids[12:], 12))
+    got = np.concatenate(got)
+    assert np.abs(got - ref).max() < tol
+    if quant in ("fp32", "fp16"):
+        assert (got.argmax(-1) == ref.argmax(-1)).all()
+    m = read_manifest(bundle)
+    assert m.target.quantization["quant"] == quant
+    assert m.draft is None
+
+
+def test_bundle_manifest_and_quality_report(tiny_bundle):
+    m = read_manifest(tiny_bundle)
+    assert m.format_version == 1 and set(m.models) == {"target", "draft"}
+    assert m.target.io["past_key"] == "past_key_values.%d.key"
+    assert m.tokenizer["eos_token_ids"] == [2] and 256 < m.tokenizer["vocab_size"] <= m.target.vocab_size
+    assert all(len(f["sha256"]) == 64 for f in m.files.values())
+    report = json.loads((tiny_bundle / "quality.json").read_text())
+    q = report["models"]["target"]["quantized_vs_fp32"]
+    assert q["positions"] > 100 and 0.0 <= q["mean_kl"] < 0.1 and q["top1_agreement"] > 0.8
+    assert report["target_within_threshold"] is True
+    # round trip: what the runtime parses is what the exporter wrote
+    assert json.loads((tiny_bundle / "manifest.json").read_text())["models"]["target"] == m.target.to_dict()
+    assert not list(tiny_bundle.parent.glob(".tiny.partial-*"))
+
+
+def test_full_quality_compares_with_source(tiny_model_dir, tmp_path):
+    b = export(tiny_model_dir, output=tmp_path / "b", quant="int8", quality="full", max_context=128)
+    r = json.loads((b / "quality.json").read_text())["models"]["target"]
+    assert r["fp32_vs_source"]["max_abs_diff"] < 1e-3
+
+
+def test_mismatched_tokenizers_are_refused_and_leave_nothing(tiny_model_dir, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["completely different text " * 40],
+                            trainers.BpeTrainer(vocab_size=290, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    other = make_tiny_hf_model(tmp_path / "other", tokenizer=tok)
+    with pytest.raises(IncompatibleModelsError, match="tokenizer"):
+        export(tiny_model_dir, draft=other, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_bad_inputs_give_clear_errors(tiny_model_dir, tmp_path):
+    with pytest.raises(ExportError, match="not found"):
+        export(tmp_path / "missing", output=tmp_path / "o1")
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(ExportError, match="config.json"):
+        export(tmp_path / "notamodel", output=tmp_path / "o2")
+    with pytest.raises(ConfigError, match="allowed"):
+        export(tiny_model_dir, output=tmp_path / "o3", quant="int3")
+    with pytest.raises(ConfigError, match="block_size"):
+        export(tiny_model_dir, output=tmp_path / "o4", block_size=48)
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    (existing / "manifest.json").write_text("{}")
+    with pytest.raises(ConfigError, match="overwrite"):
+        export(tiny_model_dir, output=existing)
+    assert (existing / "manifest.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "notamodel"]
+
+
+def test_overwrite_replaces_a_bundle(tiny_model_dir, tmp_path):
+    out = tmp_path / "b"
+    export(tiny_model_dir, output=out, quant="fp16", quality="none", max_context=64)
+    export(tiny_model_dir, output=out, quant="int8", quality="none", max_context=64, overwrite=True)
+    assert read_manifest(out).target.quantization["quant"] == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_offline_hub_id_fails_cleanly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExportError, match="hub"):
+        export("nobody-here/not-a-model-xyz", output=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
