@@ -1,0 +1,82 @@
+"""The CLI through click's CliRunner: help, exit codes, --json output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgellm.cli import cli, main
+
+pytest.importorskip("torch")
+
+
+def run(args):
+    return CliRunner().invoke(cli, args)
+
+
+def test_help_lists_commands():
+    r = run(["--help"])
+    assert r.exit_code == 0
+    for cmd in ("export", "generate", "chat", "bench", "inspect", "providers", "demo"):
+        assert cmd in r.output
+
+
+def test_generate_json(tiny_bundle):
+    r = run(["generate", str(tiny_bundle), "def foo(x): return", "--json", "--max-new-tokens", "12", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output.strip().splitlines()[-1])
+    assert set(doc) == {"text", "token_ids", "finish_reason", "stats"}
+    for k in ("tokens_per_second", "acceptance_rate", "mean_tokens_per_round"):
+        assert k in doc["stats"]
+    t = run(["generate", str(tiny_bundle), "def foo(x): return", "--json", "--max-new-tokens", "12", "--mode", "target"])
+    assert json.loads(t.output.strip().splitlines()[-1])["token_ids"] == doc["token_ids"]
+
+
+def test_inspect_ok_and_tampered(tiny_bundle, tmp_path, capsys):
+    r = run(["inspect", str(tiny_bundle), "--json"])
+    assert r.exit_code == 0
+    doc = json.loads(r.output)
+    assert doc["problems"] == [] and set(doc["models"]) == {"target", "draft"}
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    with open(copy / "target" / "model.onnx.data", "r+b") as f:
+        f.truncate(100)
+    assert main(["inspect", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error:") and "target/model.onnx.data" in err and "Traceback" not in err
+
+
+def test_errors_map_to_exit_codes(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nope"), "hi"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate"]) == 2
+    assert main(["export", "x", "-o", str(tmp_path / "o"), "--quant", "int3"]) == 2
+
+
+def test_bench_json_is_last_line(tiny_bundle, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "def foo(x): return", "category": "code"}\n'
+                       '{"messages": [{"role": "user", "content": "hello"}], "category": "chat"}\n')
+    r = run(["bench", str(tiny_bundle), "--prompts", str(prompts), "--repeats", "1", "--max-new-tokens", "8",
+             "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output.strip().splitlines()[-1])
+    rows = {(s["category"], s["mode"]): s for s in doc["summary"]}
+    assert rows[("all", "target")]["speedup"] == 1.0
+    assert rows[("all", "speculative")]["exact"] and rows[("all", "lookup")]["exact"]
+
+
+def test_providers_json():
+    r = run(["providers", "--json"])
+    rows = json.loads(r.output)
+    assert {"cpu", "qnn", "coreml"} <= {x["name"] for x in rows}
+    assert next(x for x in rows if x["name"] == "cpu")["available"]
+
+
+def test_demo_dry_run():
+    r = run(["demo", "--dry-run"])
+    assert r.exit_code == 0 and "sha256" in r.output

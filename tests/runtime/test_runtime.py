@@ -1,0 +1,149 @@
+"""Runtime on a tiny exported bundle: exactness of every mode, KV rollback, streaming, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import edgellm
+from edgellm.errors import BundleError, ConfigError, ContextLengthError, ManifestError, ProviderUnavailableError, RollbackError
+
+pytest.importorskip("torch")
+
+PROMPT = "def foo(x): return"
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_bundle):
+    return edgellm.load(tiny_bundle, threads=1)
+
+
+def test_greedy_modes_equal_target(llm):
+    ref = llm.generate(PROMPT, mode="target", max_new_tokens=40)
+    assert len(ref.token_ids) > 0
+    for mode in ("speculative", "lookup"):
+        for k in (None, 1, 4):
+            out = llm.generate(PROMPT, mode=mode, max_new_tokens=40, num_draft_tokens=k)
+            assert out.token_ids == ref.token_ids, (mode, k)
+            assert out.text == ref.text
+
+
+def test_draft_equal_to_target_accepts_everything(llm):
+    import dataclasses
+
+    from edgellm.speculative import DecodeStats
+
+    cfg = dataclasses.replace(llm.decode_config(mode="speculative", max_new_tokens=31, num_draft_tokens=5),
+                              eos_token_ids=())  # no early stop: the pattern below is exact
+    stats = DecodeStats()
+    rounds = list(llm.generate_tokens(llm.prompt_ids(PROMPT), cfg, stats))
+    assert [len(r.tokens) for r in rounds] == [1] + [6] * 5  # prefill token, then 5 drafts + bonus
+    assert stats.acceptance_rate == 1.0
+
+
+def test_rollback_keeps_cache_equal_to_committed_prefix(llm):
+    sess = llm.target.session
+    ids = np.array(llm.tokenizer.encode("hello world, héllo wörld def foo(x)"), np.int64)
+    sess.reset()
+    sess.forward(ids[:6], 1)
+    sess.forward(ids[6:], 1)
+    full = [sess.cache_array(0, "key"), sess.cache_array(1, "value")]
+    sess.rollback(6)
+    assert sess.length == 6
+    sess.rollback(6)  # idempotent
+    sess.forward(np.array([7, 8, 9]), 1)  # overwrite the tail with other tokens
+    sess.rollback(6)
+    sess.forward(ids[6:], 1)
+    np.testing.assert_allclose(sess.cache_array(0, "key"), full[0], atol=1e-6)
+    np.testing.assert_allclose(sess.cache_array(1, "value"), full[1], atol=1e-6)
+    with pytest.raises(RollbackError, match="holds"):
+        sess.rollback(sess.length + 1)
+
+
+def test_sampled_generation_is_seeded(llm):
+    a = llm.generate(PROMPT, temperature=0.9, top_p=0.95, seed=5, max_new_tokens=20)
+    b = llm.generate(PROMPT, temperature=0.9, top_p=0.95, seed=5, max_new_tokens=20)
+    assert a.token_ids == b.token_ids
+
+
+def test_stream_pieces_join_to_text_and_never_split_characters(llm):
+    pieces = list(llm.stream("hello wörld 😀", mode="target", max_new_tokens=30))
+    full = llm.generate("hello wörld 😀", mode="target", max_new_tokens=30)
+    assert "".join(pieces) == full.text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stop_strings(llm):
+    full = llm.generate(PROMPT, mode="target", max_new_tokens=40).text
+    if len(full) > 6:
+        stop = full[3:6]
+        out = llm.generate(PROMPT, mode="speculative", max_new_tokens=40, stop=[stop])
+        assert out.text == full[: full.find(stop)] and out.finish_reason == "stop"
+
+
+def test_chat_messages_use_the_template(llm):
+    msgs = [{"role": "user", "content": "hello"}]
+    ids = llm.prompt_ids(msgs)
+    assert llm.tokenizer.decode(ids).startswith("user") or ids[0] == llm.tokenizer.tok.token_to_id("<|im_start|>")
+    assert llm.generate(msgs, max_new_tokens=5).finish_reason in ("stop", "length")
+    with pytest.raises(ConfigError, match="role"):
+        llm.generate([{"role": "wizard", "content": "x"}])
+
+
+def test_bad_generation_values(llm):
+    with pytest.raises(ConfigError, match="empty"):
+        llm.generate("")
+    with pytest.raises(ConfigError, match="temperature"):
+        llm.generate(PROMPT, temperature=-1)
+    with pytest.raises(ConfigError, match="mode"):
+        llm.generate(PROMPT, mode="turbo")
+    with pytest.raises(ContextLengthError, match="max_context"):
+        llm.generate("hello " * 400)
+
+
+def test_bundle_errors(tiny_bundle, tmp_path):
+    with pytest.raises(BundleError, match="does not exist"):
+        edgellm.load(tmp_path / "nope")
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    with open(copy / "draft" / "model.onnx.data", "r+b") as f:  # flip one byte
+        b = f.read(1)
+        f.seek(0)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match="draft/model.onnx.data"):
+        edgellm.load(copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["format_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="format_version 99"):
+        edgellm.load(copy)
+    m["format_version"] = 1
+    m["models"]["target"]["graph"] = "../../etc/passwd"
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="leaves the bundle"):
+        edgellm.load(copy)
+
+
+def test_unavailable_provider(tiny_bundle):
+    with pytest.raises(ProviderUnavailableError, match="available: cpu"):
+        edgellm.load(tiny_bundle, provider="coreml")
+    with pytest.raises(ProviderUnavailableError, match="known"):
+        edgellm.load(tiny_bundle, provider="tpu")
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        llm = edgellm.load(tiny_bundle, provider="qnn", fallback=True, threads=1)
+    assert llm.providers["target"] == "cpu"
+
+
+def test_target_only_bundle_supports_lookup(tiny_model_dir, tmp_path):
+    from edgellm.export import export
+
+    b = export(tiny_model_dir, output=tmp_path / "solo", quality="none", max_context=128)
+    llm = edgellm.load(b, threads=1)
+    ref = llm.generate(PROMPT, max_new_tokens=20)
+    assert ref.stats["mode"] == "target"
+    assert llm.generate(PROMPT, mode="lookup", max_new_tokens=20).token_ids == ref.token_ids
+    with pytest.raises(ConfigError, match="draft"):
+        llm.generate(PROMPT, mode="speculative")
