@@ -106,34 +106,36 @@ class DecodeStats:
 
 
 class DraftLengthController:
-    """Chooses gamma each round from measured acceptance and measured costs.
+    """Chooses gamma, and the source of proposals, from measured acceptance and measured costs.
 
-    Expected tokens of a round with gamma drafts and per-token acceptance ``a``:
-    ``E(g) = (1 - a**(g+1)) / (1 - a)``; its cost ``g * t_draft + t_verify(g + 1)``. The
-    controller picks the g (0 = plain target step) with the most tokens per second, and probes
-    g = 1.. now and then after backing off so that a changed acceptance is noticed.
+    Expected tokens of a round with gamma proposals and per-token acceptance ``a``:
+    ``E(g) = (1 - a**(g+1)) / (1 - a)``; its cost ``g * t_draft + t_verify(g + 1)`` (lookup
+    proposals cost nothing). The controller picks the g (0 = plain target step) with the most
+    tokens per second, and probes g = 1 now and then after backing off so that a changed
+    acceptance is noticed. Acceptance is tracked per source (``draft``, ``lookup``).
     """
 
-    def __init__(self, max_gamma: int, draft_cost_free: bool = False, prior_acceptance: float = 0.7) -> None:
+    def __init__(self, max_gamma: int, prior_acceptance: float = 0.7) -> None:
         self.max_gamma = max_gamma
-        self.free = draft_cost_free
-        self.acc, self.trials = 4.0 * prior_acceptance, 4.0  # pseudo-counts
+        self.counts = {"draft": [4.0 * prior_acceptance, 4.0], "lookup": [2.0 * 0.5, 2.0]}  # pseudo-counts
         self.t_draft: float | None = None
         self.t_verify: dict[int, float] = {}
         self.rounds_since_probe = 0
 
-    @property
-    def alpha(self) -> float:
-        return min(self.acc / self.trials, 0.999)
+    def alpha(self, source: str = "draft") -> float:
+        acc, trials = self.counts[source]
+        return min(acc / trials, 0.999)
 
-    def observe(self, gamma: int, accepted: int, draft_s: float, verify_s: float) -> None:
+    def observe(self, gamma: int, accepted: int, draft_step_s: float | None, verify_s: float,
+                source: str = "draft") -> None:
+        """Record a round. ``draft_step_s``: draft seconds per proposed token (catch-up excluded)."""
         decay = 0.9
         if gamma:
-            self.acc = decay * self.acc + accepted
-            self.trials = decay * self.trials + accepted + (accepted < gamma)
-            if not self.free:
-                per = draft_s / gamma
-                self.t_draft = per if self.t_draft is None else 0.8 * self.t_draft + 0.2 * per
+            c = self.counts[source]
+            c[0] = decay * c[0] + accepted
+            c[1] = decay * c[1] + accepted + (accepted < gamma)
+        if draft_step_s is not None:
+            self.t_draft = draft_step_s if self.t_draft is None else 0.8 * self.t_draft + 0.2 * draft_step_s
         k = gamma + 1
         old = self.t_verify.get(k)
         self.t_verify[k] = verify_s if old is None else 0.8 * old + 0.2 * verify_s
@@ -152,18 +154,24 @@ class DraftLengthController:
         base = self.t_verify[known[0]]
         return self.t_verify[lo if lo is not None else hi] + 0.1 * base * abs(k - (lo or hi))
 
-    def choose(self, limit: int) -> int:
+    def rate(self, g: int, source: str = "draft") -> float:
+        """Expected tokens per second of a round with ``g`` proposals from ``source``."""
+        a = self.alpha(source)
+        td = (self.t_draft or 0.0) if source == "draft" else 0.0
+        return ((1 - a ** (g + 1)) / (1 - a)) / (g * td + self._verify_cost(g + 1))
+
+    def choose(self, limit: int, source: str = "draft") -> int:
         limit = min(limit, self.max_gamma)
         if limit <= 0:
             return 0
-        if self.t_draft is None and not self.free:
+        if source == "draft" and self.t_draft is None:
             return min(limit, 4)  # nothing measured yet
-        a, td = self.alpha, 0.0 if self.free else self.t_draft
-        rates = [((1 - a ** (g + 1)) / (1 - a)) / (g * td + self._verify_cost(g + 1)) for g in range(limit + 1)]
         best = 0
         for g in range(1, limit + 1):
-            if rates[g] > rates[best] * 1.02:  # a longer draft must pay clearly
+            if self.rate(g, source) > self.rate(best, source) * 1.02:  # a longer draft must pay clearly
                 best = g
+        if source != "draft":
+            return best
         self.rounds_since_probe = self.rounds_since_probe + 1 if best == 0 else 0
         if best == 0 and self.rounds_since_probe >= 16:  # look again: acceptance may have changed
             self.rounds_since_probe = 0
@@ -224,14 +232,12 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
     if cfg.mode == "target":
         yield from _target_loop(target, seq, cfg, stats, rng, len(prompt))
         return
-    ctl = DraftLengthController(cfg.max_draft_tokens, draft_cost_free=cfg.mode == "lookup")
+    ctl = DraftLengthController(cfg.max_draft_tokens)
     while True:
         left = cfg.max_new_tokens - (len(seq) - len(prompt))
-        room = target.max_context - len(seq)
-        gamma = cfg.num_draft_tokens if cfg.num_draft_tokens is not None else ctl.choose(left - 1)
-        gamma = max(0, min(gamma, left - 1, room - 1))
-        rnd = _speculative_round(target, draft if cfg.mode == "speculative" else None, seq, gamma, cfg, rng,
-                                 stats, ctl)
+        limit = max(0, min(left - 1, target.max_context - len(seq) - 1))
+        proposals, source = _plan_round(seq, cfg, ctl, limit)
+        rnd = _speculative_round(target, draft, seq, proposals, source, cfg, rng, stats, ctl)
         done = _commit(seq, rnd.tokens, rnd.drafted, eos, cfg, stats, len(prompt))
         yield done
         if done.finish_reason:
@@ -253,19 +259,40 @@ def _target_loop(target: Model, seq: list[int], cfg: DecodeConfig, stats: Decode
             return
 
 
-def _speculative_round(target: Model, draft: Model | None, seq: list[int], gamma: int, cfg: DecodeConfig,
-                       rng: np.random.Generator, stats: DecodeStats, ctl: DraftLengthController) -> Round:
+def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, limit: int) -> tuple[list[int] | int, str]:
+    """Pick this round's proposals: free lookup tokens, or a number of draft tokens to run.
+
+    Returns ``(lookup_tokens, "lookup")`` or ``(gamma, "draft")``. In ``lookup`` mode only
+    lookup is used; in ``speculative`` mode lookup wins when its expected rate is higher.
+    """
+    fixed = cfg.num_draft_tokens
+    look = propose_lookup(seq, min(limit, fixed if fixed is not None else ctl.max_gamma))
+    if cfg.mode == "lookup":
+        return (look if fixed is not None else look[: ctl.choose(len(look), "lookup")]), "lookup"
+    gamma = min(fixed, limit) if fixed is not None else ctl.choose(limit)
+    if look and fixed is None:
+        g_look = ctl.choose(len(look), "lookup")
+        if g_look and ctl.rate(g_look, "lookup") > ctl.rate(gamma, "draft"):
+            return look[:g_look], "lookup"
+    return gamma, "draft"
+
+
+def _speculative_round(target: Model, draft: Model | None, seq: list[int], plan: list[int] | int, source: str,
+                       cfg: DecodeConfig, rng: np.random.Generator, stats: DecodeStats,
+                       ctl: DraftLengthController) -> Round:
     """One round: 1 draft, 2 verify in one target pass, 3 accept, 4 commit (by the caller), 5 roll back."""
     v, greedy = cfg.vocab_size, cfg.sampling.greedy
     base = len(seq)  # committed tokens; the target's cache holds base - 1 of them
 
-    # 1. draft: gamma proposals, and their distributions q when sampling
+    # 1. draft: proposals, and their distributions q when the draft model samples
     t0 = time.perf_counter()
-    if draft is None:
-        proposals = propose_lookup(seq, gamma)
-        q = None
+    step_s = None
+    if source == "lookup":
+        proposals, q = list(plan), None
+    elif plan:
+        proposals, q, step_s = _draft_tokens(draft, seq, plan, cfg, rng)
     else:
-        proposals, q = _draft_tokens(draft, seq, gamma, cfg, rng) if gamma else ([], None)
+        proposals, q = [], None
     gamma = len(proposals)
     t1 = time.perf_counter()
 
@@ -295,16 +322,24 @@ def _speculative_round(target: Model, draft: Model | None, seq: list[int], gamma
     stats.verify_seconds += t2 - t1
     stats.verify_calls += 1
     stats.gammas.append(gamma)
-    ctl.observe(gamma, n, t1 - t0, t2 - t1)
+    ctl.observe(gamma, n, step_s, t2 - t1, source)
     return Round(proposals[:n] + [nxt], [True] * n + [False])
 
 
 def _draft_tokens(draft: Model, seq: list[int], gamma: int, cfg: DecodeConfig,
-                  rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:
-    """Run the draft ``gamma`` steps after catching it up with ``seq``. Returns tokens and q."""
+                  rng: np.random.Generator) -> tuple[list[int], np.ndarray | None, float]:
+    """Run the draft ``gamma`` steps after catching it up with ``seq``.
+
+    Returns:
+        The proposed tokens, their distributions q ``(gamma, V)`` when sampling (else None), and
+        the draft's seconds per proposed token, the catch-up of a long backlog excluded.
+    """
     v, greedy = cfg.vocab_size, cfg.sampling.greedy
     _check_fits(draft, len(seq) - draft.length + gamma, "draft")
-    feed = seq[draft.length :]  # catch-up: usually one token, two after a fully accepted round
+    if len(seq) - draft.length > 2:  # long backlog (prompt, lookup rounds): one batch, timed apart
+        draft.forward(np.asarray(seq[draft.length : -1], np.int64), 1)
+    t0 = time.perf_counter()
+    feed = seq[draft.length :]  # usually one token, two after a fully accepted round
     tokens, qs = [], []
     for _ in range(gamma):
         logits = draft.forward(np.asarray(feed, np.int64), 1)[-1, :v]
@@ -316,7 +351,7 @@ def _draft_tokens(draft: Model, seq: list[int], gamma: int, cfg: DecodeConfig,
             qs.append(qi)
         tokens.append(tok)
         feed = [tok]
-    return tokens, (np.stack(qs) if qs else None)
+    return tokens, (np.stack(qs) if qs else None), (time.perf_counter() - t0) / gamma
 
 
 def _commit(seq: list[int], tokens: list[int], drafted: list[bool], eos: set[int], cfg: DecodeConfig,

@@ -153,14 +153,20 @@ def test_sampled_speculative_matches_target_distribution():
 def test_adaptive_controller_backs_off_when_drafts_fail_and_grows_when_they_pass():
     ctl = DraftLengthController(max_gamma=8)
     for _ in range(30):
-        ctl.observe(gamma=3, accepted=0, draft_s=0.03, verify_s=0.1)
-        ctl.observe(gamma=0, accepted=0, draft_s=0.0, verify_s=0.06)
+        ctl.observe(gamma=3, accepted=0, draft_step_s=0.01, verify_s=0.1)
+        ctl.observe(gamma=0, accepted=0, draft_step_s=None, verify_s=0.06)
     assert ctl.choose(10) == 0
     ctl = DraftLengthController(max_gamma=8)
     for _ in range(30):
-        ctl.observe(gamma=4, accepted=4, draft_s=0.004, verify_s=0.07)
-        ctl.observe(gamma=0, accepted=0, draft_s=0.0, verify_s=0.06)
+        ctl.observe(gamma=4, accepted=4, draft_step_s=0.001, verify_s=0.07)
+        ctl.observe(gamma=0, accepted=0, draft_step_s=None, verify_s=0.06)
     assert ctl.choose(10) >= 4
+    # free lookup proposals that are always accepted beat a paid, less accurate draft
+    ctl = DraftLengthController(max_gamma=8)
+    for _ in range(10):
+        ctl.observe(gamma=4, accepted=3, draft_step_s=0.02, verify_s=0.07)
+        ctl.observe(gamma=6, accepted=6, draft_step_s=None, verify_s=0.09, source="lookup")
+    assert ctl.rate(6, "lookup") > ctl.rate(ctl.choose(10), "draft")
 
 
 def test_adaptive_mode_is_exact():

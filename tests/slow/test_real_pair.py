@@ -1,0 +1,40 @@
+"""Real-model checks on the default pair (opt in: EDGELLM_SLOW=1; run by scripts/bench.sh)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import slow_enabled
+from edgellm.fetch import default_cache_dir
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not slow_enabled(), reason="set EDGELLM_SLOW=1 (needs the real pair)")]
+
+CODE_PROMPTS = [
+    "def quicksort(arr):\n    \"\"\"Sort a list with quicksort.\"\"\"\n",
+    "def binary_search(items, target):\n    \"\"\"Return the index of target in the sorted list items, or -1.\"\"\"\n",
+]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    import edgellm
+    from edgellm.demo import BUNDLE_NAME
+
+    bundle = default_cache_dir() / "bundles" / BUNDLE_NAME
+    if not (bundle / "manifest.json").is_file():
+        pytest.skip(f"no bundle at {bundle}: run scripts/main.sh first")
+    return edgellm.load(bundle)
+
+
+@pytest.mark.parametrize("prompt", CODE_PROMPTS)
+def test_speculative_and_lookup_equal_target_on_code(llm, prompt):
+    ref = llm.generate(prompt, mode="target", max_new_tokens=64)
+    for mode in ("speculative", "lookup"):
+        assert llm.generate(prompt, mode=mode, max_new_tokens=64).token_ids == ref.token_ids, mode
+
+
+def test_gguf_special_tokens_survive_conversion(llm):
+    tok = llm.tokenizer
+    for text in ("<|im_end|>", "<|fim_prefix|>", "<tool_call>"):
+        assert len(tok.encode(text)) == 1, text
+    assert 151645 in tok.eos_token_ids
