@@ -106,8 +106,9 @@ def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str
                 if mode == "target":
                     ref = res.token_ids
                 s = res.stats
+                tie = None if res.token_ids == ref else near_tie(llm, pr["prompt"], ref, res.token_ids)
                 runs.append({"repeat": r, "prompt": pr["id"], "category": pr["category"], "mode": mode,
-                             "exact": res.token_ids == ref, **s})
+                             "exact": res.token_ids == ref, "divergence": tie, **s})
                 say(f"repeat {r + 1}/{repeats} {pr['id']:>10} {mode:11} {s['tokens_per_second'] or 0:6.1f} tok/s"
                     + (f"  acceptance {s['acceptance_rate']:.2f}" if s.get("acceptance_rate") is not None else ""))
     return {
@@ -115,6 +116,28 @@ def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str
         "load_s": load_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "environment": environment(llm), "summary": summarize(runs, modes), "runs": runs,
     }
+
+
+def near_tie(llm, prompt, ref: list[int], other: list[int]) -> dict[str, Any]:
+    """Where ``other`` first leaves the target-mode output ``ref``, and the target's logit margin there.
+
+    int4 kernels on a k-token verify pass and on a 1-token step round differently; where the
+    target's top two tokens are within ~0.1 logit, either choice is the target's greedy choice
+    up to float rounding ("near tie"). A large margin would mean a real bug.
+    """
+    import numpy as np
+
+    i = next((k for k in range(min(len(ref), len(other))) if ref[k] != other[k]), min(len(ref), len(other)))
+    if i >= min(len(ref), len(other)):
+        return {"position": i, "margin": None, "near_tie": False}
+    ids = llm.prompt_ids(prompt) + ref[:i]
+    llm.target.rollback(0)
+    logits = llm.target.forward(np.asarray(ids, np.int64), 1)[-1]
+    margin = float(abs(logits[ref[i]] - logits[other[i]]))
+    return {"position": i, "margin": margin, "near_tie": margin < NEAR_TIE_LOGITS}
+
+
+NEAR_TIE_LOGITS = 0.1
 
 
 def summarize(runs: list[dict[str, Any]], modes: list[str]) -> list[dict[str, Any]]:
@@ -146,6 +169,8 @@ def summarize(runs: list[dict[str, Any]], modes: list[str]) -> list[dict[str, An
                 "verify_ms_per_round": statistics.median(verify_ms) if verify_ms else None,
                 "target_ms_per_step": statistics.median(r["target_ms_per_step"] for r in rs) if mode == "target" else None,
                 "exact": all(r["exact"] for r in rs),
+                "near_ties": sum(1 for r in rs if r["divergence"] and r["divergence"]["near_tie"]),
+                "real_mismatches": sum(1 for r in rs if r["divergence"] and not r["divergence"]["near_tie"]),
             })
     return rows
 
@@ -160,7 +185,8 @@ def render_table(report: dict[str, Any]) -> str:
             f"{r['category']:10} {r['mode']:12} {r['tokens_per_second']:7.1f} {r['tokens_per_second_p90']:7.1f} "
             f"{fmt(r['speedup'], '%7.2fx'):>8} {r['time_to_first_token_ms']:8.0f} {fmt(r['acceptance_rate'], '%.2f'):>7} "
             f"{fmt(r['mean_tokens_per_round'], '%.2f'):>8} {fmt(r['draft_ms_per_round'], '%.1f'):>9} "
-            f"{fmt(r['verify_ms_per_round'], '%.1f'):>9} {'yes' if r['exact'] else 'NO'}"
+            f"{fmt(r['verify_ms_per_round'], '%.1f'):>9} "
+            + ("yes" if r["exact"] else f"near-tie x{r['near_ties']}" if not r["real_mismatches"] else "NO")
         )
     lines.append(f"load {report['load_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB, "
                  f"{report['environment']['cpu']}, {report['environment']['cores']} cores")

@@ -9,6 +9,7 @@ failed check deletes only the partial file this module wrote.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -126,6 +127,7 @@ def _try_hub(model: ChunkedModel, final: Path, say: Callable[[str], None]) -> bo
     except ImportError:
         return False
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings are noise here
     try:
         say(f"{model.filename}: trying the Hugging Face hub ({model.hub_repo})")
         got = Path(hf_hub_download(model.hub_repo, model.filename))
