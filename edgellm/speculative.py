@@ -117,7 +117,8 @@ class DraftLengthController:
 
     def __init__(self, max_gamma: int, prior_acceptance: float = 0.7) -> None:
         self.max_gamma = max_gamma
-        self.counts = {"draft": [4.0 * prior_acceptance, 4.0], "lookup": [2.0 * 0.5, 2.0]}  # pseudo-counts
+        # pseudo-counts; lookup starts optimistic so that it gets tried (it is free) and learns fast
+        self.counts = {"draft": [4.0 * prior_acceptance, 4.0], "lookup": [2.0 * 0.8, 2.0]}
         self.t_draft: float | None = None
         self.t_verify: dict[int, float] = {}
         self.rounds_since_probe = 0
