@@ -17,9 +17,6 @@ from edgellm.tokenizer import StreamDecoder, TextTokenizer
 
 logger = logging.getLogger(__name__)
 
-Prompt = "str | list[dict[str, str]]"
-
-
 @dataclass
 class GenerationResult:
     """What :meth:`LLM.generate` returns.

@@ -21,7 +21,6 @@ Weights stream to one external-data file as they are produced, so memory stays n
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -282,7 +281,3 @@ class DecoderBuilder:
         from onnx import helper
 
         return helper.make_node(op, inputs, outputs, domain=MS_DOMAIN, **attrs)
-
-
-def file_size(path: Path) -> int:
-    return os.path.getsize(path)
