@@ -42,7 +42,15 @@ class GenerationResult:
 
 @dataclass
 class StreamEvent:
-    """One piece of a streamed generation; the last event carries ``result``."""
+    """One generated token of a streamed generation; the last event carries ``result``.
+
+    Attributes:
+        text: text decided by this token (may be empty: a multi-byte character or a possible
+            stop string is held back until it is complete).
+        token_ids: ``[token]``, or ``[]`` for the final event.
+        drafted: ``[True]`` when the token was a proposal (draft or lookup) the target accepted.
+        result: the whole :class:`GenerationResult`, on the final event only.
+    """
 
     text: str
     token_ids: list[int]
@@ -121,24 +129,33 @@ class LLM:
         stats, dec = DecodeStats(), StreamDecoder(self.tokenizer)
         out_ids: list[int] = []
         drafted: list[bool] = []
-        text, sent, finish, t_first = "", 0, "length", None
+        text, sent, finish, t_first, cut = "", 0, "length", None, None
         hold = max((len(s) for s in stops), default=1) - 1
         t0 = time.perf_counter()
         for rnd in self.generate_tokens(ids, cfg, stats):
             t_first = t_first or time.perf_counter()
-            out_ids += rnd.tokens
-            drafted += rnd.drafted
-            text += dec.push(rnd.tokens)
-            if rnd.finish_reason:
-                text += dec.flush()
-                finish = rnd.finish_reason
-            cut = _find_stop(text, stops)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-            safe = len(text) if (cut is not None or rnd.finish_reason) else max(sent, len(text) - hold)
-            if safe > sent or rnd.tokens:
-                yield StreamEvent(text[sent:safe], rnd.tokens, rnd.drafted)
-                sent = safe
+            # One event per token, so a client can tell drafted tokens from the target's own;
+            # a round that only ends the generation (eos) has no token but still finishes it.
+            steps = list(zip(rnd.tokens, rnd.drafted)) or [(None, False)]
+            for i, (tok, was_drafted) in enumerate(steps):
+                last = rnd.finish_reason is not None and i == len(steps) - 1
+                if tok is not None:
+                    out_ids.append(tok)
+                    drafted.append(was_drafted)
+                    text += dec.push([tok])
+                if last:
+                    text += dec.flush()
+                    finish = rnd.finish_reason
+                cut = _find_stop(text, stops)
+                if cut is not None:
+                    text, finish = text[:cut], "stop"
+                safe = len(text) if (cut is not None or last) else max(sent, len(text) - hold)
+                if safe > sent or tok is not None:
+                    yield StreamEvent(text[sent:safe], [] if tok is None else [tok],
+                                      [] if tok is None else [was_drafted])
+                    sent = safe
+                if cut is not None:
+                    break
             if cut is not None:
                 break
         t_end = time.perf_counter()

@@ -217,6 +217,29 @@ def bench(bundle: Path, prompts_file: Path | None, modes: str, as_json: bool, **
     _json_out(report)
 
 
+# ---------------------------------------------------------------------------------- serve
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; 0.0.0.0 lets phones on the same network in (then a key is required).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--api-key", default=None, envvar="EDGELLM_API_KEY",
+              help="Bearer key clients must send [default: none on loopback, generated otherwise].")
+@click.option("--mode", default=None, type=click.Choice(MODES), help="Default decoding mode of requests.")
+@click.option("--max-queue", default=8, show_default=True, type=click.IntRange(0, 1000),
+              help="Requests that may wait while one generates; more get HTTP 429.")
+@click.option("--provider", default="cpu", show_default=True)
+@click.option("--draft-provider", default=None)
+@click.option("--threads", default=None, type=int)
+def serve(bundle: Path, **o: Any) -> None:
+    """Serve BUNDLE over an OpenAI-compatible HTTP API, with a chat page at /."""
+    try:
+        from edgellm.server import serve as run_server
+    except ImportError as e:
+        raise click.ClickException(str(e)) from e
+    run_server(str(bundle), echo=click.echo, **o)
+
+
 # ---------------------------------------------------------------------------------- providers
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)

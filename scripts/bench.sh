@@ -3,7 +3,7 @@
 # `edgellm bench` on benchmarks/prompts. The last stdout line is one JSON document.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh export,dev,bench
+bash scripts/setup_env.sh export,serve,dev,bench
 cache="${EDGELLM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgellm}"
 .venv/bin/edgellm demo --max-new-tokens 32 >&2
 EDGELLM_SLOW=1 .venv/bin/python -m pytest -q -m slow tests/slow >&2

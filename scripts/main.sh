@@ -3,5 +3,5 @@
 # decoding and print the speedup. Extra arguments go to `edgellm demo` (try --dry-run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh export
+bash scripts/setup_env.sh export,serve
 exec .venv/bin/edgellm demo "$@"

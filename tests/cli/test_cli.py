@@ -19,7 +19,7 @@ def run(args):
 def test_help_lists_commands():
     r = run(["--help"])
     assert r.exit_code == 0
-    for cmd in ("export", "generate", "chat", "bench", "inspect", "providers", "demo"):
+    for cmd in ("export", "generate", "chat", "bench", "inspect", "providers", "demo", "serve"):
         assert cmd in r.output
 
 
@@ -80,3 +80,11 @@ def test_providers_json():
 def test_demo_dry_run():
     r = run(["demo", "--dry-run"])
     assert r.exit_code == 0 and "sha256" in r.output
+
+
+def test_serve_bad_bundle_and_port(tmp_path, capsys):
+    pytest.importorskip("uvicorn")
+    assert main(["serve", str(tmp_path / "nope")]) == 1
+    assert "nope" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--port", "70000"]) == 1
+    assert "port=70000" in capsys.readouterr().err

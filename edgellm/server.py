@@ -1,0 +1,548 @@
+"""``edgellm serve``: an OpenAI-compatible HTTP server and a phone-friendly chat page.
+
+Routes::
+
+    GET  /                     the chat page (one self-contained HTML file, no CDN)
+    GET  /health               {"status": "ok", "busy": ..., "queued": ..., "last_stats": ...}
+    GET  /v1/models            the one model this server runs
+    POST /v1/chat/completions  OpenAI chat completions, with ``stream: true`` as server-sent events
+    POST /v1/completions       OpenAI (legacy) text completions, likewise
+
+The model generates one request at a time on a worker thread; other requests wait in a FIFO
+queue (``max_queue`` of them, then 429) while the event loop keeps answering ``/health``. A
+client that disconnects cancels its generation at the next token. Every error is a JSON body
+in the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``.
+
+edgellm's additions live in an ``edgellm`` field: in a request, ``{"mode": ...,
+"num_draft_tokens": ..., "top_k": ...}``; in a response, the generation statistics; in each
+streamed chunk, ``{"drafted": [...]}`` telling which tokens were draft proposals the target
+accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import secrets
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, AsyncIterator
+
+from edgellm.api import LLM, StreamEvent
+from edgellm.errors import ConfigError, ContextLengthError, EdgeLLMError
+
+try:
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("edgellm serve needs the 'serve' extra: pip install 'edgellm[serve]'") from e
+
+MAX_BODY_BYTES = 1 << 20
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": {...}}`` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+# ---------------------------------------------------------------------------------------- requests
+@dataclass
+class GenRequest:
+    """A validated completion request.
+
+    Attributes:
+        prompt: a string (``/v1/completions``) or chat messages (``/v1/chat/completions``).
+        prompt_tokens: number of prompt tokens (after the chat template).
+        options: keyword arguments of :meth:`edgellm.LLM.stream_events`.
+        stream: answer with server-sent events.
+        include_usage: (streaming) send a last chunk with ``usage``.
+        model: the model name the client asked for (echoed back).
+    """
+
+    prompt: str | list[dict[str, str]]
+    prompt_tokens: int
+    options: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+    model: str = ""
+
+
+def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str, default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise ApiError(400, f"'{name}' = {value!r}; allowed: {what}", param=name, code="invalid_type")
+    return value
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float, default: float) -> float:
+    value = _typed(body, name, (int, float), f"a number {lo}-{hi}", default)
+    if not lo <= value <= hi:
+        raise ApiError(400, f"'{name}' = {value!r}; allowed: a number {lo}-{hi}", param=name, code="invalid_value")
+    return float(value)
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    """Chat messages with ``content`` as a string (OpenAI's text-part arrays are joined)."""
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, f"'messages' = {raw!r}; allowed: a non-empty list of {{role, content}} objects",
+                       param="messages", code="invalid_value")
+    out = []
+    for i, m in enumerate(raw):
+        role = m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        if role not in ROLES or not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}] = {m!r}; allowed: {{'role': one of {', '.join(ROLES)}, "
+                                "'content': a string or a list of text parts}", param=f"messages[{i}]",
+                           code="invalid_value")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    raw = body.get("prompt")
+    if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
+        raw = raw[0]
+    if not isinstance(raw, str) or not raw:
+        raise ApiError(400, f"'prompt' = {raw!r}; allowed: a non-empty string (one prompt per request)",
+                       param="prompt", code="invalid_value")
+    return raw
+
+
+def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None = None) -> GenRequest:
+    """Validate an OpenAI request body against the loaded model.
+
+    Raises:
+        ApiError: 400 naming the field, its value and what is allowed.
+    """
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    prompt: str | list[dict[str, str]] = _messages(body) if chat else _prompt(body)
+    model = _typed(body, "model", (str,), "a string", "")
+    n = _typed(body, "n", (int,), "1", 1)
+    if n != 1:
+        raise ApiError(400, f"'n' = {n!r}; allowed: 1 (one choice per request)", param="n", code="invalid_value")
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) and stop or isinstance(stop, list) and len(stop) <= 4
+                                 and all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, f"'stop' = {stop!r}; allowed: a non-empty string or a list of up to 4",
+                       param="stop", code="invalid_value")
+    ext = _typed(body, "edgellm", (dict,), "an object {mode, num_draft_tokens, top_k}", {})
+    stream_options = _typed(body, "stream_options", (dict,), "an object {include_usage}", {})
+    options = {
+        "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
+        "top_p": _number(body, "top_p", 0.0, 1.0, 1.0) or 1.0,
+        "top_k": _typed(ext, "top_k", (int,), "an integer >= 0", 0),
+        "seed": _typed(body, "seed", (int,), "an integer", None),
+        "stop": stop,
+        "mode": _typed(ext, "mode", (str,), "speculative, target or lookup", default_mode),
+        "num_draft_tokens": _typed(ext, "num_draft_tokens", (int,), "an integer 0-64", None),
+    }
+    try:
+        ids = llm.prompt_ids(prompt)
+        options["max_new_tokens"] = _max_tokens(llm, body, len(ids))
+        llm.decode_config(**{k: v for k, v in options.items() if k != "stop"})
+    except ContextLengthError as e:
+        raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from e
+    except ConfigError as e:
+        raise ApiError(400, str(e), code="invalid_value") from e
+    return GenRequest(prompt, len(ids), options, stream=_typed(body, "stream", (bool,), "true or false", False),
+                      include_usage=_typed(stream_options, "include_usage", (bool,), "true or false", False),
+                      model=model)
+
+
+def _max_tokens(llm: LLM, body: dict[str, Any], prompt_tokens: int) -> int:
+    """``max_tokens`` (or ``max_completion_tokens``), checked against the room left in the context."""
+    room = llm.manifest.target.max_context - prompt_tokens
+    if room < 1:
+        raise ContextLengthError(f"the prompt has {prompt_tokens} tokens; this model's context is "
+                                 f"{llm.manifest.target.max_context} tokens (prompt plus at least one new token)")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    asked = _typed(body, name, (int,), f"an integer 1-{room}", None)
+    if asked is None:
+        return min(int(llm.manifest.generation.get("max_new_tokens", 256)), room)
+    if not 1 <= asked <= room:
+        raise ApiError(400, f"'{name}' = {asked}; allowed: 1-{room} (the prompt has {prompt_tokens} of the "
+                            f"{llm.manifest.target.max_context} context tokens)", param=name,
+                       code="context_length_exceeded" if asked > room else "invalid_value")
+    return asked
+
+
+# ---------------------------------------------------------------------------------------- engine
+class Job:
+    """One queued generation: events flow from the worker thread into an asyncio queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def put(self, item: StreamEvent | BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+@dataclass
+class Engine:
+    """Runs generations one at a time, first come first served, on a worker thread."""
+
+    llm: LLM
+    max_queue: int = 8
+    waiting: int = 0  # accepted and not finished (running + queued); touched on the event loop only
+    busy: bool = False
+    served: int = 0
+    last_stats: dict[str, Any] | None = None
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "edgellm-generate"))
+
+    def start(self, req: GenRequest) -> Job:
+        if self.waiting > self.max_queue:
+            raise ApiError(429, f"the server is busy: {self.waiting} requests are running or queued "
+                                f"(max_queue={self.max_queue}); retry later", type="rate_limit_error",
+                           code="queue_full")
+        loop = asyncio.get_running_loop()
+        job = Job(loop)
+        self.waiting += 1
+        fut = self.pool.submit(self._run, job, req)
+        fut.add_done_callback(lambda _: job.loop.call_soon_threadsafe(self._finished))
+        return job
+
+    def _finished(self) -> None:
+        self.waiting -= 1
+
+    def _run(self, job: Job, req: GenRequest) -> None:
+        if job.cancelled.is_set():  # the client left while queued
+            job.put(None)
+            return
+        self.busy = True
+        try:
+            for ev in self.llm.stream_events(req.prompt, **req.options):
+                if job.cancelled.is_set():
+                    break
+                if ev.result is not None:
+                    self.last_stats, self.served = ev.result.stats, self.served + 1
+                job.put(ev)
+        except BaseException as e:  # handed to the request's task, which answers it
+            job.put(e)
+        finally:
+            self.busy = False
+            job.put(None)
+
+    @property
+    def queued(self) -> int:
+        return max(0, self.waiting - (1 if self.busy else 0))
+
+
+# ---------------------------------------------------------------------------------------- responses
+class EventStream(StreamingResponse):
+    """Server-sent events that stop (and cancel the generation) as soon as the client leaves.
+
+    Starlette listens for the disconnect only under some ASGI versions; this does it always.
+    """
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        import anyio
+
+        async with anyio.create_task_group() as tg:
+            async def stream() -> None:
+                try:
+                    await self.stream_response(send)
+                except OSError:  # the connection broke while writing
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            tg.cancel_scope.cancel()
+
+
+def _sse(doc: dict[str, Any] | str) -> str:
+    return f"data: {doc if isinstance(doc, str) else json.dumps(doc, ensure_ascii=False)}\n\n"
+
+
+def _usage(req: GenRequest, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": req.prompt_tokens + completion_tokens}
+
+
+@dataclass
+class _Shape:
+    """What differs between chat and text completions in the response documents."""
+
+    chat: bool
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def doc(self, choice: dict[str, Any], *, chunk: bool = False, **extra: Any) -> dict[str, Any]:
+        obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [choice], **extra}
+
+    def choice(self, text: str | None, finish: str | None, *, chunk: bool = False) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if chunk:
+            return {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+
+
+def _generation_error(e: BaseException) -> ApiError:
+    if isinstance(e, ContextLengthError):
+        return ApiError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, ConfigError):
+        return ApiError(400, str(e), code="invalid_value")
+    return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+
+
+async def _complete(request: Request, job: Job, shape: _Shape, req: GenRequest) -> Response:
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
+    result = None
+    try:
+        async for ev in job.events():
+            result = ev.result or result
+    except BaseException as e:  # noqa: BLE001 - answered as JSON
+        return _generation_error(e).response()
+    finally:
+        watcher.cancel()
+        job.cancel()
+    if result is None:  # cancelled: the client is gone and will not read this
+        return JSONResponse({"error": {"message": "cancelled", "type": "cancelled"}}, status_code=499)
+    return JSONResponse(shape.doc(shape.choice(result.text, result.finish_reason),
+                                  usage=_usage(req, len(result.token_ids)), edgellm=result.stats))
+
+
+async def _stream(job: Job, req: GenRequest, shape: _Shape) -> AsyncIterator[str]:
+    try:
+        if shape.chat:
+            yield _sse(shape.doc({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+                                 chunk=True))
+        async for ev in job.events():
+            if ev.result is not None:
+                r = ev.result
+                yield _sse(shape.doc(shape.choice(None if shape.chat else "", r.finish_reason, chunk=True),
+                                     chunk=True, edgellm=r.stats))
+                if req.include_usage:
+                    yield _sse({**shape.doc({}, chunk=True), "choices": [], "usage": _usage(req, len(r.token_ids))})
+            elif ev.text or ev.token_ids:
+                yield _sse(shape.doc(shape.choice(ev.text, None, chunk=True), chunk=True,
+                                     edgellm={"drafted": ev.drafted}))
+        yield _sse("[DONE]")
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the status line is sent; report in the stream
+        yield _sse(_generation_error(e).body())
+    finally:
+        job.cancel()
+
+
+# ---------------------------------------------------------------------------------------- the app
+def create_app(llm: LLM, *, api_key: str | None = None, mode: str | None = None, model_id: str | None = None,
+               max_queue: int = 8) -> Starlette:
+    """The ASGI application serving ``llm``.
+
+    Args:
+        llm: a loaded bundle.
+        api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
+        mode: default decoding mode (``speculative`` when the bundle has a draft).
+        model_id: the name ``/v1/models`` reports (default: the bundle folder's name).
+        max_queue: requests that may wait while one generates; more get 429.
+    """
+    engine = Engine(llm, max_queue=max_queue)
+    model_id = model_id or llm.bundle.name
+    mode = mode or ("speculative" if llm.draft is not None else "target")
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (the key "
+                                "`edgellm serve` printed)", code="invalid_api_key")
+
+    async def read_json(request: Request) -> Any:
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body has {len(body)} bytes; allowed: up to {MAX_BODY_BYTES}",
+                           code="body_too_large")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
+
+    async def completions(request: Request, chat: bool) -> Response:
+        authorize(request)
+        req = parse_request(llm, await read_json(request), chat=chat, default_mode=mode)
+        shape = _Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", req.model or model_id)
+        job = engine.start(req)  # 429 here, before any byte of the answer
+        if req.stream:
+            return EventStream(_stream(job, req, shape))
+        return await _complete(request, job, shape, req)
+
+    async def chat_completions(request: Request) -> Response:
+        return await completions(request, chat=True)
+
+    async def text_completions(request: Request) -> Response:
+        return await completions(request, chat=False)
+
+    async def models(request: Request) -> Response:
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
+                                                         "owned_by": "edgellm", "edgellm": llm.info}]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": model_id, "mode": mode, "busy": engine.busy,
+                             "queued": engine.queued, "served": engine.served, "last_stats": engine.last_stats,
+                             "auth": api_key is not None, "max_context": llm.manifest.target.max_context})
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(resources.files("edgellm").joinpath("data/chat.html").read_text("utf-8"))
+
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return exc.response()
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        allowed = {404: f"no route {request.method} {request.url.path}; see GET /v1/models, POST "
+                        "/v1/chat/completions, POST /v1/completions, GET /health",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}
+        return ApiError(exc.status_code, allowed.get(exc.status_code, str(exc.detail)),
+                        code="not_found" if exc.status_code == 404 else None).response()
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return _generation_error(exc).response()
+
+    routes = [Route("/", page), Route("/health", health), Route("/v1/models", models),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/completions", text_completions, methods=["POST"])]
+    app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
+                                                      Exception: server_error})
+    app.state.engine = engine
+    return app
+
+
+# ---------------------------------------------------------------------------------------- serve
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def local_addresses() -> list[str]:
+    """IPv4 addresses of this machine that another device on the network could reach."""
+    found: set[str] = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            found.add(str(info[4][0]))
+    except OSError:
+        pass
+    try:  # the address of the default route (connecting a UDP socket sends nothing)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            found.add(s.getsockname()[0])
+    except OSError:
+        pass
+    return sorted(a for a in found if not ipaddress.ip_address(a).is_loopback)
+
+
+def urls(host: str, port: int) -> list[str]:
+    """The URLs to open, one per address the server listens on."""
+    if host in ("0.0.0.0", "::"):
+        return [f"http://127.0.0.1:{port}/"] + [f"http://{a}:{port}/" for a in local_addresses()]
+    return [f"http://{'[' + host + ']' if ':' in host else host}:{port}/"]
+
+
+def resolve_api_key(host: str, api_key: str | None) -> tuple[str | None, bool]:
+    """The key to require: the given one; a generated one off loopback; none on loopback.
+
+    Returns:
+        ``(key, generated)``.
+    """
+    if api_key is not None and not api_key.strip():
+        raise ConfigError("api_key is empty; give a non-empty key or leave it out")
+    if api_key is None and not is_loopback(host):
+        return secrets.token_urlsafe(24), True
+    return api_key, False
+
+
+def prepare(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+            provider: str = "cpu", draft_provider: str | None = None, threads: int | None = None,
+            mode: str | None = None, max_queue: int = 8, echo=print):
+    """Load ``bundle``, build the app and print where to reach it; returns a ready ``uvicorn.Server``.
+
+    Binding anything but a loopback address requires an API key: the given one, or one generated
+    here and printed.
+    """
+    import uvicorn
+
+    from edgellm.api import load
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port={port}; allowed: 1-65535")
+    key, generated = resolve_api_key(host, api_key)
+    llm = load(bundle, provider=provider, draft_provider=draft_provider, threads=threads)
+    app = create_app(llm, api_key=key, mode=mode, max_queue=max_queue)
+    echo(f"edgellm: serving {llm.bundle.name} (target on {llm.providers['target']}) at:")
+    for url in urls(host, port):
+        echo(f"  {url}")
+    if key is not None:
+        echo(f"  API key{' (generated)' if generated else ''}: {key}")
+        echo("  (the page asks for it once; clients send 'Authorization: Bearer <key>')")
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    return uvicorn.Server(config)
+
+
+def serve(bundle: str, **kwargs: Any) -> None:
+    """Serve ``bundle`` until interrupted (the body of ``edgellm serve``; arguments of :func:`prepare`)."""
+    prepare(bundle, **kwargs).run()
