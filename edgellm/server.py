@@ -48,6 +48,14 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 MAX_BODY_BYTES = 1 << 20
 ROLES = ("system", "user", "assistant", "tool")
+# Request fields: those edgellm honours, and OpenAI's others, accepted and ignored. Anything
+# else is refused, as OpenAI does ("Unrecognized request argument").
+COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+                 "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "user", "edgellm"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+                               "tool_choice", "parallel_tool_calls", "service_tier", "store", "metadata",
+                               "modalities", "reasoning_effort", "functions", "function_call"}
+TEXT_FIELDS = COMMON_FIELDS | {"prompt", "echo", "best_of", "suffix"}
 
 
 class ApiError(Exception):
@@ -143,6 +151,12 @@ def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None =
     """
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    unknown = sorted(set(body) - (CHAT_FIELDS if chat else TEXT_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}; see the OpenAI "
+                            f"{'chat ' if chat else ''}completions API", param=unknown[0], code="unknown_parameter")
+    for name in ("presence_penalty", "frequency_penalty"):
+        _typed(body, name, (int, float), "a number (accepted, not applied)")
     prompt: str | list[dict[str, str]] = _messages(body) if chat else _prompt(body)
     model = _typed(body, "model", (str,), "a string", "")
     n = _typed(body, "n", (int,), "1", 1)

@@ -96,6 +96,8 @@ def test_stop_and_seeded_sampling(server, llm):
     ({"messages": MESSAGES, "stop": [1]}, "invalid_value", "stop"),
     ({"messages": MESSAGES, "edgellm": {"mode": "fast"}}, "invalid_value", None),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "context_length_exceeded", "max_tokens"),
+    ({"messages": MESSAGES, "temprature": 0}, "unknown_parameter", "temprature"),
+    ({"messages": MESSAGES, "presence_penalty": "x"}, "invalid_type", "presence_penalty"),
 ])
 def test_bad_requests_get_400(server, body, code, param):
     r = httpx.post(server.url + "/v1/chat/completions", json=body)
