@@ -44,11 +44,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("target")
 @click.option("--draft", default=None, help="Draft model: HF folder, .gguf file or hub id (same tokenizer).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
-@click.option("--quant", default="int4", show_default=True, type=click.Choice(["int4", "int8", "fp16", "fp32"]))
-@click.option("--draft-quant", default="int4", show_default=True, type=click.Choice(["int4", "int8", "fp16", "fp32"]))
+@click.option("--quant", default="auto", show_default=True,
+              type=click.Choice(["auto", "gguf", "int4", "int8", "fp16", "fp32"]),
+              help="Target weights. gguf: keep a GGUF file's own quantized blocks exactly; auto: gguf for a "
+                   ".gguf target, else int4.")
+@click.option("--draft-quant", default="int4", show_default=True,
+              type=click.Choice(["auto", "gguf", "int4", "int8", "fp16", "fp32"]))
 @click.option("--block-size", default=32, show_default=True, type=int, help="Target MatMulNBits block size.")
 @click.option("--draft-block-size", default=128, show_default=True, type=int)
-@click.option("--lm-head-quant", default=None, type=click.Choice(["int4", "int8", "fp16", "fp32"]),
+@click.option("--lm-head-quant", default=None, type=click.Choice(["gguf", "int4", "int8", "fp16", "fp32"]),
               help="Target output projection [default: int8 when --quant int4, else --quant].")
 @click.option("--max-context", default=4096, show_default=True, type=int, help="KV cache length.")
 @click.option("--quality", default="quant", show_default=True, type=click.Choice(["none", "quant", "full"]),

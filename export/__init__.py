@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["export", "DEFAULT_QUANT", "DEFAULT_DRAFT_QUANT"]
 
-DEFAULT_QUANT = "int4"
+DEFAULT_QUANT = "auto"  # gguf for a GGUF target (its blocks kept exactly), else int4
 DEFAULT_DRAFT_QUANT = "int4"
 DEFAULT_BLOCK_SIZE = 32
 DEFAULT_DRAFT_BLOCK_SIZE = 128
@@ -51,8 +51,10 @@ def export(
         target: Hugging Face folder, ``.gguf`` file, or hub id (online only).
         output: bundle folder to create; written to a temporary sibling and renamed at the end.
         draft: optional draft model, same forms as ``target``; must share the tokenizer.
-        quant: target weights: ``int4``, ``int8``, ``fp16`` or ``fp32``.
-        draft_quant: draft weights (quantize it hard: it only changes speed).
+        quant: target weights: ``int4``, ``int8``, ``fp16``, ``fp32``, ``gguf`` (a GGUF file's
+            own quantized blocks, kept exactly: no second rounding) or ``auto`` (``gguf`` for a
+            GGUF target, else ``int4``).
+        draft_quant: draft weights, same choices (quantize it hard: it only changes speed).
         block_size: MatMulNBits block size of the target.
         draft_block_size: MatMulNBits block size of the draft.
         lm_head_quant: storage of the target's output projection. ``None``: int8 when
@@ -82,11 +84,12 @@ def export(
         raise ConfigError(f"quality={quality!r}; allowed: {', '.join(QUALITY_LEVELS)}")
     if max_context < 64:
         raise ConfigError(f"max_context={max_context}; allowed: at least 64")
-    if lm_head_quant is None:
-        lm_head_quant = "int8" if quant == "int4" else quant
-    qcfg = {"target": QuantConfig(quant, block_size, lm_head_quant=lm_head_quant)}
+    for name, value in (("quant", quant), ("draft_quant", draft_quant)):  # fail before any work
+        if value != "auto":
+            QuantConfig(value, block_size if name == "quant" else draft_block_size, lm_head_quant=lm_head_quant)
+    qcfg = {"target": dict(quant=quant, block_size=block_size, lm_head_quant=lm_head_quant)}
     if draft is not None:
-        qcfg["draft"] = QuantConfig(draft_quant, draft_block_size)
+        qcfg["draft"] = dict(quant=draft_quant, block_size=draft_block_size, lm_head_quant=None)
     if out.exists() and not overwrite:
         raise ConfigError(f"output {str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it")
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
@@ -106,6 +109,20 @@ def export(
         raise ExportError(f"export failed: {type(e).__name__}: {e}") from e
     say(f"bundle written to {out}")
     return out
+
+
+def _quant_config(src, *, quant: str, block_size: int, lm_head_quant: str | None):
+    """Resolve ``auto`` and the output projection's default for this source."""
+    from edgellm.export.builder import QuantConfig
+
+    if quant == "auto":
+        quant = "gguf" if src.kind == "gguf" else "int4"
+    if "gguf" in (quant, lm_head_quant) and src.kind != "gguf":
+        raise ConfigError(f"quant='gguf' keeps a GGUF file's own blocks, but {src.path} is a {src.kind} "
+                          "model; allowed for it: auto, int4, int8, fp16, fp32")
+    if lm_head_quant is None:
+        lm_head_quant = "int8" if quant == "int4" else quant
+    return QuantConfig(quant, block_size, lm_head_quant=lm_head_quant)
 
 
 def _progress_printer(progress: Callable[[str], None] | None, t0: float) -> Callable[[str], None]:
@@ -144,6 +161,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
                          sources["draft"].spec.vocab_size)
     tok_entry = write_tokenizer(toks["target"], tmp / "tokenizer")
 
+    qcfg = {role: _quant_config(src, **qcfg[role]) for role, src in sources.items()}
     models, report = {}, {"models": {}}
     for role, src in sources.items():
         ctx = min(max_context, src.spec.source_context_length)
@@ -182,7 +200,17 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say) -> dic
         f"vocab {s.vocab_size}, from {src.describe()['kind']} -> {qcfg.quant}")
     folder = tmp / role
     folder.mkdir()
-    DecoderBuilder(src, qcfg, max_context, progress=lambda m: say(f"{role}: {m}")).build(folder)
+    builder = DecoderBuilder(src, qcfg, max_context, progress=lambda m: say(f"{role}: {m}"))
+    builder.build(folder)
+    quantization = qcfg.to_dict()
+    if qcfg.quant == "gguf":
+        kept: dict[str, int] = {}
+        for t in builder.kept.values():
+            kept[t] = kept.get(t, 0) + 1
+        quantization["gguf_blocks_kept"] = kept
+        quantization["requantized_int8"] = builder.requantized
+        say(f"{role}: kept {sum(kept.values())} GGUF tensors exactly ({kept}); "
+            f"re-quantized to int8: {len(builder.requantized)}")
     return {
         "graph": f"{role}/model.onnx",
         "architecture": s.architecture,
@@ -196,7 +224,7 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say) -> dic
         "kv_layout": {"kind": "shared_buffer", "dims": ["batch", "num_kv_heads", "max_context", "head_dim"],
                       "dtype": "float32"},
         "io": io_names(s.num_layers),
-        "quantization": qcfg.to_dict(),
+        "quantization": quantization,
         "source": {k: v for k, v in src.describe().items() if k != "path"} | {"name": Path(str(src.path)).name},
     }
 
@@ -216,7 +244,7 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
                       entry["io"])
     vocab = tok_entry["vocab_size"]
     result: dict[str, Any] = {"quantization": qcfg.to_dict(), "sample_tokens": int(len(ids)),
-                              "import": _import_note(src, qcfg)}
+                              "import": _import_note(src, entry["quantization"])}
     ref_dir = tmp / f"_fp32_{role}"
     try:
         if qcfg.quant == "fp32":
@@ -238,15 +266,23 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
     return result
 
 
-def _import_note(src, qcfg) -> dict:
+def _import_note(src, quantization: dict) -> dict:
+    """Was the import lossless? (Did any weight get rounded on its way into the graph?)"""
+    quant = quantization["quant"]
     if src.kind != "gguf":
-        return {"lossless": qcfg.quant == "fp32", "note": "weights read from safetensors"}
-    return {
-        "lossless": qcfg.quant == "fp32",
-        "note": ("GGUF blocks dequantized to fp32, then re-quantized" if qcfg.quant != "fp32"
-                 else "GGUF blocks dequantized to fp32 exactly"),
-        "gguf_tensor_types": src.quant_types(),
-    }
+        return {"lossless": quant == "fp32", "note": "weights read from safetensors"}
+    if quant != "gguf":
+        return {"lossless": quant == "fp32", "lossless_matmul_weights": quant == "fp32",
+                "note": ("GGUF blocks dequantized to fp32, then re-quantized" if quant != "fp32"
+                         else "GGUF blocks dequantized to fp32 exactly"),
+                "gguf_tensor_types": src.quant_types()}
+    matmuls_exact = not quantization["requantized_int8"]
+    return {"lossless": False, "lossless_matmul_weights": matmuls_exact,
+            "note": ("every matmul weight keeps its GGUF blocks exactly" if matmuls_exact else
+                     f"GGUF blocks kept exactly except {len(quantization['requantized_int8'])} weights "
+                     "re-quantized to int8") + "; the token embedding is dequantized and stored fp16 "
+                    "(rounding <= 2^-11 relative)",
+            "gguf_tensor_types": src.quant_types()}
 
 
 def _judge(report: dict, max_target_kl: float, say) -> None:

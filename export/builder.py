@@ -33,7 +33,7 @@ from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, DecoderSpec, Sourc
 
 logger = logging.getLogger(__name__)
 
-QUANTS = ("int4", "int8", "fp16", "fp32")
+QUANTS = ("int4", "int8", "fp16", "fp32", "gguf")
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 
@@ -44,7 +44,9 @@ class QuantConfig:
 
     Attributes:
         quant: ``int4`` / ``int8`` (MatMulNBits, weight-only), ``fp16`` (weights stored fp16,
-            computed fp32 on CPU) or ``fp32``.
+            computed fp32 on CPU), ``fp32``, or ``gguf``: a GGUF source's own quantized blocks
+            kept exactly (see :mod:`edgellm.export.gguf_blocks`); weights without such blocks
+            fall back to int8 with ``block_size``.
         block_size: MatMulNBits block size along the input dimension.
         symmetric: int quantization without zero points.
         accuracy_level: MatMulNBits compute type (4 = int8 activations, fastest on CPU;
@@ -70,7 +72,7 @@ class QuantConfig:
     def to_dict(self) -> dict:
         return {
             "quant": self.quant,
-            "block_size": self.block_size if self.quant in ("int4", "int8") else None,
+            "block_size": self.block_size if self.quant in ("int4", "int8", "gguf") else None,
             "symmetric": self.symmetric,
             "accuracy_level": self.accuracy_level,
             "lm_head_quant": self.lm_head_quant or self.quant,
@@ -147,10 +149,22 @@ class DecoderBuilder:
         self.src, self.spec, self.q = source, source.spec, quant
         self.max_context = max_context
         self.progress = progress or (lambda msg: None)
+        # quant="gguf": which weights kept their GGUF blocks exactly, and which were re-quantized
+        self.kept: dict[str, str] = {}
+        self.requantized: list[str] = []
 
     # ------------------------------------------------------------------ linear layers
     def _linear(self, g: _GraphWriter, x: str, names: list[str], quant: str, tag: str) -> str:
         """``x @ concat(W_names).T`` (+ biases when the source has them). Returns the output."""
+        if quant == "gguf":
+            natives = [self.src.native(n) for n in names]
+            if all(w is not None for w in natives):
+                y = self._native_linear(g, x, natives, tag)
+                self.kept.update({n: w.source_type for n, w in zip(names, natives)})
+                return self._add_bias(g, y, names, tag)
+            del natives
+            self.requantized += names
+            quant = "int8"
         mats = [self.src.tensor(n) for n in names]
         if quant in ("int4", "int8"):
             bits = 4 if quant == "int4" else 8
@@ -165,11 +179,37 @@ class DecoderBuilder:
             if dtype == np.float16:
                 (wname,) = g.node("Cast", [wname], to=self.TensorProto.FLOAT)
             (y,) = g.node("MatMul", [x, wname])
+        return self._add_bias(g, y, names, tag)
+
+    def _add_bias(self, g: _GraphWriter, y: str, names: list[str], tag: str) -> str:
         biases = [n.replace(".weight", ".bias") for n in names]
         if all(self.src.has(b) for b in biases):
             bias = np.concatenate([self.src.tensor(b) for b in biases]).astype(np.float32)
             (y,) = g.node("Add", [y, g.const(tag + ".bias", bias)])
         return y
+
+    def _native_linear(self, g: _GraphWriter, x: str, natives: list, tag: str) -> str:
+        """GGUF blocks as MatMulNBits; weights stored alike share one node, the rest are concatenated."""
+        from edgellm.export.gguf_blocks import stack
+
+        groups: list[list] = []
+        for w in natives:
+            if groups and groups[-1][0].key == w.key:
+                groups[-1].append(w)
+            else:
+                groups.append([w])
+        outs = []
+        for j, group in enumerate(groups):
+            w, t = stack(group), tag if len(groups) == 1 else f"{tag}.{j}"
+            y = self._matmul_nbits(g, x, w.packed(), t)
+            if w.minimum is not None:  # x @ W.T = MatMulNBits(x) - blocksum(x) @ minimum.T
+                nb = w.codes.shape[1] // w.block_size
+                (xb,) = g.node("Reshape", [x, g.const(t + ".block_shape", np.array([0, 0, nb, w.block_size], np.int64))])
+                (sums,) = g.node("ReduceSum", [xb, g.const(t + ".last_axis", np.array([-1], np.int64))], keepdims=0)
+                (corr,) = g.node("MatMul", [sums, g.const(t + ".minimum", np.ascontiguousarray(w.minimum.T))])
+                (y,) = g.node("Sub", [y, corr])
+            outs.append(y)
+        return outs[0] if len(outs) == 1 else g.node("Concat", outs, axis=-1)[0]
 
     def _matmul_nbits(self, g: _GraphWriter, x: str, p: PackedWeight, tag: str) -> str:
         ins = [x, g.const(tag + ".qweight", p.data), g.const(tag + ".scales", p.scales)]

@@ -113,6 +113,10 @@ class Source:
     def has(self, name: str) -> bool:
         raise NotImplementedError
 
+    def native(self, name: str):
+        """The weight's own quantized blocks (:class:`~edgellm.export.gguf_blocks.NativeWeight`), if any."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": str(self.path)}
 
@@ -313,6 +317,20 @@ class GGUFSource(Source):
             elif name.endswith("k_proj.weight"):
                 arr = _unpermute_llama(arr, self.spec.num_kv_heads)
         return arr
+
+    def native(self, name: str):
+        """Weight ``name`` as its GGUF blocks, when MatMulNBits can hold them exactly (else ``None``)."""
+        from edgellm.export.gguf_blocks import native_weight
+
+        t = self._tensors.get(name)
+        if t is None or len(t.shape) != 2:
+            return None
+        n, k = (int(x) for x in reversed(t.shape))
+        w = native_weight(t.data, t.tensor_type.name, (n, k))
+        if w is not None and self.spec.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = self.spec.num_heads if name.endswith("q_proj.weight") else self.spec.num_kv_heads
+            w = w.permute_rows(_unpermute_llama(np.arange(n)[:, None], heads)[:, 0])
+        return w
 
     def quant_types(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -1,0 +1,110 @@
+"""GGUF input: block decoders, the tiny GGUF end to end, and the lossless (quant='gguf') graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+
+from conftest import _train_tokenizer  # noqa: E402
+from edgellm.export.gguf_blocks import DECODERS, native_weight  # noqa: E402
+from tiny_gguf import write_tiny_gguf  # noqa: E402
+
+
+@pytest.mark.parametrize("type_name", sorted(DECODERS))
+def test_block_decoders_match_gguf_dequantize(type_name):
+    """Random (valid) blocks of every type decode to exactly what the gguf package dequantizes."""
+    rng = np.random.default_rng(1)
+    qt = gguf.GGMLQuantizationType[type_name]
+    block, size = gguf.GGML_QUANT_SIZES[qt]
+    n, k = 6, 512
+    raw = rng.integers(0, 256, (n * k // block, size), dtype=np.uint8)
+    half = lambda: np.frombuffer(rng.uniform(-0.1, 0.1, len(raw)).astype(np.float16).tobytes(), np.uint8).reshape(-1, 2)  # noqa: E731
+    if type_name == "Q6_K":
+        raw[:, 208:210] = half()
+    else:
+        raw[:, 0:2] = half()
+        if type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):
+            raw[:, 2:4] = half()
+    expected = gguf.quants.dequantize(raw.reshape(n, -1), qt).reshape(n, k)
+    w = native_weight(raw, type_name, (n, k))
+    assert w.bits in (4, 8) and k % w.block_size == 0
+    np.testing.assert_array_equal(w.dequantize(), expected)
+    packed = w.packed().dequantize()  # what MatMulNBits multiplies by, before the minimum
+    if w.minimum is not None:
+        packed = packed - np.repeat(w.minimum, w.block_size, axis=1)
+    np.testing.assert_allclose(packed, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_other_types_are_not_native():
+    assert native_weight(np.zeros(64, np.uint8), "F16", (2, 16)) is None
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def tiny_gguf(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"gguf_{request.param}")
+    _train_tokenizer().save(str(d / "tokenizer.json"))
+    return write_tiny_gguf(d / "tiny.gguf", d / "tokenizer.json", seed=2, arch=request.param)
+
+
+def test_native_blocks_equal_dequantized_tensors(tiny_gguf):
+    """Row order included: the llama q/k unpermutation applies to blocks as to dequantized weights."""
+    from edgellm.export.source import open_source
+
+    src = open_source(tiny_gguf)
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                 "model.layers.1.mlp.down_proj.weight", "lm_head.weight"):
+        np.testing.assert_array_equal(src.native(name).dequantize(), src.tensor(name))
+    assert src.native("model.embed_tokens.weight") is None  # stored F32
+
+
+def test_lossless_graph_matches_the_dequantized_fp32_graph(tiny_gguf, tmp_path):
+    from edgellm.export.builder import DecoderBuilder, QuantConfig, io_names
+    from edgellm.export.quality import graph_logits
+    from edgellm.export.source import open_source
+    from edgellm.runtimes.session import KVLayout
+
+    src = open_source(tiny_gguf)
+    s = src.spec
+    layout = KVLayout(s.num_layers, s.num_kv_heads, s.head_dim, 64, s.vocab_size, io_names(s.num_layers))
+    ids = np.random.default_rng(0).integers(0, s.vocab_size, 24).astype(np.int64)
+    logits = {}
+    for quant in ("fp32", "gguf"):
+        (tmp_path / quant).mkdir()
+        b = DecoderBuilder(src, QuantConfig(quant, accuracy_level=1), 64)  # fp32 compute: exact math
+        logits[quant] = graph_logits(b.build(tmp_path / quant), layout, ids)
+    assert set(b.kept.values()) == set(DECODERS) - {"Q5_1"} and not b.requantized
+    ref = logits["fp32"]
+    err = np.abs(logits["gguf"] - ref).max() / np.abs(ref).max()
+    assert err < 1e-4, err  # summation order is the only difference
+
+
+def test_export_gguf_defaults_to_lossless_and_reports_it(tiny_gguf, tmp_path):
+    import edgellm
+    from edgellm.export import export
+    from edgellm.manifest import read_manifest
+
+    out = export(tiny_gguf, draft=tiny_gguf, output=tmp_path / "b", max_context=128)
+    m = read_manifest(out)
+    assert m.target.quantization["quant"] == "gguf" and m.draft.quantization["quant"] == "int4"
+    assert sum(m.target.quantization["gguf_blocks_kept"].values()) == 15
+    imp = json.loads((out / "quality.json").read_text())["models"]["target"]["import"]
+    assert imp["lossless_matmul_weights"] is True and "fp16" in imp["note"]
+    llm = edgellm.load(out, threads=1)
+    text = "def foo(x): return x + 1"
+    assert llm.tokenizer.decode(llm.tokenizer.encode(text, add_special_tokens=False)) == text
+    t = llm.generate(text, mode="target", max_new_tokens=12)
+    assert llm.generate(text, mode="speculative", max_new_tokens=12).token_ids == t.token_ids
+
+
+def test_gguf_quant_needs_a_gguf_source(tiny_model_dir, tmp_path):
+    from edgellm.errors import ConfigError
+    from edgellm.export import export
+
+    with pytest.raises(ConfigError, match="quant='gguf'"):
+        export(tiny_model_dir, output=tmp_path / "b", quant="gguf")
+    assert not list(tmp_path.iterdir())

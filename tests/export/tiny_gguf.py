@@ -1,0 +1,92 @@
+"""A tiny random Qwen2 model written as a GGUF file, with real quantized blocks of many types."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# One GGUF type per linear weight, so every decoder and the fusion of mixed types are exercised:
+# layer 0 mixes Q4_K and Q6_K inside QKV (two MatMulNBits, concatenated).
+LAYER_TYPES = [
+    {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_K",
+     "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"},
+    {"attn_q": "Q8_0", "attn_k": "Q8_0", "attn_v": "Q8_0", "attn_output": "Q4_0",
+     "ffn_gate": "Q5_0", "ffn_up": "Q5_0", "ffn_down": "Q4_1"},
+]
+HIDDEN, INTER, HEADS, KV_HEADS = 256, 512, 4, 2
+
+
+def _blocks(rng: np.random.Generator, type_name: str, shape: tuple[int, int]) -> np.ndarray:
+    """Raw bytes of a tensor of ``shape`` (N, K): quantized by gguf where it can, else random valid blocks."""
+    import gguf
+
+    qt = gguf.GGMLQuantizationType[type_name]
+    try:
+        return gguf.quants.quantize(rng.normal(0, 0.05, shape).astype(np.float32), qt)
+    except NotImplementedError:  # K-quants: random codes with small fp16 scales are valid blocks
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        n = shape[0] * shape[1] // block
+        raw = rng.integers(0, 256, (n, size), dtype=np.uint8)
+        small = lambda lo, hi: np.frombuffer(rng.uniform(lo, hi, n).astype(np.float16).tobytes(), np.uint8).reshape(n, 2)  # noqa: E731
+        if type_name == "Q6_K":
+            raw[:, 208:210] = small(-2e-4, 2e-4)
+        else:  # d, dmin
+            raw[:, 0:2], raw[:, 2:4] = small(1e-4, 4e-4), small(1e-4, 4e-4)
+        return raw.reshape(shape[0], -1)
+
+
+def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str = "qwen2") -> Path:
+    """Write a 2-layer Qwen2 (or Llama) GGUF, vocab of the given tokenizer, quantized linear weights."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    tok = json.loads(Path(tokenizer_json).read_text())
+    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    special = {t["content"] for t in tok["added_tokens"]}
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(2)
+    w.add_context_length(512)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_bos_token_id(vocab["<|endoftext|>"])
+    w.add_pad_token_id(vocab["<|endoftext|>"])
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    f32 = lambda *s: rng.normal(0, 0.05, s).astype(np.float32)  # noqa: E731
+    # fp16-representable, so the bundle's fp16 embedding table holds it exactly
+    w.add_tensor("token_embd.weight", (f32(len(tokens), HIDDEN) * 10).astype(np.float16).astype(np.float32))
+    kv = HIDDEN // HEADS * KV_HEADS
+    dims = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (kv, HIDDEN), "attn_v": (kv, HIDDEN),
+            "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN),
+            "ffn_down": (HIDDEN, INTER)}
+    for i, types in enumerate(LAYER_TYPES):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + f32(HIDDEN))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + f32(HIDDEN))
+        for name, t in types.items():
+            raw = _blocks(rng, t, dims[name])
+            w.add_tensor(f"blk.{i}.{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType[t])
+        for name in ("attn_q", "attn_k", "attn_v") if arch == "qwen2" else ():
+            w.add_tensor(f"blk.{i}.{name}.bias", f32(dims[name][0]))
+    w.add_tensor("output_norm.weight", 1 + f32(HIDDEN))
+    raw = _blocks(rng, "Q6_K", (len(tokens), HIDDEN))
+    w.add_tensor("output.weight", raw, raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
