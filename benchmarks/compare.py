@@ -45,14 +45,15 @@ def say(*a: Any) -> None:
 class Worker:
     """One engine process speaking JSON lines."""
 
-    def __init__(self, name: str, python: Path, args: list[str], threads: int) -> None:
+    def __init__(self, name: str, python: Path, args: list[str], threads: int, engine: str | None = None) -> None:
         self.name, self.info, self.peak_rss_mb = name, {}, None
+        engine = engine or name
         if not python.exists():
             self.info = {"skipped": f"{python} not found (run benchmarks/setup_peers.sh)"}
             self.proc = None
             return
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen([str(python), str(HERE / "peers.py"), name, "--threads", str(threads), *args],
+        self.proc = subprocess.Popen([str(python), str(HERE / "peers.py"), engine, "--threads", str(threads), *args],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline()
         self.info = json.loads(line) if line else {"skipped": f"{name} exited while loading"}
@@ -60,10 +61,19 @@ class Worker:
             self.proc.wait()
             self.proc = None
 
-    def run(self, ids: list[int], mode: str, max_new: int) -> dict[str, Any]:
-        self.proc.stdin.write(json.dumps({"ids": ids, "mode": mode, "max_new_tokens": max_new}) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+    def run(self, ids: list[int], mode: str, max_new: int) -> dict[str, Any] | None:
+        """One generation; ``None`` (and the engine marked failed) when the process died."""
+        try:
+            self.proc.stdin.write(json.dumps({"ids": ids, "mode": mode, "max_new_tokens": max_new}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except OSError:
+            line = ""
+        if not line:
+            self.info["failed"] = f"the {self.name} process died during mode {mode} (exit {self.proc.wait()})"
+            self.proc = None
+            return None
+        return json.loads(line)
 
     def close(self) -> None:
         if self.proc is not None:
@@ -87,18 +97,21 @@ def load_prompts(tokenizer, per_category: int) -> list[dict[str, Any]]:
 
 def start_workers(a: argparse.Namespace) -> list[Worker]:
     main_py = Path(sys.executable)
-    specs = [
-        ("edgellm", main_py, ["--bundle", str(a.bundle)]),
-        ("llama.cpp", PEERS / "llamacpp/bin/python", ["--target-gguf", str(a.target_gguf)]),
-        ("onnxruntime-genai", PEERS / "genai/bin/python", ["--genai-target", str(a.genai_target)]),
-        ("transformers", main_py, ["--hf-target", str(a.hf_target), "--hf-draft", str(a.hf_draft)]),
+    specs = [  # (name in the table, engine, python, arguments)
+        ("edgellm", "edgellm", main_py, ["--bundle", str(a.bundle)]),
+        ("llama.cpp", "llama.cpp", PEERS / "llamacpp/bin/python", ["--target-gguf", str(a.target_gguf)]),
+        ("onnxruntime-genai", "onnxruntime-genai", PEERS / "genai/bin/python", ["--genai-target", str(a.genai_target)]),
+        ("transformers", "transformers", main_py, ["--hf-target", str(a.hf_target), "--hf-draft", str(a.hf_draft)]),
     ]
+    for spec in a.extra_bundle:  # e.g. int4=path: the same engine on another bundle, without the sweep
+        label, _, path = spec.partition("=")
+        specs.insert(1, (f"edgellm {label}", "edgellm", main_py, ["--bundle", path, "--no-sweep"]))
     workers = []
-    for name, py, args in specs:
-        if name not in a.engines:
+    for name, engine, py, args in specs:
+        if engine not in a.engines:
             continue
         say(f"starting {name} ...")
-        w = Worker(name, py, args, a.threads)
+        w = Worker(name, py, args, a.threads, engine=engine)
         say(f"  {w.info.get('skipped') or w.info.get('version')}")
         workers.append(w)
     return workers
@@ -109,14 +122,17 @@ def run_all(workers: list[Worker], prompts: list[dict[str, Any]], a: argparse.Na
     pairs = [(w, m) for w in live for m in w.info["modes"] if m not in SWEEP]
     sweep = [(w, m) for w in live for m in w.info["modes"] if m in SWEEP]
     for w, m in pairs + sweep:  # warm-up
-        w.run(prompts[0]["ids"], m, 8)
+        if w.proc is not None:
+            w.run(prompts[0]["ids"], m, 8)
     runs = []
     for rep in range(a.repeats):
         for i, p in enumerate(prompts):
             todo = pairs + (sweep if p["category"] == "code" else [])
             shift = (rep * len(prompts) + i) % len(todo)
             for w, m in todo[shift:] + todo[:shift]:
-                r = w.run(p["ids"], m, a.max_new_tokens)
+                r = w.run(p["ids"], m, a.max_new_tokens) if w.proc is not None else None
+                if r is None:
+                    continue
                 runs.append({"engine": w.name, "mode": m, "prompt": p["id"], "category": p["category"],
                              "repeat": rep, **r})
                 say(f"  rep {rep} {p['id']:16} {w.name:17} {m:15} {len(r['tokens']):4} tok "
@@ -146,7 +162,7 @@ def summarize(runs: list[dict[str, Any]], workers: list[Worker]) -> dict[str, An
                       "equals_own_target": sum(row["same"]) / len(row["same"]),
                       "acceptance": statistics.median(row["acceptance"]) if row["acceptance"] else None,
                       "runs": len(row["tps"])})
-    engines = {w.name: {"version": w.info.get("version"), "skipped": w.info.get("skipped"),
+    engines = {w.name: {"version": w.info.get("version"), "skipped": w.info.get("skipped") or w.info.get("failed"),
                         "skipped_modes": w.info.get("skipped_modes", {}), "peak_rss_mb": w.peak_rss_mb}
                for w in workers}
     return {"table": table, "engines": engines}
@@ -215,11 +231,13 @@ def plot(summary: dict[str, Any], out_dir: Path, stamp: str) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", type=Path, default=CACHE / "bundles/qwen2.5-coder-1.5b+0.5b-int4")
+    p.add_argument("--bundle", type=Path, default=CACHE / "bundles/qwen2.5-coder-1.5b-q4km+0.5b-int4")
     p.add_argument("--target-gguf", type=Path, default=CACHE / "models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
     p.add_argument("--genai-target", type=Path, default=PEERS / "models/genai-qwen2.5-coder-1.5b-int4")
     p.add_argument("--hf-target", type=Path, default=PEERS / "models/hf-qwen2.5-coder-1.5b-instruct")
     p.add_argument("--hf-draft", type=Path, default=PEERS / "models/hf-qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--extra-bundle", action="append", default=[], metavar="LABEL=PATH",
+                   help="Also run edgellm on another bundle (e.g. int4=~/.cache/edgellm/bundles/...).")
     p.add_argument("--engines", default="edgellm,llama.cpp,onnxruntime-genai,transformers")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--per-category", type=int, default=2)

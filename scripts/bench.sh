@@ -8,5 +8,5 @@ cache="${EDGELLM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgellm}"
 .venv/bin/edgellm demo --max-new-tokens 32 >&2
 EDGELLM_SLOW=1 .venv/bin/python -m pytest -q -m slow tests/slow >&2
 cat benchmarks/prompts/code.jsonl benchmarks/prompts/edit.jsonl benchmarks/prompts/chat.jsonl > "$cache/all_prompts.jsonl"
-exec .venv/bin/edgellm bench "$cache/bundles/qwen2.5-coder-1.5b+0.5b-int4" --prompts "$cache/all_prompts.jsonl" \
+exec .venv/bin/edgellm bench "$cache/bundles/qwen2.5-coder-1.5b-q4km+0.5b-int4" --prompts "$cache/all_prompts.jsonl" \
   --repeats "${REPEATS:-3}" --max-new-tokens "${MAX_NEW_TOKENS:-128}" "$@"

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up the engines benchmarks/compare.py runs edgellm against, each in its own environment
+# under .peers/ (or $EDGELLM_PEERS), on the default pair the main job fetched:
+#   .peers/llamacpp   llama-cpp-python, built from source for this CPU (~10 min on 2 cores)
+#   .peers/genai      onnxruntime-genai + transformers 5 for its model builder (it cannot share an
+#                     environment with the exporter's transformers 4.57)
+#   .peers/models/hf-*       the GGUF files dequantized into Hugging Face folders (fp32; the
+#                            genai builder does not read quantized GGUF, transformers runs them)
+#   .peers/models/genai-*    onnxruntime-genai's int4 CPU model, made by its own builder
+# A step whose output exists is skipped. Logs: .peers/*.log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh export,serve,dev,bench
+peers="${EDGELLM_PEERS:-$PWD/.peers}"
+cache="${EDGELLM_CACHE:-$HOME/.cache/edgellm}"
+mkdir -p "$peers/models"
+.venv/bin/edgellm demo --max-new-tokens 8 > /dev/null   # fetches and verifies the GGUF pair (cached)
+
+if [ ! -x "$peers/llamacpp/bin/python" ] || ! "$peers/llamacpp/bin/python" -c "import llama_cpp" 2>/dev/null; then
+  echo "building llama-cpp-python (log: $peers/llamacpp.log)" >&2
+  python3 -m venv "$peers/llamacpp"
+  CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+    "$peers/llamacpp/bin/pip" install llama-cpp-python numpy > "$peers/llamacpp.log" 2>&1
+fi
+if [ ! -x "$peers/genai/bin/python" ] || ! "$peers/genai/bin/python" -c "import onnxruntime_genai" 2>/dev/null; then
+  echo "installing onnxruntime-genai (log: $peers/genai.log)" >&2
+  python3 -m venv "$peers/genai"
+  { "$peers/genai/bin/pip" install "torch==2.13.0" &&
+    "$peers/genai/bin/pip" install onnxruntime-genai "transformers>=5,<6" onnx onnx_ir gguf safetensors accelerate; } \
+    > "$peers/genai.log" 2>&1
+fi
+for size in 1.5b 0.5b; do
+  out="$peers/models/hf-qwen2.5-coder-$size-instruct"
+  [ -f "$out/config.json" ] || .venv/bin/python - "$cache/models/qwen2.5-coder-$size-instruct-q4_k_m.gguf" "$out" <<'PY'
+import sys, pathlib, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+gguf = pathlib.Path(sys.argv[1])
+AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(sys.argv[2])
+AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).save_pretrained(sys.argv[2])
+PY
+done
+genai="$peers/models/genai-qwen2.5-coder-1.5b-int4"
+[ -f "$genai/genai_config.json" ] || "$peers/genai/bin/python" -m onnxruntime_genai.models.builder \
+  -i "$peers/models/hf-qwen2.5-coder-1.5b-instruct" -o "$genai" -p int4 -e cpu -c "$peers/genai-cache" \
+  > "$peers/genai-build.log" 2>&1
+echo "peers ready in $peers" >&2
