@@ -49,7 +49,9 @@ class DecodeConfig:
         max_new_tokens: stop after this many tokens.
         sampling: temperature / top-k / top-p (greedy when temperature is 0).
         num_draft_tokens: fixed gamma, or ``None`` for the adaptive controller.
-        max_draft_tokens: upper bound of the adaptive gamma.
+        max_draft_tokens: upper bound of the adaptive gamma for draft-model proposals.
+        max_lookup_tokens: upper bound for lookup proposals (free to make, so longer: a copied
+            span is often accepted whole).
         eos_token_ids: tokens that end generation (not emitted).
         vocab_size: tokenizer size; logits columns past it (vocabulary padding) are ignored.
         seed: random seed for sampling.
@@ -60,6 +62,7 @@ class DecodeConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     num_draft_tokens: int | None = None
     max_draft_tokens: int = 8
+    max_lookup_tokens: int = 16
     eos_token_ids: tuple[int, ...] = ()
     vocab_size: int | None = None
     seed: int | None = None
@@ -108,17 +111,24 @@ class DecodeStats:
 class DraftLengthController:
     """Chooses gamma, and the source of proposals, from measured acceptance and measured costs.
 
-    Expected tokens of a round with gamma proposals and per-token acceptance ``a``:
-    ``E(g) = (1 - a**(g+1)) / (1 - a)``; its cost ``g * t_draft + t_verify(g + 1)`` (lookup
-    proposals cost nothing). The controller picks the g (0 = plain target step) with the most
-    tokens per second, and probes g = 1 now and then after backing off so that a changed
-    acceptance is noticed. Acceptance is tracked per source (``draft``, ``lookup``).
+    Expected tokens of a round with gamma proposals: ``E(g) = 1 + sum_{i<=g} S(i)``, where
+    ``S(i)`` is the measured chance that the first i proposals are all accepted (a product of
+    per-position rejection rates, estimated from recent rounds and shrunk towards the pooled
+    rate). Acceptance comes in runs — a draft that got the first tokens right tends to get the
+    next ones right — which a single per-token rate ``a`` (``E = (1 - a**(g+1)) / (1 - a)``)
+    underestimates. The cost is ``g * t_draft + t_verify(g + 1)`` (lookup proposals cost
+    nothing). The controller picks the g (0 = plain target step) with the most tokens per second,
+    and probes g = 1 now and then after backing off so that a changed acceptance is noticed.
+    Everything is tracked per source (``draft``, ``lookup``).
     """
 
-    def __init__(self, max_gamma: int, prior_acceptance: float = 0.7) -> None:
+    def __init__(self, max_gamma: int, prior_acceptance: float = 0.7, max_lookup: int | None = None) -> None:
         self.max_gamma = max_gamma
+        self.max_lookup = max_gamma if max_lookup is None else max_lookup
         # pseudo-counts; lookup starts optimistic so that it gets tried (it is free) and learns fast
         self.counts = {"draft": [4.0 * prior_acceptance, 4.0], "lookup": [2.0 * 0.8, 2.0]}
+        # per source, per proposal position i (1-based): [rejected at i, reached i], decayed
+        self.positions: dict[str, dict[int, list[float]]] = {"draft": {}, "lookup": {}}
         self.t_draft: float | None = None
         self.t_verify: dict[int, float] = {}
         self.rounds_since_probe = 0
@@ -135,6 +145,14 @@ class DraftLengthController:
             c = self.counts[source]
             c[0] = decay * c[0] + accepted
             c[1] = decay * c[1] + accepted + (accepted < gamma)
+            pos = self.positions[source]
+            for counts in pos.values():
+                counts[0] *= decay
+                counts[1] *= decay
+            for i in range(1, min(gamma, accepted + 1) + 1):
+                counts = pos.setdefault(i, [0.0, 0.0])
+                counts[0] += i == accepted + 1
+                counts[1] += 1
         if draft_step_s is not None:
             self.t_draft = draft_step_s if self.t_draft is None else 0.8 * self.t_draft + 0.2 * draft_step_s
         k = gamma + 1
@@ -152,17 +170,27 @@ class DraftLengthController:
         if lo is not None and hi is not None:
             w = (k - lo) / (hi - lo)
             return (1 - w) * self.t_verify[lo] + w * self.t_verify[hi]
-        base = self.t_verify[known[0]]
-        return self.t_verify[lo if lo is not None else hi] + 0.1 * base * abs(k - (lo or hi))
+        ref = lo if lo is not None else hi  # extrapolate: ~10% of a step per token, either way
+        return max(self.t_verify[ref] * (1 + 0.1 * (k - ref)), 0.2 * self.t_verify[ref])
+
+    def expected_tokens(self, g: int, source: str = "draft") -> float:
+        """``E(g)``: tokens a round with ``g`` proposals commits, on average (see the class doc)."""
+        pooled = 1.0 - self.alpha(source)
+        pos = self.positions[source]
+        total = survive = 1.0
+        for i in range(1, g + 1):
+            rejected, reached = pos.get(i, (0.0, 0.0))
+            survive *= 1.0 - (rejected + 2.0 * pooled) / (reached + 2.0)  # shrunk to the pooled rate
+            total += survive
+        return total
 
     def rate(self, g: int, source: str = "draft") -> float:
         """Expected tokens per second of a round with ``g`` proposals from ``source``."""
-        a = self.alpha(source)
         td = (self.t_draft or 0.0) if source == "draft" else 0.0
-        return ((1 - a ** (g + 1)) / (1 - a)) / (g * td + self._verify_cost(g + 1))
+        return self.expected_tokens(g, source) / (g * td + self._verify_cost(g + 1))
 
     def choose(self, limit: int, source: str = "draft") -> int:
-        limit = min(limit, self.max_gamma)
+        limit = min(limit, self.max_gamma if source == "draft" else self.max_lookup)
         if limit <= 0:
             return 0
         if source == "draft" and self.t_draft is None:
@@ -233,7 +261,7 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
     if cfg.mode == "target":
         yield from _target_loop(target, seq, cfg, stats, rng, len(prompt))
         return
-    ctl = DraftLengthController(cfg.max_draft_tokens)
+    ctl = DraftLengthController(cfg.max_draft_tokens, max_lookup=cfg.max_lookup_tokens)
     while True:
         left = cfg.max_new_tokens - (len(seq) - len(prompt))
         limit = max(0, min(left - 1, target.max_context - len(seq) - 1))
@@ -267,7 +295,7 @@ def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, l
     lookup is used; in ``speculative`` mode lookup wins when its expected rate is higher.
     """
     fixed = cfg.num_draft_tokens
-    look = propose_lookup(seq, min(limit, fixed if fixed is not None else ctl.max_gamma))
+    look = propose_lookup(seq, min(limit, fixed if fixed is not None else ctl.max_lookup))
     if cfg.mode == "lookup":
         return (look if fixed is not None else look[: ctl.choose(len(look), "lookup")]), "lookup"
     gamma = min(fixed, limit) if fixed is not None else ctl.choose(limit)

@@ -169,6 +169,29 @@ def test_adaptive_controller_backs_off_when_drafts_fail_and_grows_when_they_pass
     assert ctl.rate(6, "lookup") > ctl.rate(ctl.choose(10), "draft")
 
 
+def test_controller_sees_acceptance_that_comes_in_runs():
+    """Half the rounds accept all 8 proposals, half reject the first: E(1) = 1.5 and E(8) = 5.
+    One pooled per-token rate (8/9 here) would say 1.89 and 5.65: runs are not independent."""
+    ctl = DraftLengthController(max_gamma=8)
+    for _ in range(40):
+        ctl.observe(gamma=8, accepted=8, draft_step_s=0.01, verify_s=0.09)
+        ctl.observe(gamma=8, accepted=0, draft_step_s=0.01, verify_s=0.09)
+    ctl.observe(gamma=0, accepted=0, draft_step_s=None, verify_s=0.05)  # a plain step costs 50 ms
+    assert abs(ctl.expected_tokens(8) - 5.0) < 0.3
+    assert abs(ctl.expected_tokens(1) - 1.5) < 0.1
+    assert ctl.choose(8) >= 6
+
+
+def test_lookup_may_propose_longer_spans_than_the_draft():
+    """Lookup proposals are free: a copied span accepted whole earns a longer gamma than the draft's cap."""
+    ctl = DraftLengthController(max_gamma=4, max_lookup=12)
+    for _ in range(20):
+        ctl.observe(gamma=12, accepted=12, draft_step_s=None, verify_s=0.05 + 0.004 * 13, source="lookup")
+        ctl.observe(gamma=0, accepted=0, draft_step_s=None, verify_s=0.05)
+    assert 4 < ctl.choose(40, "lookup") <= 12
+    assert ctl.choose(40, "draft") <= 4
+
+
 def test_adaptive_mode_is_exact():
     target = FakeLM(seed=1)
     tokens, _, stats = run(target, Disagreeing(target, wrong_at={4, 5, 6, 20}), max_new_tokens=60)
