@@ -71,8 +71,10 @@ class LLM:
         threads = threads or os.cpu_count() or 1
         t0 = time.perf_counter()
         target_p = resolve_provider(provider, fallback=fallback)
+        # min_rows=2: the target computes a position alike whether it decodes alone or verifies
+        # a draft (see DecoderSession), so speculative output equals target-mode output exactly
         self.target = _Bound(DecoderSession(bundle / manifest.target.graph, _layout(manifest.target), target_p,
-                                            threads), manifest.target)
+                                            threads, min_rows=2), manifest.target)
         self.draft = None
         if manifest.draft is not None:
             draft_p = resolve_provider(draft_provider or provider, fallback=fallback)

@@ -63,6 +63,30 @@ def test_rollback_keeps_cache_equal_to_committed_prefix(llm):
         sess.rollback(sess.length + 1)
 
 
+@pytest.mark.parametrize("min_rows, exact", [(2, True), (1, None)])
+def test_target_rows_do_not_depend_on_batching(tiny_bundle, min_rows, exact):
+    """With min_rows=2 (the target's setting) a position's logits are bit-identical whether it
+    is decoded alone or verified with others; min_rows=1 may differ in the last bits."""
+    from edgellm.api import _layout
+    from edgellm.manifest import read_manifest
+    from edgellm.runtimes.providers import resolve_provider
+    from edgellm.runtimes.session import DecoderSession
+
+    m = read_manifest(tiny_bundle)
+    sess = DecoderSession(tiny_bundle / m.target.graph, _layout(m.target), resolve_provider("cpu"), 2, min_rows)
+    ids = np.arange(3, 60, dtype=np.int64)
+    sess.forward(ids[:40], 1)
+    batch = sess.forward(ids[40:47], 7).copy()
+    assert sess.length == 47
+    sess.rollback(40)
+    singles = np.stack([sess.forward(ids[i:i + 1], 1)[0].copy() for i in range(40, 47)])
+    assert sess.length == 47
+    if exact:
+        np.testing.assert_array_equal(singles, batch)
+    else:
+        np.testing.assert_allclose(singles, batch, atol=1e-4)
+
+
 def test_sampled_generation_is_seeded(llm):
     a = llm.generate(PROMPT, temperature=0.9, top_p=0.95, seed=5, max_new_tokens=20)
     b = llm.generate(PROMPT, temperature=0.9, top_p=0.95, seed=5, max_new_tokens=20)

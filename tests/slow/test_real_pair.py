@@ -38,3 +38,21 @@ def test_gguf_special_tokens_survive_conversion(llm):
     for text in ("<|im_end|>", "<|fim_prefix|>", "<tool_call>"):
         assert len(tok.encode(text)) == 1, text
     assert 151645 in tok.eos_token_ids
+
+
+def test_target_keeps_the_gguf_model_output(llm):
+    """The target kept its GGUF blocks: greedy output follows the dequantized GGUF model run by
+    transformers in fp32 (the re-quantized int4 target left it after 14 tokens on this prompt)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from edgellm.fetch import DEFAULT_TARGET
+
+    assert llm.manifest.target.quantization["quant"] == "gguf"
+    gguf = default_cache_dir() / "models" / DEFAULT_TARGET.filename
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                              dtype=torch.float32).eval()
+    ids = llm.prompt_ids(CODE_PROMPTS[0])
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):].tolist()
+    got = llm.generate(CODE_PROMPTS[0], mode="target", max_new_tokens=48).token_ids
+    assert got == ref[: len(got)]
