@@ -121,9 +121,11 @@ def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str
 def near_tie(llm, prompt, ref: list[int], other: list[int]) -> dict[str, Any]:
     """Where ``other`` first leaves the target-mode output ``ref``, and the target's logit margin there.
 
-    int4 kernels on a k-token verify pass and on a 1-token step round differently; where the
-    target's top two tokens are within ~0.1 logit, either choice is the target's greedy choice
-    up to float rounding ("near tie"). A large margin would mean a real bug.
+    The target computes every position alike whether it decodes alone or verifies a draft
+    (see :class:`edgellm.runtimes.session.DecoderSession`, ``min_rows``), so outputs should not
+    differ at all. Should they (another provider, other kernels), this says where and by how
+    much: within ~0.1 logit either token is the target's choice up to float rounding ("near
+    tie"); a large margin would mean a real bug.
     """
     import numpy as np
 
