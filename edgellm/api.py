@@ -62,7 +62,7 @@ class LLM:
     """A loaded bundle: target (and draft) sessions, tokenizer, defaults."""
 
     def __init__(self, bundle: Path, manifest: Manifest, *, provider: str = "cpu", draft_provider: str | None = None,
-                 threads: int | None = None, fallback: bool = False) -> None:
+                 threads: int | None = None, fallback: bool = False, graph_format: str = "onnx") -> None:
         from edgellm.runtimes.providers import resolve_provider
         from edgellm.runtimes.session import DecoderSession
 
@@ -73,12 +73,12 @@ class LLM:
         target_p = resolve_provider(provider, fallback=fallback)
         # min_rows=2: the target computes a position alike whether it decodes alone or verifies
         # a draft (see DecoderSession), so speculative output equals target-mode output exactly
-        self.target = _Bound(DecoderSession(bundle / manifest.target.graph, _layout(manifest.target), target_p,
+        self.target = _Bound(DecoderSession(bundle / _graph(manifest.target, graph_format), _layout(manifest.target), target_p,
                                             threads, min_rows=2), manifest.target)
         self.draft = None
         if manifest.draft is not None:
             draft_p = resolve_provider(draft_provider or provider, fallback=fallback)
-            self.draft = _Bound(DecoderSession(bundle / manifest.draft.graph, _layout(manifest.draft), draft_p,
+            self.draft = _Bound(DecoderSession(bundle / _graph(manifest.draft, graph_format), _layout(manifest.draft), draft_p,
                                                threads), manifest.draft)
         self.load_seconds = time.perf_counter() - t0
         self.providers = {"target": target_p.name, "draft": draft_p.name if self.draft else None}
@@ -216,6 +216,20 @@ class _Bound:
         self.session.rollback(length)
 
 
+GRAPH_FORMATS = ("onnx", "ort")
+
+
+def _graph(entry: ModelEntry, graph_format: str) -> str:
+    if graph_format not in GRAPH_FORMATS:
+        raise ConfigError(f"graph_format={graph_format!r}; allowed: {', '.join(GRAPH_FORMATS)}")
+    if graph_format == "ort":
+        if entry.ort_graph is None:
+            raise ConfigError(f"graph_format='ort', but this bundle's {entry.role} has no .ort graph; "
+                              "re-export with --ort-mobile, or use graph_format='onnx'")
+        return entry.ort_graph
+    return entry.graph
+
+
 def _layout(entry: ModelEntry):
     from edgellm.runtimes.session import KVLayout
 
@@ -256,7 +270,7 @@ def stats_dict(stats: DecodeStats, cfg: DecodeConfig, prompt_tokens: int, t0: fl
 
 
 def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: str | None = None,
-         threads: int | None = None, fallback: bool = False, verify: bool = True) -> LLM:
+         threads: int | None = None, fallback: bool = False, verify: bool = True, graph_format: str = "onnx") -> LLM:
     """Load a bundle written by ``edgellm export``.
 
     Args:
@@ -267,6 +281,8 @@ def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: st
         threads: intra-op threads per session (default: all cores; the sessions alternate).
         fallback: use the CPU with a warning when a provider is missing, instead of raising.
         verify: check the sha256 of every file against the manifest before loading.
+        graph_format: ``onnx``, or ``ort`` for the ORT Mobile graphs of a bundle exported with
+            ``--ort-mobile`` (what an app with a minimal onnxruntime loads).
 
     Raises:
         BundleError: missing or damaged bundle (the message names each bad file).
@@ -276,4 +292,5 @@ def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: st
     path = Path(bundle).expanduser()
     manifest = read_manifest(path)
     check_bundle(path, manifest, hashes=verify)
-    return LLM(path, manifest, provider=provider, draft_provider=draft_provider, threads=threads, fallback=fallback)
+    return LLM(path, manifest, provider=provider, draft_provider=draft_provider, threads=threads, fallback=fallback,
+               graph_format=graph_format)

@@ -61,6 +61,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Warn when the target's quantization costs more than this mean KL (nats).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output bundle.")
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the model.")
+@click.option("--ort-mobile", is_flag=True,
+              help="Also write .ort graphs and required_operators.config (apps with a minimal onnxruntime).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def export(target: str, draft: str | None, output: Path, as_json: bool, **opts: Any) -> None:
     """Export TARGET (and --draft) into a quantized ONNX bundle."""
@@ -124,6 +126,8 @@ def _gen_options(f):
         click.option("--draft-provider", default=None),
         click.option("--threads", default=None, type=int),
         click.option("--fallback", is_flag=True, help="Use the CPU when a provider is missing."),
+        click.option("--graph-format", default="onnx", show_default=True, type=click.Choice(["onnx", "ort"]),
+                     help="ort: the ORT Mobile graphs of a bundle exported with --ort-mobile."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -134,7 +138,7 @@ def _load(bundle: Path, o: dict[str, Any]):
     import edgellm
 
     return edgellm.load(bundle, provider=o.pop("provider"), draft_provider=o.pop("draft_provider"),
-                        threads=o.pop("threads"), fallback=o.pop("fallback"))
+                        threads=o.pop("threads"), fallback=o.pop("fallback"), graph_format=o.pop("graph_format"))
 
 
 @cli.command()

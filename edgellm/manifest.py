@@ -69,10 +69,13 @@ class ModelEntry:
     quantization: dict[str, Any]
     hidden_size: int = 0
     source: dict[str, Any] = field(default_factory=dict)
+    ort_graph: str | None = None  # ORT Mobile copy of ``graph`` (export --ort-mobile)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d.pop("role")
+        if d["ort_graph"] is None:
+            d.pop("ort_graph")
         return d
 
 
@@ -135,6 +138,8 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
             f"models.{role}.kv_layout.kind={d['kv_layout'].get('kind')!r}; this runtime reads 'shared_buffer'"
         )
     safe_relpath(d["graph"], f"models.{role}.graph")
+    if d.get("ort_graph") is not None:
+        safe_relpath(d["ort_graph"], f"models.{role}.ort_graph")
     known = set(ModelEntry.__dataclass_fields__) - {"role"}
     return ModelEntry(role=role, **{k: v for k, v in d.items() if k in known})
 
@@ -176,7 +181,9 @@ def parse_manifest(doc: Any) -> Manifest:
         safe_relpath(rel, "files")
         if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("size"), int):
             raise ManifestError(f"files[{rel!r}]: expected {{'sha256': str, 'size': int}}, got {meta!r}")
-    for what, rel in [("tokenizer.file", tok["file"])] + [(f"models.{r}.graph", m.graph) for r, m in entries.items()]:
+    graphs = [(f"models.{r}.graph", m.graph) for r, m in entries.items()]
+    graphs += [(f"models.{r}.ort_graph", m.ort_graph) for r, m in entries.items() if m.ort_graph]
+    for what, rel in [("tokenizer.file", tok["file"])] + graphs:
         if rel not in files:
             raise ManifestError(f"{what} {rel!r} is not listed in 'files'")
     if "draft" in entries and entries["draft"].vocab_size < int(tok.get("vocab_size", 0)):

@@ -43,6 +43,7 @@ def export(
     max_target_kl: float = DEFAULT_MAX_TARGET_KL,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    ort_mobile: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export ``target`` (and ``draft``) into a bundle folder at ``output``.
@@ -66,6 +67,8 @@ def export(
         max_target_kl: warn loudly when the target's quantization costs more than this mean KL.
         overwrite: replace an existing ``output``.
         trust_remote_code: let transformers run code shipped with a model (off by default).
+        ort_mobile: also write ``.ort`` graphs and ``required_operators.config`` for apps that
+            ship a minimal onnxruntime (see :mod:`edgellm.export.ort_mobile`).
         progress: called with one-line progress messages.
 
     Returns:
@@ -100,7 +103,8 @@ def export(
     say = _progress_printer(progress, t0)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, say)
+        _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
+                     say)
         _replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,7 +149,8 @@ def _replace(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, say) -> None:
+def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
+                 say) -> None:
     from edgellm import __version__
     from edgellm.export.source import open_source
     from edgellm.export.tokenizer import check_compatible, tokenizer_files, write_tokenizer
@@ -170,6 +175,13 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
             report["models"][role] = _quality(tmp, role, src, qcfg[role], models[role], ctx, quality,
                                               tok_entry, say)
     _judge(report, max_target_kl, say)
+    ort_entry = None
+    if ort_mobile:
+        from edgellm.export.ort_mobile import write_ort_models
+
+        ort_entry = write_ort_models(tmp, list(models), say=say)
+        for role, entry in models.items():
+            entry["ort_graph"] = f"{role}/model.ort"
     (tmp / "quality.json").write_text(json.dumps(report, indent=2))
 
     files = {}
@@ -188,6 +200,8 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
         "quality_report": "quality.json",
         "files": files,
     }
+    if ort_entry:
+        manifest["ort_mobile"] = ort_entry
     parse_manifest(manifest)  # the exporter never writes what the runtime would refuse
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
 

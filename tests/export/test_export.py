@@ -125,3 +125,29 @@ def test_offline_hub_id_fails_cleanly(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="hub"):
         export("nobody-here/not-a-model-xyz", output=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_ort_mobile_graphs_run_and_match(model_dir, tmp_path):
+    """--ort-mobile: .ort graphs plus the operator list an app's minimal onnxruntime needs."""
+    import edgellm
+
+    out = export(model_dir, draft=model_dir, output=tmp_path / "b", quant="int4", max_context=128,
+                 quality="none", ort_mobile=True)
+    m = read_manifest(out)
+    assert m.target.ort_graph == "target/model.ort" and m.draft.ort_graph == "draft/model.ort"
+    config = (out / "required_operators.config").read_text()
+    assert "com.microsoft;1;" in config and "MatMulNBits" in config and str(tmp_path) not in config
+    prompt = "def foo(x): return"
+    ref = edgellm.load(out, threads=1).generate(prompt, mode="target", max_new_tokens=10).token_ids
+    ort_llm = edgellm.load(out, threads=1, graph_format="ort")
+    assert ort_llm.generate(prompt, mode="target", max_new_tokens=10).token_ids == ref
+    assert ort_llm.generate(prompt, mode="speculative", max_new_tokens=10).token_ids == ref
+
+
+def test_graph_format_errors(tiny_bundle):
+    import edgellm
+
+    with pytest.raises(ConfigError, match="no .ort graph"):
+        edgellm.load(tiny_bundle, graph_format="ort")
+    with pytest.raises(ConfigError, match="graph_format='tflite'"):
+        edgellm.load(tiny_bundle, graph_format="tflite")
