@@ -194,10 +194,12 @@ def plot(summary: dict[str, Any], out_dir: Path, stamp: str) -> list[str]:
     series = sorted({(r["engine"], r["mode"]) for r in table}, key=lambda s: (s[0] != "edgellm", s))
     fig, ax = plt.subplots(figsize=(10, 4.8))
     width = 0.8 / len(series)
+    colors = plt.cm.tab20.colors
     for j, (eng, mode) in enumerate(series):
         vals = [next((r["decode_tps"] for r in table if (r["engine"], r["mode"], r["category"]) == (eng, mode, c)), 0)
                 for c in cats]
-        bars = ax.bar([i + j * width for i in range(len(cats))], vals, width, label=f"{eng} {mode}")
+        bars = ax.bar([i + j * width for i in range(len(cats))], vals, width, label=f"{eng} {mode}",
+                      color=colors[j % len(colors)])
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], cats)
     ax.set_ylabel("decode tokens/s (median)")
@@ -244,8 +246,13 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--replot", type=Path, help="Only redraw the pictures from a results JSON.")
     a = p.parse_args()
     a.engines = a.engines.split(",")
+    if a.replot:
+        doc = json.loads(a.replot.read_text())
+        print(json.dumps(plot(doc, a.out_dir, doc["date"])))
+        return
 
     from edgellm.manifest import read_manifest
     from edgellm.tokenizer import TextTokenizer
