@@ -7,6 +7,8 @@
 #   .peers/models/hf-*       the GGUF files dequantized into Hugging Face folders (fp32; the
 #                            genai builder does not read quantized GGUF, transformers runs them)
 #   .peers/models/genai-*    onnxruntime-genai's int4 CPU model, made by its own builder
+#   ~/.cache/edgellm/bundles/qwen2.5-coder-1.5b+0.5b-int4   the pair with the target re-quantized
+#                            to int4 (compare.py --extra-bundle int4=...)
 # A step whose output exists is skipped. Logs: .peers/*.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +41,9 @@ AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(
 AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).save_pretrained(sys.argv[2])
 PY
 done
+int4="$cache/bundles/qwen2.5-coder-1.5b+0.5b-int4"   # edgellm with the target re-quantized, for comparison
+[ -f "$int4/manifest.json" ] || .venv/bin/edgellm export "$cache/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" \
+  --draft "$cache/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf" -o "$int4" --quant int4 > "$peers/int4-export.log" 2>&1
 genai="$peers/models/genai-qwen2.5-coder-1.5b-int4"
 [ -f "$genai/genai_config.json" ] || "$peers/genai/bin/python" -m onnxruntime_genai.models.builder \
   -i "$peers/models/hf-qwen2.5-coder-1.5b-instruct" -o "$genai" -p int4 -e cpu -c "$peers/genai-cache" \
