@@ -260,7 +260,9 @@ def providers(as_json: bool) -> None:
         _json_out(rows)
         return
     for r in rows:
-        click.echo(f"{r['name']:9} {'available' if r['available'] else 'missing  '}  {r['ort_name']:28} {r['platforms']}")
+        plugin = f"  [plugin: {r['plugin']}]" if r["plugin"] else ""
+        click.echo(f"{r['name']:9} {'available' if r['available'] else 'missing  '}  {r['ort_name']:28} "
+                   f"{r['platforms']}{plugin}")
 
 
 # ---------------------------------------------------------------------------------- demo

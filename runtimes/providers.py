@@ -2,6 +2,11 @@
 
 A registry, not an if/elif chain. Every choice ends with the CPU provider so that operators a
 provider does not take still run (onnxruntime places them on the CPU).
+
+Some providers also come as *plugin* packages for the stock onnxruntime (onnxruntime 1.23+
+plugin EP API), e.g. ``onnxruntime-ep-openvino``: the package's library is registered with
+onnxruntime, which then lists the devices it can drive; a plugin that is installed but finds
+no device is reported as such.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class ProviderInfo:
     ort_name: str
     options: dict[str, Any] = field(default_factory=dict)
     platforms: str = ""
+    plugin: str | None = None  # Python package of a plugin EP: get_library_path(), get_ep_name()
 
 
 PROVIDERS: dict[str, ProviderInfo] = {
@@ -35,7 +41,8 @@ PROVIDERS: dict[str, ProviderInfo] = {
                      "Qualcomm Snapdragon (HTP NPU); x86-64 Linux emulation"),
         ProviderInfo("dml", "DmlExecutionProvider", platforms="Windows (DirectML)"),
         ProviderInfo("webgpu", "WebGpuExecutionProvider", platforms="browsers, Windows, Linux, macOS"),
-        ProviderInfo("openvino", "OpenVINOExecutionProvider", {"device_type": "CPU"}, "Intel CPU/GPU/NPU"),
+        ProviderInfo("openvino", "OpenVINOExecutionProvider", {"device_type": "CPU"}, "Intel CPU/GPU/NPU",
+                     plugin="onnxruntime_ep_openvino"),
         ProviderInfo("cuda", "CUDAExecutionProvider", platforms="NVIDIA GPUs"),
     )
 }
@@ -43,19 +50,43 @@ PROVIDERS: dict[str, ProviderInfo] = {
 
 @dataclass(frozen=True)
 class ProviderChoice:
-    """Arguments for ``InferenceSession``: providers in priority order and their options."""
+    """Arguments for ``InferenceSession``: providers in priority order and their options, or,
+    for a plugin EP, the onnxruntime devices to add to the session options."""
 
     name: str
     providers: list[str]
     options: list[dict[str, Any]]
+    devices: tuple = ()
+    device_options: dict[str, Any] = field(default_factory=dict)
+
+
+def plugin_devices(info: ProviderInfo) -> list | None:
+    """Devices a plugin EP offers (registering its library once); ``None`` when not installed."""
+    import importlib
+
+    import onnxruntime as ort
+
+    if info.plugin is None or not hasattr(ort, "register_execution_provider_library"):
+        return None
+    try:
+        mod = importlib.import_module(info.plugin)
+    except ImportError:
+        return None
+    ep_name = mod.get_ep_name()
+    if not any(d.ep_name == ep_name for d in ort.get_ep_devices()):
+        try:
+            ort.register_execution_provider_library(ep_name, mod.get_library_path())
+        except Exception as e:  # noqa: BLE001 - already registered, or a broken install
+            logger.debug("registering %s: %s", ep_name, e)
+    return [d for d in ort.get_ep_devices() if d.ep_name == ep_name]
 
 
 def available_providers() -> list[str]:
-    """Short names of the providers this onnxruntime build has."""
+    """Short names of the providers this onnxruntime has (built in, or a plugin with a device)."""
     import onnxruntime as ort
 
     have = set(ort.get_available_providers())
-    return [p.name for p in PROVIDERS.values() if p.ort_name in have]
+    return [p.name for p in PROVIDERS.values() if p.ort_name in have or plugin_devices(p)]
 
 
 def resolve_provider(name: str, *, fallback: bool = False) -> ProviderChoice:
@@ -75,8 +106,10 @@ def resolve_provider(name: str, *, fallback: bool = False) -> ProviderChoice:
         )
     avail = available_providers()
     if key not in avail:
-        msg = (f"provider {key!r} ({PROVIDERS[key].ort_name}) is not in this onnxruntime build; "
-               f"available: {', '.join(avail)}")
+        devices = plugin_devices(PROVIDERS[key])
+        why = ("its plugin package is installed but offers no device on this machine"
+               if devices is not None else "it is not in this onnxruntime build")
+        msg = f"provider {key!r} ({PROVIDERS[key].ort_name}): {why}; available: {', '.join(avail)}"
         if not fallback:
             raise ProviderUnavailableError(msg + " (pass fallback=True / --fallback to use the CPU)")
         warnings.warn(msg + "; falling back to cpu", RuntimeWarning, stacklevel=2)
@@ -84,13 +117,22 @@ def resolve_provider(name: str, *, fallback: bool = False) -> ProviderChoice:
     info = PROVIDERS[key]
     if key == "cpu":
         return ProviderChoice("cpu", ["CPUExecutionProvider"], [{}])
+    import onnxruntime as ort
+
+    if info.ort_name not in ort.get_available_providers():  # a plugin EP with a device
+        return ProviderChoice(key, [], [], devices=tuple(plugin_devices(info) or ()),
+                              device_options=dict(info.options))
     return ProviderChoice(key, [info.ort_name, "CPUExecutionProvider"], [dict(info.options), {}])
 
 
 def provider_table() -> list[dict[str, Any]]:
-    """One row per known provider: name, onnxruntime name, installed or not, platforms."""
+    """One row per known provider: name, onnxruntime name, installed or not, platforms, plugin state."""
     avail = set(available_providers())
-    return [
-        {"name": p.name, "ort_name": p.ort_name, "available": p.name in avail, "platforms": p.platforms}
-        for p in PROVIDERS.values()
-    ]
+    rows = []
+    for p in PROVIDERS.values():
+        devices = plugin_devices(p)
+        plugin = None if p.plugin is None else ("not installed" if devices is None else
+                                                f"installed, {len(devices)} device(s)")
+        rows.append({"name": p.name, "ort_name": p.ort_name, "available": p.name in avail,
+                     "platforms": p.platforms, "plugin": plugin})
+    return rows

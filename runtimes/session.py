@@ -63,8 +63,12 @@ class DecoderSession:
         # would steal cycles from the busy one.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         t0 = time.perf_counter()
-        self.session = ort.InferenceSession(str(model_path), so, providers=provider.providers,
-                                            provider_options=provider.options)
+        if provider.devices:  # a plugin EP: its devices go into the session options
+            so.add_provider_for_devices(list(provider.devices), provider.device_options)
+            self.session = ort.InferenceSession(str(model_path), so)
+        else:
+            self.session = ort.InferenceSession(str(model_path), so, providers=provider.providers,
+                                                provider_options=provider.options)
         self.load_seconds = time.perf_counter() - t0
         self.providers = self.session.get_providers()
         self._ort = ort
