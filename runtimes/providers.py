@@ -28,6 +28,7 @@ class ProviderInfo:
     options: dict[str, Any] = field(default_factory=dict)
     platforms: str = ""
     plugin: str | None = None  # Python package of a plugin EP: get_library_path(), get_ep_name()
+    plugin_paths: dict[str, str] = field(default_factory=dict)  # option -> plugin function giving a path
 
 
 PROVIDERS: dict[str, ProviderInfo] = {
@@ -38,7 +39,8 @@ PROVIDERS: dict[str, ProviderInfo] = {
         ProviderInfo("coreml", "CoreMLExecutionProvider", {"ModelFormat": "MLProgram"}, "macOS, iOS"),
         ProviderInfo("nnapi", "NnapiExecutionProvider", platforms="Android"),
         ProviderInfo("qnn", "QNNExecutionProvider", {"backend_path": "libQnnHtp.so"},
-                     "Qualcomm Snapdragon (HTP NPU); x86-64 Linux emulation"),
+                     "Qualcomm Snapdragon (HTP NPU); x86-64 Linux emulation",
+                     plugin="onnxruntime_qnn", plugin_paths={"backend_path": "get_qnn_htp_path"}),
         ProviderInfo("dml", "DmlExecutionProvider", platforms="Windows (DirectML)"),
         ProviderInfo("webgpu", "WebGpuExecutionProvider", platforms="browsers, Windows, Linux, macOS"),
         ProviderInfo("openvino", "OpenVINOExecutionProvider", {"device_type": "CPU"}, "Intel CPU/GPU/NPU",
@@ -120,8 +122,12 @@ def resolve_provider(name: str, *, fallback: bool = False) -> ProviderChoice:
     import onnxruntime as ort
 
     if info.ort_name not in ort.get_available_providers():  # a plugin EP with a device
-        return ProviderChoice(key, [], [], devices=tuple(plugin_devices(info) or ()),
-                              device_options=dict(info.options))
+        import importlib
+
+        mod = importlib.import_module(info.plugin)
+        options = {**info.options, **{opt: getattr(mod, fn)() for opt, fn in info.plugin_paths.items()
+                                      if hasattr(mod, fn)}}
+        return ProviderChoice(key, [], [], devices=tuple(plugin_devices(info) or ()), device_options=options)
     return ProviderChoice(key, [info.ort_name, "CPUExecutionProvider"], [dict(info.options), {}])
 
 
