@@ -56,3 +56,16 @@ def test_unknown_and_missing_providers_name_what_is_available():
         resolve_provider("tpu")
     with pytest.raises(ProviderUnavailableError, match="not in this onnxruntime build; available: cpu"):
         resolve_provider("coreml")
+
+
+def test_qnn_plugin_gets_the_htp_backend_from_its_package(monkeypatch):
+    mod = types.ModuleType("onnxruntime_qnn")
+    mod.get_ep_name = lambda: "QNNExecutionProvider"
+    mod.get_library_path = lambda: "/opt/fake/libonnxruntime_providers_qnn.so"
+    mod.get_qnn_htp_path = lambda: "/opt/fake/libQnnHtp.so"
+    monkeypatch.setitem(sys.modules, "onnxruntime_qnn", mod)
+    dev = types.SimpleNamespace(ep_name="QNNExecutionProvider")
+    monkeypatch.setattr(ort, "get_ep_devices", lambda: [dev], raising=False)
+    monkeypatch.setattr(ort, "register_execution_provider_library", lambda name, path: None, raising=False)
+    choice = resolve_provider("qnn")
+    assert choice.devices == (dev,) and choice.device_options == {"backend_path": "/opt/fake/libQnnHtp.so"}
