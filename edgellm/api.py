@@ -64,7 +64,6 @@ class LLM:
     def __init__(self, bundle: Path, manifest: Manifest, *, provider: str = "cpu", draft_provider: str | None = None,
                  threads: int | None = None, fallback: bool = False, graph_format: str = "onnx") -> None:
         from edgellm.runtimes.providers import resolve_provider
-        from edgellm.runtimes.session import DecoderSession
 
         self.bundle, self.manifest = bundle, manifest
         self.tokenizer = TextTokenizer(bundle, manifest)
@@ -73,13 +72,12 @@ class LLM:
         target_p = resolve_provider(provider, fallback=fallback)
         # min_rows=2: the target computes a position alike whether it decodes alone or verifies
         # a draft (see DecoderSession), so speculative output equals target-mode output exactly
-        self.target = _Bound(DecoderSession(bundle / _graph(manifest.target, graph_format), _layout(manifest.target), target_p,
-                                            threads, min_rows=2), manifest.target)
+        self.target = _Bound(_session(bundle, manifest.target, graph_format, target_p, threads, min_rows=2),
+                             manifest.target)
         self.draft = None
         if manifest.draft is not None:
             draft_p = resolve_provider(draft_provider or provider, fallback=fallback)
-            self.draft = _Bound(DecoderSession(bundle / _graph(manifest.draft, graph_format), _layout(manifest.draft), draft_p,
-                                               threads), manifest.draft)
+            self.draft = _Bound(_session(bundle, manifest.draft, graph_format, draft_p, threads), manifest.draft)
         self.load_seconds = time.perf_counter() - t0
         self.providers = {"target": target_p.name, "draft": draft_p.name if self.draft else None}
 
@@ -217,6 +215,19 @@ class _Bound:
 
 
 GRAPH_FORMATS = ("onnx", "ort")
+
+
+def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threads: int | None, min_rows: int = 1):
+    """The session for one model: dynamic graphs (cpu export) or static window graphs (npu export)."""
+    from edgellm.runtimes.session import DecoderSession
+    from edgellm.runtimes.static_session import StaticDecoderSession
+
+    path = bundle / _graph(entry, graph_format)
+    kv = entry.kv_layout
+    if kv["kind"] == "static_window":
+        return StaticDecoderSession(path, _layout(entry), provider, threads, int(kv["window"]),
+                                    float(kv["rope_theta"]), entry.num_heads)
+    return DecoderSession(path, _layout(entry), provider, threads, min_rows=min_rows)
 
 
 def _graph(entry: ModelEntry, graph_format: str) -> str:

@@ -61,6 +61,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Warn when the target's quantization costs more than this mean KL (nats).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output bundle.")
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the model.")
+@click.option("--target-device", default="cpu", show_default=True, type=click.Choice(["cpu", "npu"]),
+              help="npu: static-shape graphs of standard operators (fp32 for now) for NPU providers.")
+@click.option("--npu-window", default=8, show_default=True, type=int,
+              help="Tokens per call of the npu graphs (a verify pass holds up to this many).")
 @click.option("--ort-mobile", is_flag=True,
               help="Also write .ort graphs and required_operators.config (apps with a minimal onnxruntime).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")

@@ -49,6 +49,11 @@ _MODEL_KEYS = ("graph", "architecture", "num_layers", "num_heads", "num_kv_heads
                "vocab_size", "max_context", "kv_layout", "io", "quantization")
 _IO_KEYS = ("input_ids", "num_logits", "seqlens_k", "total_sequence_length", "past_key",
             "past_value", "present_key", "present_value", "logits")
+_STATIC_IO_KEYS = ("input_ids", "cos", "sin", "attention_mask", "past_key", "past_value", "present_key",
+                   "present_value", "logits")
+# cache layouts: shared_buffer = dynamic graph, onnxruntime writes the cache in place (cpu);
+# static_window = fixed-shape graph, the runtime writes the cache by position (npu)
+_KV_KINDS = {"shared_buffer": _IO_KEYS, "static_window": _STATIC_IO_KEYS}
 
 
 @dataclass(frozen=True)
@@ -130,13 +135,14 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
     for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_context"):
         if not isinstance(d[k], int) or d[k] <= 0:
             raise ManifestError(f"models.{role}.{k}: expected a positive integer, got {d[k]!r}")
+    kind = d["kv_layout"].get("kind") if isinstance(d["kv_layout"], dict) else None
+    if kind not in _KV_KINDS:
+        raise ManifestError(f"models.{role}.kv_layout.kind={kind!r}; this runtime reads {', '.join(_KV_KINDS)}")
     io = d["io"]
-    if not isinstance(io, dict) or any(k not in io for k in _IO_KEYS):
-        raise ManifestError(f"models.{role}.io: needs the names {', '.join(_IO_KEYS)}")
-    if d["kv_layout"].get("kind") != "shared_buffer":
-        raise ManifestError(
-            f"models.{role}.kv_layout.kind={d['kv_layout'].get('kind')!r}; this runtime reads 'shared_buffer'"
-        )
+    if not isinstance(io, dict) or any(k not in io for k in _KV_KINDS[kind]):
+        raise ManifestError(f"models.{role}.io: needs the names {', '.join(_KV_KINDS[kind])}")
+    if kind == "static_window" and not all(isinstance(d["kv_layout"].get(k), (int, float)) for k in ("window", "rope_theta")):
+        raise ManifestError(f"models.{role}.kv_layout: a static_window layout needs 'window' and 'rope_theta'")
     safe_relpath(d["graph"], f"models.{role}.graph")
     if d.get("ort_graph") is not None:
         safe_relpath(d["ort_graph"], f"models.{role}.ort_graph")

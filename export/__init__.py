@@ -26,6 +26,7 @@ DEFAULT_DRAFT_BLOCK_SIZE = 128
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_MAX_TARGET_KL = 0.1
 QUALITY_SAMPLE_TOKENS = 256
+TARGET_DEVICES = ("cpu", "npu")
 
 
 def export(
@@ -44,6 +45,8 @@ def export(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     ort_mobile: bool = False,
+    target_device: str = "cpu",
+    npu_window: int = 8,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export ``target`` (and ``draft``) into a bundle folder at ``output``.
@@ -69,6 +72,10 @@ def export(
         trust_remote_code: let transformers run code shipped with a model (off by default).
         ort_mobile: also write ``.ort`` graphs and ``required_operators.config`` for apps that
             ship a minimal onnxruntime (see :mod:`edgellm.export.ort_mobile`).
+        target_device: ``cpu`` (dynamic shapes, fused onnxruntime operators) or ``npu``
+            (static shapes, standard operators, fp32 for now; see
+            :mod:`edgellm.export.static_builder`).
+        npu_window: tokens per call of the ``npu`` graphs (a verify pass holds up to this many).
         progress: called with one-line progress messages.
 
     Returns:
@@ -87,6 +94,15 @@ def export(
         raise ConfigError(f"quality={quality!r}; allowed: {', '.join(QUALITY_LEVELS)}")
     if max_context < 64:
         raise ConfigError(f"max_context={max_context}; allowed: at least 64")
+    if target_device not in TARGET_DEVICES:
+        raise ConfigError(f"target_device={target_device!r}; allowed: {', '.join(TARGET_DEVICES)}")
+    if target_device == "npu":
+        if quant not in ("auto", "fp32") or draft_quant not in ("int4", "fp32"):
+            raise ConfigError(f"quant={quant!r} with target_device='npu': the npu graphs are fp32 for now "
+                              "(static QDQ quantization is not built yet); leave --quant at auto")
+        if not 1 <= npu_window <= 64:
+            raise ConfigError(f"npu_window={npu_window}; allowed: 1-64")
+        quant, draft_quant, lm_head_quant = "fp32", "fp32", None
     for name, value in (("quant", quant), ("draft_quant", draft_quant)):  # fail before any work
         if value != "auto":
             QuantConfig(value, block_size if name == "quant" else draft_block_size, lm_head_quant=lm_head_quant)
@@ -104,7 +120,7 @@ def export(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
-                     say)
+                     say, npu_window if target_device == "npu" else None)
         _replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -150,7 +166,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
-                 say) -> None:
+                 say, npu_window: int | None = None) -> None:
     from edgellm import __version__
     from edgellm.export.source import open_source
     from edgellm.export.tokenizer import check_compatible, tokenizer_files, write_tokenizer
@@ -170,7 +186,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     models, report = {}, {"models": {}}
     for role, src in sources.items():
         ctx = min(max_context, src.spec.source_context_length)
-        models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say)
+        models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say, npu_window)
         if quality != "none":
             report["models"][role] = _quality(tmp, role, src, qcfg[role], models[role], ctx, quality,
                                               tok_entry, say)
@@ -206,15 +222,28 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
 
 
-def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say) -> dict[str, Any]:
+def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
+                  npu_window: int | None = None) -> dict[str, Any]:
     from edgellm.export.builder import DecoderBuilder, io_names
+    from edgellm.export.static_builder import StaticDecoderBuilder, static_io_names
 
     s = src.spec
     say(f"{role}: {s.architecture}, {s.num_layers} layers, hidden {s.hidden_size}, "
-        f"vocab {s.vocab_size}, from {src.describe()['kind']} -> {qcfg.quant}")
+        f"vocab {s.vocab_size}, from {src.describe()['kind']} -> {qcfg.quant}"
+        + (f", static npu graph of {npu_window} tokens" if npu_window else ""))
     folder = tmp / role
     folder.mkdir()
-    builder = DecoderBuilder(src, qcfg, max_context, progress=lambda m: say(f"{role}: {m}"))
+    progress = lambda m: say(f"{role}: {m}")  # noqa: E731
+    if npu_window:
+        builder = StaticDecoderBuilder(src, max_context, npu_window, progress=progress)
+        kv_layout = {"kind": "static_window", "window": npu_window, "rope_theta": s.rope_theta,
+                     "dims": ["batch", "num_kv_heads", "max_context", "head_dim"], "dtype": "float32"}
+        io = static_io_names(s.num_layers)
+    else:
+        builder = DecoderBuilder(src, qcfg, max_context, progress=progress)
+        kv_layout = {"kind": "shared_buffer", "dims": ["batch", "num_kv_heads", "max_context", "head_dim"],
+                     "dtype": "float32"}
+        io = io_names(s.num_layers)
     builder.build(folder)
     quantization = qcfg.to_dict()
     if qcfg.quant == "gguf":
@@ -235,9 +264,8 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say) -> dic
         "hidden_size": s.hidden_size,
         "vocab_size": s.vocab_size,
         "max_context": max_context,
-        "kv_layout": {"kind": "shared_buffer", "dims": ["batch", "num_kv_heads", "max_context", "head_dim"],
-                      "dtype": "float32"},
-        "io": io_names(s.num_layers),
+        "kv_layout": kv_layout,
+        "io": io,
         "quantization": quantization,
         "source": {k: v for k, v in src.describe().items() if k != "path"} | {"name": Path(str(src.path)).name},
     }
@@ -248,29 +276,33 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
     import numpy as np
     from tokenizers import Tokenizer
 
-    from edgellm.export.builder import DecoderBuilder, QuantConfig
-    from edgellm.export.quality import compare_logits, graph_logits, sample_text, source_logits
+    from edgellm.export.builder import DecoderBuilder, QuantConfig, io_names
+    from edgellm.export.quality import compare_logits, graph_logits, sample_text, source_logits, static_graph_logits
     from edgellm.runtimes.session import KVLayout
 
     tok = Tokenizer.from_file(str(tmp / tok_entry["file"]))
     ids = np.array(tok.encode(sample_text()).ids[: min(QUALITY_SAMPLE_TOKENS, ctx)], np.int64)
     layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], ctx, entry["vocab_size"],
-                      entry["io"])
+                      io_names(entry["num_layers"]))
+    static = entry["kv_layout"]["kind"] == "static_window"
     vocab = tok_entry["vocab_size"]
     result: dict[str, Any] = {"quantization": qcfg.to_dict(), "sample_tokens": int(len(ids)),
                               "import": _import_note(src, entry["quantization"])}
     ref_dir = tmp / f"_fp32_{role}"
     try:
-        if qcfg.quant == "fp32":
+        if qcfg.quant == "fp32" and not static:
             ref = graph_logits(tmp / entry["graph"], layout, ids)
         else:
             say(f"{role}: building an fp32 reference graph for the quality report")
             ref_dir.mkdir()
             ref_graph = DecoderBuilder(src, QuantConfig("fp32"), ctx).build(ref_dir)
             ref = graph_logits(ref_graph, layout, ids)
-            say(f"{role}: scoring the {qcfg.quant} graph against fp32")
-            got = graph_logits(tmp / entry["graph"], layout, ids)
-            result["quantized_vs_fp32"] = compare_logits(ref, got, vocab)
+            say(f"{role}: scoring the {'npu' if static else qcfg.quant} graph against fp32")
+            if static:
+                got = static_graph_logits(tmp / entry["graph"], dict(entry), ids)
+            else:
+                got = graph_logits(tmp / entry["graph"], layout, ids)
+            result["npu_graph_vs_fp32" if static else "quantized_vs_fp32"] = compare_logits(ref, got, vocab)
             del got
         if level == "full":
             say(f"{role}: running the source model in transformers")

@@ -32,6 +32,18 @@ def graph_logits(graph: Path, layout: KVLayout, ids: np.ndarray, threads: int | 
     return sess.forward(ids, num_logits=len(ids))
 
 
+def static_graph_logits(graph: Path, entry: dict, ids: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Teacher-forced logits ``(n, V)`` of a static (npu) graph, run window by window on the CPU."""
+    from edgellm.runtimes.static_session import StaticDecoderSession
+
+    kv = entry["kv_layout"]
+    layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], entry["max_context"],
+                      entry["vocab_size"], entry["io"])
+    sess = StaticDecoderSession(graph, layout, resolve_provider("cpu"), threads, kv["window"], kv["rope_theta"],
+                                entry["num_heads"])
+    return sess.forward(ids, num_logits=len(ids))
+
+
 def source_logits(src, ids: np.ndarray) -> np.ndarray:
     """Logits of the source model run by transformers (torch), float32 ``(n, V)``."""
     import torch

@@ -12,6 +12,7 @@ no device is reported as such.
 from __future__ import annotations
 
 import logging
+import platform
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,9 @@ PROVIDERS: dict[str, ProviderInfo] = {
         ProviderInfo("cuda", "CUDAExecutionProvider", platforms="NVIDIA GPUs"),
     )
 }
+
+
+QNN_HOST_EMULATION = {"htp_arch": "75", "soc_model": "60"}
 
 
 @dataclass(frozen=True)
@@ -119,15 +123,18 @@ def resolve_provider(name: str, *, fallback: bool = False) -> ProviderChoice:
     info = PROVIDERS[key]
     if key == "cpu":
         return ProviderChoice("cpu", ["CPUExecutionProvider"], [{}])
-    import onnxruntime as ort
-
-    if info.ort_name not in ort.get_available_providers():  # a plugin EP with a device
+    devices = plugin_devices(info)
+    if devices:  # a plugin EP (once registered, onnxruntime also lists it by name; use the devices)
         import importlib
 
         mod = importlib.import_module(info.plugin)
         options = {**info.options, **{opt: getattr(mod, fn)() for opt, fn in info.plugin_paths.items()
                                       if hasattr(mod, fn)}}
-        return ProviderChoice(key, [], [], devices=tuple(plugin_devices(info) or ()), device_options=options)
+        if key == "qnn" and platform.machine() in ("x86_64", "AMD64"):
+            # the HTP backend on an x86-64 host is an emulator: it needs a chip to emulate (without
+            # one it fails to finalize graphs); Snapdragon 8 Gen 3 (HTP v75)
+            options.update(QNN_HOST_EMULATION)
+        return ProviderChoice(key, [], [], devices=tuple(devices), device_options=options)
     return ProviderChoice(key, [info.ort_name, "CPUExecutionProvider"], [dict(info.options), {}])
 
 

@@ -151,3 +151,35 @@ def test_graph_format_errors(tiny_bundle):
         edgellm.load(tiny_bundle, graph_format="ort")
     with pytest.raises(ConfigError, match="graph_format='tflite'"):
         edgellm.load(tiny_bundle, graph_format="tflite")
+
+
+def test_npu_export_static_graphs_match_and_decode_exactly(model_dir, tmp_path):
+    """--target-device npu: fixed shapes, standard operators only, the cache written by position."""
+    import onnx
+
+    import edgellm
+
+    out = export(model_dir, draft=model_dir, output=tmp_path / "npu", max_context=96, target_device="npu",
+                 npu_window=4)
+    m = read_manifest(out)
+    assert m.target.kv_layout["kind"] == "static_window" and m.target.kv_layout["window"] == 4
+    graph = onnx.load(str(out / m.target.graph), load_external_data=False)
+    assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}  # no contrib operators
+    for value in list(graph.graph.input) + list(graph.graph.output):
+        assert all(d.dim_value > 0 for d in value.type.tensor_type.shape.dim), value.name  # no dynamic dims
+    q = json.loads((out / "quality.json").read_text())["models"]["target"]["npu_graph_vs_fp32"]
+    assert q["top1_agreement"] == 1.0 and q["max_abs_diff"] < 1e-3
+    llm = edgellm.load(out, threads=1)
+    prompt = "def foo(x): return"
+    ref = llm.generate(prompt, mode="target", max_new_tokens=14).token_ids
+    for mode in ("speculative", "lookup"):
+        assert llm.generate(prompt, mode=mode, max_new_tokens=14).token_ids == ref, mode
+    cpu = export(model_dir, output=tmp_path / "cpu", quant="fp32", max_context=96, quality="none")
+    assert edgellm.load(cpu, threads=1).generate(prompt, mode="target", max_new_tokens=14).token_ids == ref
+
+
+def test_npu_export_refuses_quantization_it_cannot_do_yet(model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="npu graphs are fp32 for now"):
+        export(model_dir, output=tmp_path / "b", quant="int4", target_device="npu")
+    with pytest.raises(ConfigError, match="target_device='tpu'"):
+        export(model_dir, output=tmp_path / "b", target_device="tpu")

@@ -68,4 +68,10 @@ def test_qnn_plugin_gets_the_htp_backend_from_its_package(monkeypatch):
     monkeypatch.setattr(ort, "get_ep_devices", lambda: [dev], raising=False)
     monkeypatch.setattr(ort, "register_execution_provider_library", lambda name, path: None, raising=False)
     choice = resolve_provider("qnn")
-    assert choice.devices == (dev,) and choice.device_options == {"backend_path": "/opt/fake/libQnnHtp.so"}
+    assert choice.devices == (dev,) and choice.device_options["backend_path"] == "/opt/fake/libQnnHtp.so"
+    import platform
+
+    from edgellm.runtimes.providers import QNN_HOST_EMULATION
+
+    if platform.machine() == "x86_64":  # the host emulator gets a chip to emulate
+        assert QNN_HOST_EMULATION.items() <= choice.device_options.items()

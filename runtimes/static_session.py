@@ -1,0 +1,90 @@
+"""A static-shape decoder graph (``--target-device npu``) with a KV cache kept by the runtime.
+
+The graph (see ``edgellm/export/static_builder.py``) always takes ``window`` tokens and a cache
+of ``max_context`` positions, and returns the ``window`` new keys and values; this class writes
+them into its cache at the current position, so rolling back is moving the position. Shorter
+inputs are padded (the padding's logits and cache entries are dropped); longer ones (a prompt)
+run in windows. The attention mask lets each real token see the cached positions before it and
+the new tokens up to itself; masked scores get exactly zero weight, so a token's result does not
+depend on what else is in its window — speculative output equals target-mode output here too.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgellm.errors import ContextLengthError, RollbackError
+from edgellm.runtimes.providers import ProviderChoice
+from edgellm.runtimes.session import KVLayout
+
+NEG = -1e9
+
+
+class StaticDecoderSession:
+    """Same interface as :class:`~edgellm.runtimes.session.DecoderSession` (forward, rollback, length)."""
+
+    def __init__(self, model_path: Path, layout: KVLayout, provider: ProviderChoice, threads: int | None,
+                 window: int, rope_theta: float, num_heads: int) -> None:
+        import onnxruntime as ort
+
+        self.layout, self.window, self.rope_theta = layout, window, rope_theta
+        self.groups = num_heads // layout.num_kv_heads
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        t0 = time.perf_counter()
+        if provider.devices:
+            so.add_provider_for_devices(list(provider.devices), provider.device_options)
+            self.session = ort.InferenceSession(str(model_path), so)
+        else:
+            self.session = ort.InferenceSession(str(model_path), so, providers=provider.providers,
+                                                provider_options=provider.options)
+        self.load_seconds = time.perf_counter() - t0
+        shape = (1, layout.num_kv_heads, layout.max_context, layout.head_dim)
+        self._cache = [np.zeros(shape, np.float32) for _ in range(2 * layout.num_layers)]
+        self.length = 0
+
+    def forward(self, token_ids: np.ndarray, num_logits: int = 1) -> np.ndarray:
+        """Append ``token_ids`` ``(S,)`` and return logits ``(num_logits, V)`` of the last positions."""
+        ids = np.asarray(token_ids, np.int64).reshape(-1)
+        if self.length + len(ids) > self.layout.max_context:
+            raise ContextLengthError(
+                f"{self.length + len(ids)} tokens do not fit this bundle's max_context={self.layout.max_context}"
+            )
+        out = [self._window(ids[i : i + self.window]) for i in range(0, len(ids), self.window)]
+        return np.concatenate(out)[-num_logits:]
+
+    def _window(self, ids: np.ndarray) -> np.ndarray:
+        n, S, p, lay = len(ids), self.window, self.length, self.layout
+        padded = np.concatenate([ids, np.repeat(ids[-1:], S - n)])[None]
+        theta = 1.0 / (self.rope_theta ** (np.arange(0, lay.head_dim, 2, dtype=np.float64) / lay.head_dim))
+        ang = np.outer(np.arange(p, p + S, dtype=np.float64), theta)[None]
+        mask = np.full((S, lay.max_context + S), NEG, np.float32)
+        mask[:, :p] = 0.0
+        mask[:, lay.max_context:] = np.where(np.tril(np.ones((S, S), bool)), 0.0, NEG)
+        feeds = {"input_ids": padded, "cos": np.cos(ang).astype(np.float32), "sin": np.sin(ang).astype(np.float32),
+                 "attention_mask": np.tile(mask, (self.groups, 1))[None, None]}
+        io = lay.io
+        for i in range(lay.num_layers):
+            feeds[io["past_key"] % i], feeds[io["past_value"] % i] = self._cache[2 * i], self._cache[2 * i + 1]
+        names = [io["logits"]] + [io[k] % i for i in range(lay.num_layers) for k in ("present_key", "present_value")]
+        logits, *present = self.session.run(names, feeds)
+        for j, new in enumerate(present):
+            self._cache[j][:, :, p : p + n] = new[:, :, :n]
+        self.length = p + n
+        return logits[0, :n]
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise RollbackError(f"cannot roll back to length {length}: the cache holds {self.length} positions")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def cache_array(self, layer: int, kind: str = "key") -> np.ndarray:
+        return self._cache[2 * layer + (kind == "value")][0, :, : self.length].copy()
