@@ -84,11 +84,17 @@ class StaticDecoderBuilder(DecoderBuilder):
 
     # ------------------------------------------------------------------ pieces
     def _rms_norm(self, g: _GraphWriter, x: str, weight: np.ndarray, tag: str) -> str:
-        (sq,) = g.node("Mul", [x, x])
-        (mean,) = g.node("ReduceMean", [sq], axes=[-1], keepdims=1)
-        (var,) = g.node("Add", [mean, g.const(tag + ".eps", np.array(self.spec.rms_norm_eps, np.float32))])
-        (rms,) = g.node("Sqrt", [var])
-        (y,) = g.node("Div", [x, rms])
+        """RMSNorm of rows scaled by their largest magnitude first: an NPU may compute in fp16,
+        where the squares of the residual stream's large activations (thousands, in Qwen2.5)
+        overflow. ``x / sqrt(mean(x^2) + eps) = u / sqrt(mean(u^2) + eps / m^2)``, ``u = x / m``."""
+        (m,) = g.node("ReduceMax", [g.node("Abs", [x])[0]], axes=[-1], keepdims=1)
+        (m,) = g.node("Add", [m, g.const(tag + ".tiny", np.array(1e-6, np.float32))])
+        (u,) = g.node("Div", [x, m])
+        (mean,) = g.node("ReduceMean", [g.node("Mul", [u, u])[0]], axes=[-1], keepdims=1)
+        (eps,) = g.node("Div", [g.const(tag + ".eps", np.array(self.spec.rms_norm_eps, np.float32)),
+                                g.node("Mul", [m, m])[0]])
+        (rms,) = g.node("Sqrt", [g.node("Add", [mean, eps])[0]])
+        (y,) = g.node("Div", [u, rms])
         (y,) = g.node("Mul", [y, g.const(tag + ".weight", weight.astype(np.float32))])
         return y
 
