@@ -35,7 +35,55 @@ class KVLayout:
     io: dict[str, Any]
 
 
-class DecoderSession:
+def open_session(model_path: Path, provider: ProviderChoice, threads: int | None):
+    """An ``InferenceSession`` on ``provider`` with explicit threads; returns it and its load seconds."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    # Draft and target alternate on the same cores: spinning workers of the idle session
+    # would steal cycles from the busy one.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    t0 = time.perf_counter()
+    if provider.devices:  # a plugin EP: its devices go into the session options
+        so.add_provider_for_devices(list(provider.devices), provider.device_options)
+        session = ort.InferenceSession(str(model_path), so)
+    else:
+        session = ort.InferenceSession(str(model_path), so, providers=provider.providers,
+                                       provider_options=provider.options)
+    return session, time.perf_counter() - t0
+
+
+class CachedSession:
+    """What every session shares: a cache of ``length`` positions, rolled back by moving ``length``."""
+
+    length: int
+
+    def rollback(self, length: int) -> None:
+        """Keep only the first ``length`` cached positions. O(1); idempotent.
+
+        Raises:
+            RollbackError: ``length`` is negative or beyond what is cached.
+        """
+        if not 0 <= length <= self.length:
+            raise RollbackError(f"cannot roll back to length {length}: the cache holds {self.length} positions")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def cache_array(self, layer: int, kind: str = "key") -> np.ndarray:
+        """A copy of one layer's cache ``(kv_heads, length, head_dim)`` (for tests)."""
+        return self._cache_buffer(2 * layer + (kind == "value"))[0, :, : self.length].copy()
+
+    def _cache_buffer(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class DecoderSession(CachedSession):
     """A decoder graph plus its KV cache: ``forward`` appends tokens, ``rollback`` forgets them.
 
     Invariant: ``self.length`` is the number of positions whose keys and values are in the cache.
@@ -54,22 +102,7 @@ class DecoderSession:
         import onnxruntime as ort
 
         self.layout, self.min_rows = layout, min_rows
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        # Draft and target alternate on the same cores: spinning workers of the idle session
-        # would steal cycles from the busy one.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        t0 = time.perf_counter()
-        if provider.devices:  # a plugin EP: its devices go into the session options
-            so.add_provider_for_devices(list(provider.devices), provider.device_options)
-            self.session = ort.InferenceSession(str(model_path), so)
-        else:
-            self.session = ort.InferenceSession(str(model_path), so, providers=provider.providers,
-                                                provider_options=provider.options)
-        self.load_seconds = time.perf_counter() - t0
+        self.session, self.load_seconds = open_session(model_path, provider, threads)
         self.providers = self.session.get_providers()
         self._ort = ort
         self.length = 0
@@ -126,20 +159,5 @@ class DecoderSession:
         self.session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()[0]
 
-    def rollback(self, length: int) -> None:
-        """Keep only the first ``length`` cached positions. O(1); idempotent.
-
-        Raises:
-            RollbackError: ``length`` is negative or beyond what is cached.
-        """
-        if not 0 <= length <= self.length:
-            raise RollbackError(f"cannot roll back to length {length}: the cache holds {self.length} positions")
-        self.length = length
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def cache_array(self, layer: int, kind: str = "key") -> np.ndarray:
-        """A copy of one layer's cache ``(kv_heads, length, head_dim)`` (for tests)."""
-        buf = self._cache[2 * layer + (kind == "value")].numpy()
-        return buf[0, :, : self.length].copy()
+    def _cache_buffer(self, index: int) -> np.ndarray:
+        return self._cache[index].numpy()

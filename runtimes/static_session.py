@@ -11,39 +11,25 @@ depend on what else is in its window — speculative output equals target-mode o
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
-from edgellm.errors import ContextLengthError, RollbackError
+from edgellm.errors import ContextLengthError
 from edgellm.runtimes.providers import ProviderChoice
-from edgellm.runtimes.session import KVLayout
+from edgellm.runtimes.session import CachedSession, KVLayout, open_session
 
 NEG = -1e9
 
 
-class StaticDecoderSession:
+class StaticDecoderSession(CachedSession):
     """Same interface as :class:`~edgellm.runtimes.session.DecoderSession` (forward, rollback, length)."""
 
     def __init__(self, model_path: Path, layout: KVLayout, provider: ProviderChoice, threads: int | None,
                  window: int, rope_theta: float, num_heads: int) -> None:
-        import onnxruntime as ort
-
         self.layout, self.window, self.rope_theta = layout, window, rope_theta
         self.groups = num_heads // layout.num_kv_heads
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        t0 = time.perf_counter()
-        if provider.devices:
-            so.add_provider_for_devices(list(provider.devices), provider.device_options)
-            self.session = ort.InferenceSession(str(model_path), so)
-        else:
-            self.session = ort.InferenceSession(str(model_path), so, providers=provider.providers,
-                                                provider_options=provider.options)
-        self.load_seconds = time.perf_counter() - t0
+        self.session, self.load_seconds = open_session(model_path, provider, threads)
         shape = (1, layout.num_kv_heads, layout.max_context, layout.head_dim)
         self._cache = [np.zeros(shape, np.float32) for _ in range(2 * layout.num_layers)]
         self.length = 0
@@ -78,13 +64,5 @@ class StaticDecoderSession:
         self.length = p + n
         return logits[0, :n]
 
-    def rollback(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise RollbackError(f"cannot roll back to length {length}: the cache holds {self.length} positions")
-        self.length = length
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def cache_array(self, layer: int, kind: str = "key") -> np.ndarray:
-        return self._cache[2 * layer + (kind == "value")][0, :, : self.length].copy()
+    def _cache_buffer(self, index: int) -> np.ndarray:
+        return self._cache[index]
