@@ -65,6 +65,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="npu: static-shape graphs of standard operators (fp32 for now) for NPU providers.")
 @click.option("--npu-window", default=8, show_default=True, type=int,
               help="Tokens per call of the npu graphs (a verify pass holds up to this many).")
+@click.option("--npu-quant", default="fp32", show_default=True, type=click.Choice(["fp32", "qdq"]),
+              help="qdq: static QDQ quantization of the npu graphs, calibrated on sample text.")
 @click.option("--ort-mobile", is_flag=True,
               help="Also write .ort graphs and required_operators.config (apps with a minimal onnxruntime).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")

@@ -47,6 +47,7 @@ def export(
     ort_mobile: bool = False,
     target_device: str = "cpu",
     npu_window: int = 8,
+    npu_quant: str = "fp32",
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export ``target`` (and ``draft``) into a bundle folder at ``output``.
@@ -76,6 +77,8 @@ def export(
             (static shapes, standard operators, fp32 for now; see
             :mod:`edgellm.export.static_builder`).
         npu_window: tokens per call of the ``npu`` graphs (a verify pass holds up to this many).
+        npu_quant: ``fp32``, or ``qdq``: static QDQ quantization of the npu graphs (uint16
+            activations, uint8 weights) calibrated on sample text (see :mod:`edgellm.export.qdq`).
         progress: called with one-line progress messages.
 
     Returns:
@@ -102,6 +105,8 @@ def export(
                               "(static QDQ quantization is not built yet); leave --quant at auto")
         if not 1 <= npu_window <= 64:
             raise ConfigError(f"npu_window={npu_window}; allowed: 1-64")
+        if npu_quant not in ("fp32", "qdq"):
+            raise ConfigError(f"npu_quant={npu_quant!r}; allowed: fp32, qdq")
         quant, draft_quant, lm_head_quant = "fp32", "fp32", None
     for name, value in (("quant", quant), ("draft_quant", draft_quant)):  # fail before any work
         if value != "auto":
@@ -120,7 +125,7 @@ def export(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
-                     say, npu_window if target_device == "npu" else None)
+                     say, npu_window if target_device == "npu" else None, npu_quant)
         _replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -166,7 +171,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
-                 say, npu_window: int | None = None) -> None:
+                 say, npu_window: int | None = None, npu_quant: str = "fp32") -> None:
     from edgellm import __version__
     from edgellm.export.source import open_source
     from edgellm.export.tokenizer import check_compatible, tokenizer_files, write_tokenizer
@@ -187,6 +192,8 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     for role, src in sources.items():
         ctx = min(max_context, src.spec.source_context_length)
         models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say, npu_window)
+        if npu_window and npu_quant == "qdq":
+            _quantize_npu(tmp, models[role], tok_entry, say)
         if quality != "none":
             report["models"][role] = _quality(tmp, role, src, qcfg[role], models[role], ctx, quality,
                                               tok_entry, say)
@@ -271,6 +278,21 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
     }
 
 
+def _quantize_npu(tmp: Path, entry: dict, tok_entry: dict, say) -> None:
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from edgellm.export.qdq import CALIBRATION_WINDOWS, quantize_npu_graph
+    from edgellm.export.quality import sample_text
+
+    tok = Tokenizer.from_file(str(tmp / tok_entry["file"]))
+    ids = np.array(tok.encode(sample_text()).ids, np.int64)[: min(entry["max_context"],
+                                                                 CALIBRATION_WINDOWS * entry["kv_layout"]["window"])]
+    quantize_npu_graph(tmp / entry["graph"], entry, ids, say)
+    entry["quantization"] = {"quant": "qdq", "activations": "uint16", "weights": "uint8",
+                             "calibration_tokens": int(len(ids))}
+
+
 def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str, tok_entry: dict, say) -> dict:
     """Measure the exported graph against an fp32 graph (and the source model at level ``full``)."""
     import numpy as np
@@ -286,7 +308,7 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
                       io_names(entry["num_layers"]))
     static = entry["kv_layout"]["kind"] == "static_window"
     vocab = tok_entry["vocab_size"]
-    result: dict[str, Any] = {"quantization": qcfg.to_dict(), "sample_tokens": int(len(ids)),
+    result: dict[str, Any] = {"quantization": entry["quantization"], "sample_tokens": int(len(ids)),
                               "import": _import_note(src, entry["quantization"])}
     ref_dir = tmp / f"_fp32_{role}"
     try:

@@ -45,6 +45,18 @@ class StaticDecoderSession(CachedSession):
         return np.concatenate(out)[-num_logits:]
 
     def _window(self, ids: np.ndarray) -> np.ndarray:
+        n, p, lay = len(ids), self.length, self.layout
+        feeds = self.window_feeds(ids)
+        io = lay.io
+        names = [io["logits"]] + [io[k] % i for i in range(lay.num_layers) for k in ("present_key", "present_value")]
+        logits, *present = self.session.run(names, feeds)
+        for j, new in enumerate(present):
+            self._cache[j][:, :, p : p + n] = new[:, :, :n]
+        self.length = p + n
+        return logits[0, :n]
+
+    def window_feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph inputs for up to ``window`` tokens at the current position (padded)."""
         n, S, p, lay = len(ids), self.window, self.length, self.layout
         padded = np.concatenate([ids, np.repeat(ids[-1:], S - n)])[None]
         theta = 1.0 / (self.rope_theta ** (np.arange(0, lay.head_dim, 2, dtype=np.float64) / lay.head_dim))
@@ -57,12 +69,7 @@ class StaticDecoderSession(CachedSession):
         io = lay.io
         for i in range(lay.num_layers):
             feeds[io["past_key"] % i], feeds[io["past_value"] % i] = self._cache[2 * i], self._cache[2 * i + 1]
-        names = [io["logits"]] + [io[k] % i for i in range(lay.num_layers) for k in ("present_key", "present_value")]
-        logits, *present = self.session.run(names, feeds)
-        for j, new in enumerate(present):
-            self._cache[j][:, :, p : p + n] = new[:, :, :n]
-        self.length = p + n
-        return logits[0, :n]
+        return feeds
 
     def _cache_buffer(self, index: int) -> np.ndarray:
         return self._cache[index]

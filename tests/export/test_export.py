@@ -183,3 +183,25 @@ def test_npu_export_refuses_quantization_it_cannot_do_yet(model_dir, tmp_path):
         export(model_dir, output=tmp_path / "b", quant="int4", target_device="npu")
     with pytest.raises(ConfigError, match="target_device='tpu'"):
         export(model_dir, output=tmp_path / "b", target_device="tpu")
+
+
+def test_npu_qdq_export_is_calibrated_and_exact(model_dir, tmp_path):
+    """--npu-quant qdq: QuantizeLinear/DequantizeLinear with scales calibrated on the sample text."""
+    import onnx
+
+    import edgellm
+
+    out = export(model_dir, draft=model_dir, output=tmp_path / "qdq", max_context=96, target_device="npu",
+                 npu_window=4, npu_quant="qdq")
+    m = read_manifest(out)
+    assert m.target.quantization["quant"] == "qdq" and m.target.quantization["calibration_tokens"] > 0
+    ops = {n.op_type for n in onnx.load(str(out / m.target.graph), load_external_data=False).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMul", "Softmax"} <= ops
+    q = json.loads((out / "quality.json").read_text())["models"]["target"]
+    assert q["quantization"]["quant"] == "qdq" and q["npu_graph_vs_fp32"]["top1_agreement"] >= 0.9
+    llm = edgellm.load(out, threads=1)
+    prompt = "def foo(x): return"
+    ref = llm.generate(prompt, mode="target", max_new_tokens=12).token_ids
+    assert llm.generate(prompt, mode="speculative", max_new_tokens=12).token_ids == ref
+    with pytest.raises(ConfigError, match="npu_quant='int2'"):
+        export(model_dir, output=tmp_path / "x", target_device="npu", npu_quant="int2")

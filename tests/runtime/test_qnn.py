@@ -11,12 +11,12 @@ pytest.importorskip("onnxruntime_qnn", reason="needs onnxruntime-qnn (pip instal
 pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="module")
-def npu_bundle(tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["fp32", "qdq"])
+def npu_bundle(request, tiny_model_dir, tmp_path_factory):
     from edgellm.export import export
 
     return export(tiny_model_dir, draft=tiny_model_dir, output=tmp_path_factory.mktemp("npu") / "b",
-                  max_context=96, target_device="npu", npu_window=4, quality="none")
+                  max_context=96, target_device="npu", npu_window=4, npu_quant=request.param, quality="none")
 
 
 def test_npu_bundle_runs_on_qnn_like_on_cpu(npu_bundle):

@@ -1,0 +1,70 @@
+"""Static QDQ quantization of the npu graphs, calibrated on sample text (``--npu-quant qdq``).
+
+NPUs run integer arithmetic: the static graph gets QuantizeLinear/DequantizeLinear pairs with
+scales fixed at export. onnxruntime's quantizer, configured for QNN (``get_qnn_qdq_config``:
+uint16 activations, uint8 weights here), calibrates the activation ranges by running the fp32
+graph over windows of the sample text shipped with edgellm (the same text as the quality
+report), with the cache filled as decoding would fill it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+CALIBRATION_WINDOWS = 16
+
+
+class _WindowFeeds:
+    """A calibration data reader: the inputs of successive windows of ``ids`` (fp32 graph run on the CPU)."""
+
+    def __init__(self, graph: Path, entry: dict, ids: np.ndarray) -> None:
+        from edgellm.runtimes.providers import resolve_provider
+        from edgellm.runtimes.session import KVLayout
+        from edgellm.runtimes.static_session import StaticDecoderSession
+
+        kv = entry["kv_layout"]
+        layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], entry["max_context"],
+                          entry["vocab_size"], entry["io"])
+        self.session = StaticDecoderSession(graph, layout, resolve_provider("cpu"), None, kv["window"],
+                                            kv["rope_theta"], entry["num_heads"])
+        w = kv["window"]
+        self.windows = [ids[i : i + w] for i in range(0, min(len(ids), w * CALIBRATION_WINDOWS), w)]
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if not self.windows:
+            return None
+        ids = self.windows.pop(0)
+        feeds = {k: v.copy() for k, v in self.session.window_feeds(ids).items()}
+        self.session.forward(ids, 1)  # advance the cache for the next window
+        return feeds
+
+    def rewind(self) -> None:  # the quantizer may read the data twice
+        raise NotImplementedError
+
+
+def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[[str], None]) -> None:
+    """Replace the fp32 static graph at ``graph`` by its QDQ version (in place)."""
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    say(f"quantizing {graph.parent.name} to QDQ (uint16 activations, uint8 weights), "
+        f"calibrated on {min(len(ids), entry['kv_layout']['window'] * CALIBRATION_WINDOWS)} tokens")
+    fp32 = graph.with_name("model_fp32.onnx")
+    graph.rename(fp32)
+    data = graph.with_name(graph.name + ".data")
+    if data.exists():
+        data.rename(fp32.with_name("model.onnx.data"))  # the fp32 graph refers to this name
+    cfg = get_qnn_qdq_config(str(fp32), _WindowFeeds(fp32, entry, ids), activation_type=QuantType.QUInt16,
+                             weight_type=QuantType.QUInt8)
+    cfg.use_external_data_format = True
+    tmp = graph.with_name("model_qdq.onnx")
+    quantize(str(fp32), str(tmp), cfg)
+    fp32.unlink()
+    graph.with_name("model.onnx.data").unlink(missing_ok=True)
+    tmp.rename(graph)
+    qdata = tmp.with_name(tmp.name + ".data")
+    if qdata.exists():  # the quantized graph names its data file after itself: keep that name
+        qdata.rename(graph.with_name("model_qdq.onnx.data"))
