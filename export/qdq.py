@@ -58,7 +58,7 @@ def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[
     if data.exists():
         data.rename(fp32.with_name("model.onnx.data"))  # the fp32 graph refers to this name
     cfg = get_qnn_qdq_config(str(fp32), _WindowFeeds(fp32, entry, ids), activation_type=QuantType.QUInt16,
-                             weight_type=QuantType.QUInt8)
+                             weight_type=QuantType.QUInt8, per_channel=True)
     cfg.use_external_data_format = True
     tmp = graph.with_name("model_qdq.onnx")
     quantize(str(fp32), str(tmp), cfg)

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.export.builder import OPSET, DecoderBuilder, QuantConfig, _GraphWriter
+from edgellm.export.builder import DecoderBuilder, QuantConfig, _GraphWriter
 from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, Source, layer_names
 
-NEG = -1e9
+# opset 21: 16-bit QuantizeLinear (the QDQ variant) without an opset conversion, which would
+# serialize the whole model in memory (impossible past 2 GB)
+STATIC_OPSET = 21
 
 
 def static_io_names(num_layers: int) -> dict:
@@ -59,6 +61,7 @@ class StaticDecoderBuilder(DecoderBuilder):
         try:
             (x,) = g.node("Gather", [g.const("embed_tokens", self.src.tensor(EMBED)), "input_ids"])
             axis1 = g.const("axis_1_i64", np.array([1], np.int64))
+            self._last_axis = g.const("axis_last_i64", np.array([-1], np.int64))
             self._cos, self._sin = g.node("Unsqueeze", ["cos", axis1])[0], g.node("Unsqueeze", ["sin", axis1])[0]
             half = s.head_dim // 2
             self._rope_split = g.const("rope_split", np.array([half, half], np.int64))
@@ -77,7 +80,7 @@ class StaticDecoderBuilder(DecoderBuilder):
         finally:
             g.close()
         graph = helper.make_graph(g.nodes, "static_decoder", inputs, outputs, g.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgellm")
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", STATIC_OPSET)], producer_name="edgellm")
         path = out_dir / model_name
         onnx.save(model, str(path))
         return path
@@ -87,10 +90,10 @@ class StaticDecoderBuilder(DecoderBuilder):
         """RMSNorm of rows scaled by their largest magnitude first: an NPU may compute in fp16,
         where the squares of the residual stream's large activations (thousands, in Qwen2.5)
         overflow. ``x / sqrt(mean(x^2) + eps) = u / sqrt(mean(u^2) + eps / m^2)``, ``u = x / m``."""
-        (m,) = g.node("ReduceMax", [g.node("Abs", [x])[0]], axes=[-1], keepdims=1)
+        (m,) = g.node("ReduceMax", [g.node("Abs", [x])[0], self._last_axis], keepdims=1)
         (m,) = g.node("Add", [m, g.const(tag + ".tiny", np.array(1e-6, np.float32))])
         (u,) = g.node("Div", [x, m])
-        (mean,) = g.node("ReduceMean", [g.node("Mul", [u, u])[0]], axes=[-1], keepdims=1)
+        (mean,) = g.node("ReduceMean", [g.node("Mul", [u, u])[0], self._last_axis], keepdims=1)
         (eps,) = g.node("Div", [g.const(tag + ".eps", np.array(self.spec.rms_norm_eps, np.float32)),
                                 g.node("Mul", [m, m])[0]])
         (rms,) = g.node("Sqrt", [g.node("Add", [mean, eps])[0]])

@@ -19,7 +19,7 @@ from edgellm.errors import ContextLengthError
 from edgellm.runtimes.providers import ProviderChoice
 from edgellm.runtimes.session import CachedSession, KVLayout, open_session
 
-NEG = -1e9
+NEG = -1000.0  # exp(-1000) is exactly 0 in fp32; small enough to quantize the scores finely
 
 
 class StaticDecoderSession(CachedSession):
