@@ -257,11 +257,15 @@ def serve(bundle: Path, **o: Any) -> None:
 # ---------------------------------------------------------------------------------- providers
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
-def providers(as_json: bool) -> None:
+@click.option("--probe", is_flag=True, help="Run a tiny graph of each bundle kind on each available provider.")
+def providers(as_json: bool, probe: bool) -> None:
     """List execution providers: which this onnxruntime has, and where the others run."""
-    from edgellm.runtimes.providers import provider_table
+    from edgellm.runtimes.providers import probe_provider, provider_table
 
     rows = provider_table()
+    for r in rows:
+        if probe and r["available"]:
+            r["bundles"] = probe_provider(r["name"])
     if as_json:
         _json_out(rows)
         return
@@ -269,6 +273,8 @@ def providers(as_json: bool) -> None:
         plugin = f"  [plugin: {r['plugin']}]" if r["plugin"] else ""
         click.echo(f"{r['name']:9} {'available' if r['available'] else 'missing  '}  {r['ort_name']:28} "
                    f"{r['platforms']}{plugin}")
+        for kind, state in r.get("bundles", {}).items():
+            click.echo(f"{'':11}{kind} bundles: {state}")
 
 
 # ---------------------------------------------------------------------------------- demo

@@ -149,3 +149,44 @@ def provider_table() -> list[dict[str, Any]]:
         rows.append({"name": p.name, "ort_name": p.ort_name, "available": p.name in avail,
                      "platforms": p.platforms, "plugin": plugin})
     return rows
+
+
+BUNDLE_KINDS = ("cpu", "npu")  # export --target-device values
+
+
+def probe_provider(name: str) -> dict[str, str]:
+    """Which bundle kinds a provider runs: for each, a tiny graph of that kind's operators
+    (``edgellm/data/probe_<kind>.onnx``) is loaded and run once, and onnxruntime's profile says
+    where its nodes ran.
+
+    Returns:
+        ``{kind: "runs" | "loads, runs on the CPU fallback" | "fails: <error>"}``.
+    """
+    import json
+    import tempfile
+    from importlib import resources
+    from pathlib import Path
+
+    import numpy as np
+
+    from edgellm.runtimes.session import open_session
+
+    choice = resolve_provider(name)
+    ort_name = PROVIDERS[choice.name].ort_name
+    result = {}
+    for kind in BUNDLE_KINDS:
+        graph = Path(str(resources.files("edgellm").joinpath(f"data/probe_{kind}.onnx")))
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                session, _ = open_session(graph, choice, 1, profile_prefix=str(Path(tmp) / "probe"))
+                session.run(None, {"x": np.ones((1, 2, 32), np.float32)})
+                events = json.loads(Path(session.end_profiling()).read_text())
+            nodes = {e["name"]: e["args"].get("provider") for e in events
+                     if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")}
+            on_ep = sum(p == ort_name for p in nodes.values())
+            result[kind] = ("runs" if on_ep == len(nodes) else
+                            "loads, runs on the CPU fallback" if on_ep == 0 else
+                            f"partly: {on_ep} of {len(nodes)} kernels on it, the rest on the CPU")
+        except Exception as e:  # noqa: BLE001 - reported, not raised: this is a diagnosis
+            result[kind] = f"fails: {type(e).__name__}: {str(e)[:120]}"
+    return result

@@ -35,11 +35,13 @@ class KVLayout:
     io: dict[str, Any]
 
 
-def open_session(model_path: Path, provider: ProviderChoice, threads: int | None):
+def open_session(model_path: Path, provider: ProviderChoice, threads: int | None, profile_prefix: str | None = None):
     """An ``InferenceSession`` on ``provider`` with explicit threads; returns it and its load seconds."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if profile_prefix:
+        so.enable_profiling, so.profile_file_prefix = True, profile_prefix
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = threads

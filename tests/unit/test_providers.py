@@ -75,3 +75,9 @@ def test_qnn_plugin_gets_the_htp_backend_from_its_package(monkeypatch):
 
     if platform.machine() == "x86_64":  # the host emulator gets a chip to emulate
         assert QNN_HOST_EMULATION.items() <= choice.device_options.items()
+
+
+def test_probe_says_the_cpu_runs_both_bundle_kinds():
+    from edgellm.runtimes.providers import probe_provider
+
+    assert probe_provider("cpu") == {"cpu": "runs", "npu": "runs"}
