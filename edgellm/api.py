@@ -225,8 +225,10 @@ def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threa
     path = bundle / _graph(entry, graph_format)
     kv = entry.kv_layout
     if kv["kind"] == "static_window":
+        step = entry.ort_step_graph if graph_format == "ort" else entry.step_graph
         return StaticDecoderSession(path, _layout(entry), provider, threads, int(kv["window"]),
-                                    float(kv["rope_theta"]), entry.num_heads)
+                                    float(kv["rope_theta"]), entry.num_heads,
+                                    step_path=bundle / step if step else None)
     return DecoderSession(path, _layout(entry), provider, threads, min_rows=min_rows)
 
 

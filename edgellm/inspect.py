@@ -33,6 +33,7 @@ def inspect_bundle(bundle: str | Path, *, hashes: bool = True) -> dict[str, Any]
             "num_kv_heads": e.num_kv_heads, "head_dim": e.head_dim, "vocab_size": e.vocab_size,
             "max_context": e.max_context, "quantization": e.quantization, "source": e.source,
             "size_mb": size / 1e6,
+            "graphs": [g for g in (e.graph, e.step_graph, e.ort_graph, e.ort_step_graph) if g],
             "quality": quality.get(role, {}).get("quantized_vs_fp32"),
         }
     return {

@@ -75,12 +75,17 @@ class ModelEntry:
     hidden_size: int = 0
     source: dict[str, Any] = field(default_factory=dict)
     ort_graph: str | None = None  # ORT Mobile copy of ``graph`` (export --ort-mobile)
+    step_graph: str | None = None  # npu draft: a one-token static graph beside the window graph
+    ort_step_graph: str | None = None
+
+    OPTIONAL_GRAPHS = ("ort_graph", "step_graph", "ort_step_graph")
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d.pop("role")
-        if d["ort_graph"] is None:
-            d.pop("ort_graph")
+        for k in self.OPTIONAL_GRAPHS:
+            if d[k] is None:
+                d.pop(k)
         return d
 
 
@@ -144,8 +149,9 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
     if kind == "static_window" and not all(isinstance(d["kv_layout"].get(k), (int, float)) for k in ("window", "rope_theta")):
         raise ManifestError(f"models.{role}.kv_layout: a static_window layout needs 'window' and 'rope_theta'")
     safe_relpath(d["graph"], f"models.{role}.graph")
-    if d.get("ort_graph") is not None:
-        safe_relpath(d["ort_graph"], f"models.{role}.ort_graph")
+    for k in ModelEntry.OPTIONAL_GRAPHS:
+        if d.get(k) is not None:
+            safe_relpath(d[k], f"models.{role}.{k}")
     known = set(ModelEntry.__dataclass_fields__) - {"role"}
     return ModelEntry(role=role, **{k: v for k, v in d.items() if k in known})
 
@@ -188,7 +194,8 @@ def parse_manifest(doc: Any) -> Manifest:
         if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("size"), int):
             raise ManifestError(f"files[{rel!r}]: expected {{'sha256': str, 'size': int}}, got {meta!r}")
     graphs = [(f"models.{r}.graph", m.graph) for r, m in entries.items()]
-    graphs += [(f"models.{r}.ort_graph", m.ort_graph) for r, m in entries.items() if m.ort_graph]
+    graphs += [(f"models.{r}.{k}", getattr(m, k)) for r, m in entries.items() for k in ModelEntry.OPTIONAL_GRAPHS
+               if getattr(m, k)]
     for what, rel in [("tokenizer.file", tok["file"])] + graphs:
         if rel not in files:
             raise ManifestError(f"{what} {rel!r} is not listed in 'files'")

@@ -194,6 +194,11 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
         models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say, npu_window)
         if npu_window and npu_quant == "qdq":
             _quantize_npu(tmp, models[role], tok_entry, say)
+        if models[role].get("step_graph"):
+            from edgellm.export.shared_weights import share_weights
+
+            saved = share_weights(tmp / models[role]["graph"], tmp / models[role]["step_graph"])
+            say(f"{role}: the step graph reads {saved / 1e6:.0f} MB of weights from the window graph's file")
         if quality != "none":
             report["models"][role] = _quality(tmp, role, src, qcfg[role], models[role], ctx, quality,
                                               tok_entry, say)
@@ -205,6 +210,8 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
         ort_entry = write_ort_models(tmp, list(models), say=say)
         for role, entry in models.items():
             entry["ort_graph"] = f"{role}/model.ort"
+            if entry.get("step_graph"):
+                entry["ort_step_graph"] = f"{role}/step.ort"
     (tmp / "quality.json").write_text(json.dumps(report, indent=2))
 
     files = {}
@@ -252,6 +259,12 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
                      "dtype": "float32"}
         io = io_names(s.num_layers)
     builder.build(folder)
+    step_graph = None
+    if npu_window and npu_window > 1 and role == "draft":
+        # the draft proposes one token at a time: a one-token graph spares it the padded window
+        progress("one-token step graph")
+        StaticDecoderBuilder(src, max_context, 1, progress=lambda m: None).build(folder, "step.onnx")
+        step_graph = f"{role}/step.onnx"
     quantization = qcfg.to_dict()
     if qcfg.quant == "gguf":
         kept: dict[str, int] = {}
@@ -275,7 +288,7 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
         "io": io,
         "quantization": quantization,
         "source": {k: v for k, v in src.describe().items() if k != "path"} | {"name": Path(str(src.path)).name},
-    }
+    } | ({"step_graph": step_graph} if step_graph else {})
 
 
 def _quantize_npu(tmp: Path, entry: dict, tok_entry: dict, say) -> None:
@@ -289,6 +302,8 @@ def _quantize_npu(tmp: Path, entry: dict, tok_entry: dict, say) -> None:
     ids = np.array(tok.encode(sample_text()).ids, np.int64)[: min(entry["max_context"],
                                                                  CALIBRATION_WINDOWS * entry["kv_layout"]["window"])]
     quantize_npu_graph(tmp / entry["graph"], entry, ids, say)
+    if entry.get("step_graph"):
+        quantize_npu_graph(tmp / entry["step_graph"], entry | {"kv_layout": entry["kv_layout"] | {"window": 1}}, ids, say)
     entry["quantization"] = {"quant": "qdq", "activations": "uint16", "weights": "uint8",
                              "calibration_tokens": int(len(ids))}
 
@@ -326,6 +341,11 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
                 got = graph_logits(tmp / entry["graph"], layout, ids)
             result["npu_graph_vs_fp32" if static else "quantized_vs_fp32"] = compare_logits(ref, got, vocab)
             del got
+            if entry.get("step_graph"):
+                step = entry | {"kv_layout": entry["kv_layout"] | {"window": 1}}
+                got = static_graph_logits(tmp / entry["step_graph"], step, ids)
+                result["npu_step_graph_vs_fp32"] = compare_logits(ref, got, vocab)
+                del got
         if level == "full":
             say(f"{role}: running the source model in transformers")
             result["fp32_vs_source"] = compare_logits(source_logits(src, ids), ref, vocab)

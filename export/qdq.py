@@ -31,7 +31,7 @@ class _WindowFeeds:
         self.session = StaticDecoderSession(graph, layout, resolve_provider("cpu"), None, kv["window"],
                                             kv["rope_theta"], entry["num_heads"])
         w = kv["window"]
-        self.windows = [ids[i : i + w] for i in range(0, min(len(ids), w * CALIBRATION_WINDOWS), w)]
+        self.windows = [ids[i : i + w] for i in range(0, len(ids), w)]
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if not self.windows:
@@ -46,25 +46,27 @@ class _WindowFeeds:
 
 
 def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[[str], None]) -> None:
-    """Replace the fp32 static graph at ``graph`` by its QDQ version (in place)."""
+    """Replace the fp32 static graph at ``graph`` by its QDQ version (in place).
+
+    Args:
+        graph: ``<name>.onnx`` with its weights in ``<name>.onnx.data``; afterwards the QDQ graph
+            is ``<name>.onnx`` with weights in ``<name>_qdq.onnx.data``.
+        entry: the model's manifest entry; ``kv_layout.window`` is this graph's window.
+        ids: int64 ``(T,)`` calibration tokens, run ``window`` at a time.
+    """
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
-    say(f"quantizing {graph.parent.name} to QDQ (uint16 activations, uint8 weights), "
-        f"calibrated on {min(len(ids), entry['kv_layout']['window'] * CALIBRATION_WINDOWS)} tokens")
-    fp32 = graph.with_name("model_fp32.onnx")
+    stem = graph.stem
+    say(f"quantizing {graph.parent.name}/{graph.name} to QDQ (uint16 activations, uint8 weights), "
+        f"calibrated on {len(ids)} tokens, {entry['kv_layout']['window']} per call")
+    fp32 = graph.with_name(f"{stem}_fp32.onnx")  # still reads its weights from <stem>.onnx.data
     graph.rename(fp32)
-    data = graph.with_name(graph.name + ".data")
-    if data.exists():
-        data.rename(fp32.with_name("model.onnx.data"))  # the fp32 graph refers to this name
     cfg = get_qnn_qdq_config(str(fp32), _WindowFeeds(fp32, entry, ids), activation_type=QuantType.QUInt16,
                              weight_type=QuantType.QUInt8, per_channel=True)
     cfg.use_external_data_format = True
-    tmp = graph.with_name("model_qdq.onnx")
+    tmp = graph.with_name(f"{stem}_qdq.onnx")
     quantize(str(fp32), str(tmp), cfg)
     fp32.unlink()
-    graph.with_name("model.onnx.data").unlink(missing_ok=True)
-    tmp.rename(graph)
-    qdata = tmp.with_name(tmp.name + ".data")
-    if qdata.exists():  # the quantized graph names its data file after itself: keep that name
-        qdata.rename(graph.with_name("model_qdq.onnx.data"))
+    graph.with_name(f"{stem}.onnx.data").unlink(missing_ok=True)
+    tmp.rename(graph)  # the quantized graph names its data file <stem>_qdq.onnx.data: kept

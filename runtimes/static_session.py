@@ -7,6 +7,11 @@ inputs are padded (the padding's logits and cache entries are dropped); longer o
 run in windows. The attention mask lets each real token see the cached positions before it and
 the new tokens up to itself; masked scores get exactly zero weight, so a token's result does not
 depend on what else is in its window — speculative output equals target-mode output here too.
+
+A draft may also have a one-token *step* graph (same weights, ``window`` 1): single tokens,
+which is how a draft proposes, then run there instead of in a padded window. The target never
+gets one: a token computed by a different graph could round differently, and the target must
+compute every position the same way whether it decodes alone or verifies a draft.
 """
 
 from __future__ import annotations
@@ -26,10 +31,15 @@ class StaticDecoderSession(CachedSession):
     """Same interface as :class:`~edgellm.runtimes.session.DecoderSession` (forward, rollback, length)."""
 
     def __init__(self, model_path: Path, layout: KVLayout, provider: ProviderChoice, threads: int | None,
-                 window: int, rope_theta: float, num_heads: int) -> None:
+                 window: int, rope_theta: float, num_heads: int, step_path: Path | None = None) -> None:
         self.layout, self.window, self.rope_theta = layout, window, rope_theta
         self.groups = num_heads // layout.num_kv_heads
         self.session, self.load_seconds = open_session(model_path, provider, threads)
+        self.providers = self.session.get_providers()
+        self.step_session = None
+        if step_path is not None:
+            self.step_session, seconds = open_session(step_path, provider, threads)
+            self.load_seconds += seconds
         shape = (1, layout.num_kv_heads, layout.max_context, layout.head_dim)
         self._cache = [np.zeros(shape, np.float32) for _ in range(2 * layout.num_layers)]
         self.length = 0
@@ -41,23 +51,26 @@ class StaticDecoderSession(CachedSession):
             raise ContextLengthError(
                 f"{self.length + len(ids)} tokens do not fit this bundle's max_context={self.layout.max_context}"
             )
-        out = [self._window(ids[i : i + self.window]) for i in range(0, len(ids), self.window)]
+        if len(ids) == 1 and self.step_session is not None:
+            return self._window(ids, self.step_session, 1)
+        out = [self._window(ids[i : i + self.window], self.session, self.window)
+               for i in range(0, len(ids), self.window)]
         return np.concatenate(out)[-num_logits:]
 
-    def _window(self, ids: np.ndarray) -> np.ndarray:
+    def _window(self, ids: np.ndarray, session, window: int) -> np.ndarray:
         n, p, lay = len(ids), self.length, self.layout
-        feeds = self.window_feeds(ids)
+        feeds = self.window_feeds(ids, window)
         io = lay.io
         names = [io["logits"]] + [io[k] % i for i in range(lay.num_layers) for k in ("present_key", "present_value")]
-        logits, *present = self.session.run(names, feeds)
+        logits, *present = session.run(names, feeds)
         for j, new in enumerate(present):
             self._cache[j][:, :, p : p + n] = new[:, :, :n]
         self.length = p + n
         return logits[0, :n]
 
-    def window_feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph inputs for up to ``window`` tokens at the current position (padded)."""
-        n, S, p, lay = len(ids), self.window, self.length, self.layout
+    def window_feeds(self, ids: np.ndarray, window: int | None = None) -> dict[str, np.ndarray]:
+        """The inputs of a graph of ``window`` tokens (default: the window graph's) for ``ids`` (padded)."""
+        n, S, p, lay = len(ids), window or self.window, self.length, self.layout
         padded = np.concatenate([ids, np.repeat(ids[-1:], S - n)])[None]
         theta = 1.0 / (self.rope_theta ** (np.arange(0, lay.head_dim, 2, dtype=np.float64) / lay.head_dim))
         ang = np.outer(np.arange(p, p + S, dtype=np.float64), theta)[None]

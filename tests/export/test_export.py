@@ -167,13 +167,23 @@ def test_npu_export_static_graphs_match_and_decode_exactly(model_dir, tmp_path):
     assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}  # no contrib operators
     for value in list(graph.graph.input) + list(graph.graph.output):
         assert all(d.dim_value > 0 for d in value.type.tensor_type.shape.dim), value.name  # no dynamic dims
-    q = json.loads((out / "quality.json").read_text())["models"]["target"]["npu_graph_vs_fp32"]
+    report = json.loads((out / "quality.json").read_text())["models"]
+    q = report["target"]["npu_graph_vs_fp32"]
     assert q["top1_agreement"] == 1.0 and q["max_abs_diff"] < 1e-3
+    # the draft also has a one-token step graph that reads the window graph's weights
+    assert m.target.step_graph is None and m.draft.step_graph == "draft/step.onnx"
+    step = onnx.load(str(out / m.draft.step_graph), load_external_data=False)
+    assert step.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 1
+    assert not (out / "draft" / "step.onnx.data").exists()  # every weight is shared
+    assert report["draft"]["npu_step_graph_vs_fp32"]["top1_agreement"] == 1.0
     llm = edgellm.load(out, threads=1)
+    assert llm.draft.session.step_session is not None and llm.target.session.step_session is None
     prompt = "def foo(x): return"
     ref = llm.generate(prompt, mode="target", max_new_tokens=14).token_ids
     for mode in ("speculative", "lookup"):
         assert llm.generate(prompt, mode=mode, max_new_tokens=14).token_ids == ref, mode
+    stats = llm.generate(prompt, mode="speculative", max_new_tokens=14).stats
+    assert stats["acceptance_rate"] == 1.0  # the draft's step graph agrees with the target's window graph
     cpu = export(model_dir, output=tmp_path / "cpu", quant="fp32", max_context=96, quality="none")
     assert edgellm.load(cpu, threads=1).generate(prompt, mode="target", max_new_tokens=14).token_ids == ref
 
@@ -199,6 +209,11 @@ def test_npu_qdq_export_is_calibrated_and_exact(model_dir, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear", "MatMul", "Softmax"} <= ops
     q = json.loads((out / "quality.json").read_text())["models"]["target"]
     assert q["quantization"]["quant"] == "qdq" and q["npu_graph_vs_fp32"]["top1_agreement"] >= 0.9
+    # the draft's step graph is quantized too (its own calibration) and its weights came out
+    # identical to the window graph's, so it stores none of its own
+    step = onnx.load(str(out / m.draft.step_graph), load_external_data=False)
+    assert "QuantizeLinear" in {n.op_type for n in step.graph.node}
+    assert not (out / "draft" / "step.onnx.data").exists()
     llm = edgellm.load(out, threads=1)
     prompt = "def foo(x): return"
     ref = llm.generate(prompt, mode="target", max_new_tokens=12).token_ids
