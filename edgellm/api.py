@@ -247,7 +247,7 @@ def _layout(entry: ModelEntry):
     from edgellm.runtimes.session import KVLayout
 
     return KVLayout(entry.num_layers, entry.num_kv_heads, entry.head_dim, entry.max_context, entry.vocab_size,
-                    entry.io)
+                    entry.io, entry.kv_layout.get("dtype", "float32"))
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

@@ -61,8 +61,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Warn when the target's quantization costs more than this mean KL (nats).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output bundle.")
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the model.")
-@click.option("--target-device", default="cpu", show_default=True, type=click.Choice(["cpu", "npu"]),
-              help="npu: static-shape graphs of standard operators (fp32 for now) for NPU providers.")
+@click.option("--target-device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu", "npu"]),
+              help="gpu: fp16 graphs (int4 weights) for GPU providers; npu: static-shape graphs of "
+                   "standard operators (fp32 or --npu-quant qdq) for NPU providers.")
 @click.option("--npu-window", default=8, show_default=True, type=int,
               help="Tokens per call of the npu graphs (a verify pass holds up to this many).")
 @click.option("--npu-quant", default="fp32", show_default=True, type=click.Choice(["fp32", "qdq"]),

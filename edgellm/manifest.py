@@ -146,6 +146,9 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
     io = d["io"]
     if not isinstance(io, dict) or any(k not in io for k in _KV_KINDS[kind]):
         raise ManifestError(f"models.{role}.io: needs the names {', '.join(_KV_KINDS[kind])}")
+    if d["kv_layout"].get("dtype", "float32") not in ("float32", "float16"):
+        raise ManifestError(f"models.{role}.kv_layout.dtype={d['kv_layout'].get('dtype')!r}; "
+                            "this runtime reads float32, float16")
     if kind == "static_window" and not all(isinstance(d["kv_layout"].get(k), (int, float)) for k in ("window", "rope_theta")):
         raise ManifestError(f"models.{role}.kv_layout: a static_window layout needs 'window' and 'rope_theta'")
     safe_relpath(d["graph"], f"models.{role}.graph")

@@ -26,7 +26,7 @@ DEFAULT_DRAFT_BLOCK_SIZE = 128
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_MAX_TARGET_KL = 0.1
 QUALITY_SAMPLE_TOKENS = 256
-TARGET_DEVICES = ("cpu", "npu")
+TARGET_DEVICES = ("cpu", "gpu", "npu")
 
 
 def export(
@@ -73,9 +73,10 @@ def export(
         trust_remote_code: let transformers run code shipped with a model (off by default).
         ort_mobile: also write ``.ort`` graphs and ``required_operators.config`` for apps that
             ship a minimal onnxruntime (see :mod:`edgellm.export.ort_mobile`).
-        target_device: ``cpu`` (dynamic shapes, fused onnxruntime operators) or ``npu``
-            (static shapes, standard operators, fp32 for now; see
-            :mod:`edgellm.export.static_builder`).
+        target_device: ``cpu`` (dynamic shapes, fused onnxruntime operators), ``gpu`` (the
+            same graphs computing in fp16: activations, KV cache, norms; weights int4 by
+            default, ``quant`` int4/int8/fp16) or ``npu`` (static shapes, standard operators,
+            fp32 or QDQ; see :mod:`edgellm.export.static_builder`).
         npu_window: tokens per call of the ``npu`` graphs (a verify pass holds up to this many).
         npu_quant: ``fp32``, or ``qdq``: static QDQ quantization of the npu graphs (uint16
             activations, uint8 weights) calibrated on sample text (see :mod:`edgellm.export.qdq`).
@@ -101,8 +102,8 @@ def export(
         raise ConfigError(f"target_device={target_device!r}; allowed: {', '.join(TARGET_DEVICES)}")
     if target_device == "npu":
         if quant not in ("auto", "fp32") or draft_quant not in ("int4", "fp32"):
-            raise ConfigError(f"quant={quant!r} with target_device='npu': the npu graphs are fp32 for now "
-                              "(static QDQ quantization is not built yet); leave --quant at auto")
+            raise ConfigError(f"quant={quant!r} with target_device='npu': npu graphs take their precision from "
+                              "npu_quant (--npu-quant fp32 or qdq); leave --quant at auto")
         if not 1 <= npu_window <= 64:
             raise ConfigError(f"npu_window={npu_window}; allowed: 1-64")
         if npu_quant not in ("fp32", "qdq"):
@@ -111,9 +112,17 @@ def export(
     for name, value in (("quant", quant), ("draft_quant", draft_quant)):  # fail before any work
         if value != "auto":
             QuantConfig(value, block_size if name == "quant" else draft_block_size, lm_head_quant=lm_head_quant)
-    qcfg = {"target": dict(quant=quant, block_size=block_size, lm_head_quant=lm_head_quant)}
+    activations = "fp16" if target_device == "gpu" else "fp32"
+    if activations == "fp16":
+        quant = "int4" if quant == "auto" else quant  # GGUF blocks need fp32 arithmetic (the K-quant minimum)
+        draft_quant = "int4" if draft_quant == "auto" else draft_quant
+        for name, value in (("quant", quant), ("draft_quant", draft_quant), ("lm_head_quant", lm_head_quant)):
+            if value in ("fp32", "gguf"):
+                raise ConfigError(f"{name}={value!r} with target_device='gpu' (fp16 graphs); allowed: int4, int8, fp16")
+    qcfg = {"target": dict(quant=quant, block_size=block_size, lm_head_quant=lm_head_quant, activations=activations)}
     if draft is not None:
-        qcfg["draft"] = dict(quant=draft_quant, block_size=draft_block_size, lm_head_quant=None)
+        qcfg["draft"] = dict(quant=draft_quant, block_size=draft_block_size, lm_head_quant=None,
+                             activations=activations)
     if out.exists() and not overwrite:
         raise ConfigError(f"output {str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it")
     if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
@@ -136,7 +145,7 @@ def export(
     return out
 
 
-def _quant_config(src, *, quant: str, block_size: int, lm_head_quant: str | None):
+def _quant_config(src, *, quant: str, block_size: int, lm_head_quant: str | None, activations: str = "fp32"):
     """Resolve ``auto`` and the output projection's default for this source."""
     from edgellm.export.builder import QuantConfig
 
@@ -147,7 +156,7 @@ def _quant_config(src, *, quant: str, block_size: int, lm_head_quant: str | None
                           "model; allowed for it: auto, int4, int8, fp16, fp32")
     if lm_head_quant is None:
         lm_head_quant = "int8" if quant == "int4" else quant
-    return QuantConfig(quant, block_size, lm_head_quant=lm_head_quant)
+    return QuantConfig(quant, block_size, lm_head_quant=lm_head_quant, activations=activations)
 
 
 def _progress_printer(progress: Callable[[str], None] | None, t0: float) -> Callable[[str], None]:
@@ -256,7 +265,7 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
     else:
         builder = DecoderBuilder(src, qcfg, max_context, progress=progress)
         kv_layout = {"kind": "shared_buffer", "dims": ["batch", "num_kv_heads", "max_context", "head_dim"],
-                     "dtype": "float32"}
+                     "dtype": "float16" if qcfg.activations == "fp16" else "float32"}
         io = io_names(s.num_layers)
     builder.build(folder)
     step_graph = None
@@ -321,6 +330,7 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
     ids = np.array(tok.encode(sample_text()).ids[: min(QUALITY_SAMPLE_TOKENS, ctx)], np.int64)
     layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], ctx, entry["vocab_size"],
                       io_names(entry["num_layers"]))
+    got_layout = KVLayout(**{**layout.__dict__, "dtype": entry["kv_layout"]["dtype"]})
     static = entry["kv_layout"]["kind"] == "static_window"
     vocab = tok_entry["vocab_size"]
     result: dict[str, Any] = {"quantization": entry["quantization"], "sample_tokens": int(len(ids)),
@@ -338,7 +348,7 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
             if static:
                 got = static_graph_logits(tmp / entry["graph"], dict(entry), ids)
             else:
-                got = graph_logits(tmp / entry["graph"], layout, ids)
+                got = graph_logits(tmp / entry["graph"], got_layout, ids)
             result["npu_graph_vs_fp32" if static else "quantized_vs_fp32"] = compare_logits(ref, got, vocab)
             del got
             if entry.get("step_graph"):

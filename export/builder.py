@@ -52,6 +52,8 @@ class QuantConfig:
         accuracy_level: MatMulNBits compute type (4 = int8 activations, fastest on CPU;
             1 = fp32).
         lm_head_quant: storage of the output projection; ``None`` means the same as ``quant``.
+        activations: ``fp32``, or ``fp16`` (``--target-device gpu``): activations, KV cache,
+            norms, embedding and MatMulNBits scales in fp16; logits still come out fp32.
     """
 
     quant: str = "int4"
@@ -59,6 +61,7 @@ class QuantConfig:
     symmetric: bool = False
     accuracy_level: int = 4
     lm_head_quant: str | None = None
+    activations: str = "fp32"
 
     def __post_init__(self) -> None:
         for name, value in (("quant", self.quant), ("lm_head_quant", self.lm_head_quant or self.quant)):
@@ -68,6 +71,11 @@ class QuantConfig:
             raise ConfigError(f"block_size={self.block_size}; allowed: a power of two >= 16 (32, 64, 128)")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(f"accuracy_level={self.accuracy_level}; allowed 0-4")
+        if self.activations not in ("fp32", "fp16"):
+            raise ConfigError(f"activations={self.activations!r}; allowed: fp32, fp16")
+        if self.activations == "fp16" and {"fp32", "gguf"} & {self.quant, self.lm_head_quant or self.quant}:
+            raise ConfigError(f"quant={self.quant!r} with fp16 activations (target_device='gpu'); "
+                              "allowed there: int4, int8, fp16")
 
     def to_dict(self) -> dict:
         return {
@@ -76,6 +84,7 @@ class QuantConfig:
             "symmetric": self.symmetric,
             "accuracy_level": self.accuracy_level,
             "lm_head_quant": self.lm_head_quant or self.quant,
+            "activations": self.activations,
         }
 
 
@@ -152,6 +161,7 @@ class DecoderBuilder:
         # quant="gguf": which weights kept their GGUF blocks exactly, and which were re-quantized
         self.kept: dict[str, str] = {}
         self.requantized: list[str] = []
+        self.act = np.float16 if quant.activations == "fp16" else np.float32  # activation dtype
 
     # ------------------------------------------------------------------ linear layers
     def _linear(self, g: _GraphWriter, x: str, names: list[str], quant: str, tag: str) -> str:
@@ -176,15 +186,15 @@ class DecoderBuilder:
             del mats
             dtype = np.float16 if quant == "fp16" else np.float32
             wname = g.const(tag + ".weight", np.ascontiguousarray(w.astype(dtype)))
-            if dtype == np.float16:
-                (wname,) = g.node("Cast", [wname], to=self.TensorProto.FLOAT)
+            if dtype != self.act:
+                (wname,) = g.node("Cast", [wname], to=self._act_type)
             (y,) = g.node("MatMul", [x, wname])
         return self._add_bias(g, y, names, tag)
 
     def _add_bias(self, g: _GraphWriter, y: str, names: list[str], tag: str) -> str:
         biases = [n.replace(".weight", ".bias") for n in names]
         if all(self.src.has(b) for b in biases):
-            bias = np.concatenate([self.src.tensor(b) for b in biases]).astype(np.float32)
+            bias = np.concatenate([self.src.tensor(b) for b in biases]).astype(self.act)
             (y,) = g.node("Add", [y, g.const(tag + ".bias", bias)])
         return y
 
@@ -212,7 +222,7 @@ class DecoderBuilder:
         return outs[0] if len(outs) == 1 else g.node("Concat", outs, axis=-1)[0]
 
     def _matmul_nbits(self, g: _GraphWriter, x: str, p: PackedWeight, tag: str) -> str:
-        ins = [x, g.const(tag + ".qweight", p.data), g.const(tag + ".scales", p.scales)]
+        ins = [x, g.const(tag + ".qweight", p.data), g.const(tag + ".scales", p.scales.astype(self.act))]
         if p.zero_points is not None:
             ins.append(g.const(tag + ".zero_points", p.zero_points))
         (y,) = g.node("MatMulNBits", ins, domain=MS_DOMAIN, K=p.K, N=p.N, bits=p.bits,
@@ -226,6 +236,8 @@ class DecoderBuilder:
         from onnx import TensorProto, helper
 
         self.TensorProto = TensorProto
+        self._act_type = TensorProto.FLOAT16 if self.act == np.float16 else TensorProto.FLOAT
+        kv_type = self._act_type
         s = self.spec
         g = _GraphWriter(out_dir / (model_name + ".data"))
         kv_shape = ["batch", s.num_kv_heads, self.max_context, s.head_dim]
@@ -243,18 +255,20 @@ class DecoderBuilder:
             for i in range(s.num_layers):
                 self.progress(f"layer {i + 1}/{s.num_layers}")
                 for kind in ("key", "value"):
-                    inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
-                    outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_shape))
+                    inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, kv_shape))
+                    outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, kv_shape))
                 x, resid = self._layer(g, i, x, resid, cos, sin)
             self.progress("lm_head")
             normed = g.node("SkipSimplifiedLayerNormalization",
-                            [x, resid, g.const("final_norm", self.src.tensor(FINAL_NORM))],
+                            [x, resid, g.const("final_norm", self.src.tensor(FINAL_NORM).astype(self.act))],
                             n_out=1, domain=MS_DOMAIN, epsilon=s.rms_norm_eps)[0]
             (neg,) = g.node("Neg", ["num_logits"])
             (last,) = g.node("Slice", [normed, neg, g.const("int64_max", np.array([2**62], np.int64)),
                                        g.const("axis_1", np.array([1], np.int64))])
             head = LM_HEAD if self.src.has(LM_HEAD) else EMBED
             logits = self._linear(g, last, [head], self.q.lm_head_quant or self.q.quant, "lm_head")
+            if self.act != np.float32:  # the sampler reads fp32 logits whatever the graph computes in
+                (logits,) = g.node("Cast", [logits], to=TensorProto.FLOAT)
             g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
         finally:
             g.close()
@@ -270,8 +284,8 @@ class DecoderBuilder:
         d = self.spec.head_dim
         inv_freq = 1.0 / (self.spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
         freqs = np.outer(np.arange(self.max_context, dtype=np.float64), inv_freq)
-        return (g.const("cos_cache", np.cos(freqs).astype(np.float32)),
-                g.const("sin_cache", np.sin(freqs).astype(np.float32)))
+        return (g.const("cos_cache", np.cos(freqs).astype(self.act)),
+                g.const("sin_cache", np.sin(freqs).astype(self.act)))
 
     def _embedding(self, g: _GraphWriter) -> str:
         table = self.src.tensor(EMBED)
@@ -279,14 +293,15 @@ class DecoderBuilder:
             (x,) = g.node("Gather", [g.const("embed_tokens", table), "input_ids"])
             return x
         (x,) = g.node("Gather", [g.const("embed_tokens", table.astype(np.float16)), "input_ids"])
-        (x,) = g.node("Cast", [x], to=self.TensorProto.FLOAT)
+        if self.act != np.float16:
+            (x,) = g.node("Cast", [x], to=self.TensorProto.FLOAT)
         return x
 
     def _layer(self, g: _GraphWriter, i: int, x: str, resid: str | None, cos: str, sin: str) -> tuple[str, str]:
         """One decoder block. ``x`` is the previous block's output delta (or the embedding)."""
         s, n, ms = self.spec, layer_names(i), MS_DOMAIN
         eps = s.rms_norm_eps
-        w_in = g.const(f"l{i}.input_norm", self.src.tensor(n["input_norm"]))
+        w_in = g.const(f"l{i}.input_norm", self.src.tensor(n["input_norm"]).astype(self.act))
         if resid is None:  # first block: plain RMSNorm of the embedding
             (h,) = g.node("SimplifiedLayerNormalization", [x, w_in], axis=-1, epsilon=eps)
             resid = x
@@ -306,7 +321,7 @@ class DecoderBuilder:
             scale=float(1.0 / np.sqrt(s.head_dim)), local_window_size=-1,
         ))
         o = self._linear(g, attn, [n["o"]], self.q.quant, f"l{i}.o")
-        w_post = g.const(f"l{i}.post_norm", self.src.tensor(n["post_norm"]))
+        w_post = g.const(f"l{i}.post_norm", self.src.tensor(n["post_norm"]).astype(self.act))
         h2, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [o, resid, w_post], n_out=4, domain=ms, epsilon=eps)
         gu = self._linear(g, h2, [n["gate"], n["up"]], self.q.quant, f"l{i}.gate_up")
         gate, up = g.node("Split", [gu, g.const(f"l{i}.gu_split", np.array([s.intermediate_size] * 2, np.int64))],

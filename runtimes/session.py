@@ -33,6 +33,7 @@ class KVLayout:
     max_context: int
     vocab_size: int
     io: dict[str, Any]
+    dtype: str = "float32"  # of the cache: float16 in gpu bundles
 
 
 def open_session(model_path: Path, provider: ProviderChoice, threads: int | None, profile_prefix: str | None = None):
@@ -118,7 +119,7 @@ class DecoderSession(CachedSession):
         self._cache = []
         for i in range(lay.num_layers):
             for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
-                buf = self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                buf = self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.dtype(lay.dtype)))
                 self._cache.append(buf)
                 self.binding.bind_ortvalue_input(io[past] % i, buf)
                 self.binding.bind_ortvalue_output(io[present] % i, buf)

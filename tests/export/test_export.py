@@ -188,8 +188,43 @@ def test_npu_export_static_graphs_match_and_decode_exactly(model_dir, tmp_path):
     assert edgellm.load(cpu, threads=1).generate(prompt, mode="target", max_new_tokens=14).token_ids == ref
 
 
+def test_gpu_export_computes_in_fp16_and_decodes_exactly(model_dir, tmp_path):
+    """--target-device gpu: fp16 activations and cache, int4 weights with fp16 scales; runs on the CPU EP too."""
+    import onnx
+    from onnx import TensorProto
+
+    import edgellm
+
+    out = export(model_dir, draft=model_dir, output=tmp_path / "gpu", max_context=96, target_device="gpu",
+                 quality="none")
+    m = read_manifest(out)
+    assert m.target.kv_layout["dtype"] == "float16" and m.target.quantization["activations"] == "fp16"
+    assert m.target.quantization["quant"] == "int4"  # auto = int4 weights
+    graph = onnx.load(str(out / m.target.graph), load_external_data=False).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.output)}
+    assert types["past_key_values.0.key"] == TensorProto.FLOAT16 and types["logits"] == TensorProto.FLOAT
+    scales = {t.name: t.data_type for t in graph.initializer if t.name.endswith(".scales")}
+    assert scales and set(scales.values()) == {TensorProto.FLOAT16}
+    # fp16 arithmetic alone (fp16 weights) costs next to nothing against the fp32 graph
+    fp16 = export(model_dir, draft=model_dir, output=tmp_path / "fp16", max_context=96, target_device="gpu",
+                  quant="fp16", draft_quant="fp16")
+    q = json.loads((fp16 / "quality.json").read_text())["models"]["target"]["quantized_vs_fp32"]
+    assert q["top1_agreement"] >= 0.98 and q["mean_kl"] < 1e-3
+    prompt = "def foo(x): return"
+    for bundle in (out, fp16):
+        llm = edgellm.load(bundle, threads=1)
+        assert llm.target.session.cache_array(0).dtype == np.float16
+        ref = llm.generate(prompt, mode="target", max_new_tokens=14)
+        for mode in ("speculative", "lookup"):
+            assert llm.generate(prompt, mode=mode, max_new_tokens=14).token_ids == ref.token_ids, (bundle, mode)
+    # a draft stored like the target (fp16 weights) is the target: it must be accepted everywhere
+    assert llm.generate(prompt, mode="speculative", max_new_tokens=14).stats["acceptance_rate"] == 1.0
+    with pytest.raises(ConfigError, match="quant='fp32' with target_device='gpu'"):
+        export(model_dir, output=tmp_path / "x", quant="fp32", target_device="gpu")
+
+
 def test_npu_export_refuses_quantization_it_cannot_do_yet(model_dir, tmp_path):
-    with pytest.raises(ConfigError, match="npu graphs are fp32 for now"):
+    with pytest.raises(ConfigError, match="npu graphs take their precision from npu_quant"):
         export(model_dir, output=tmp_path / "b", quant="int4", target_device="npu")
     with pytest.raises(ConfigError, match="target_device='tpu'"):
         export(model_dir, output=tmp_path / "b", target_device="tpu")

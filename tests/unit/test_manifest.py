@@ -39,6 +39,9 @@ def test_valid_manifest_parses():
     (lambda d: d["tokenizer"].update(file="..\\\\x"), "leaves the bundle"),
     (lambda d: d["files"].pop("target/model.onnx"), "not listed"),
     (lambda d: d["models"]["target"]["kv_layout"].update(kind="dynamic"), "shared_buffer"),
+    (lambda d: d["models"]["target"]["kv_layout"].update(dtype="bfloat16"), "reads float32, float16"),
+    (lambda d: d["models"]["target"].update(step_graph="../step.onnx"), "models.target.step_graph"),
+    (lambda d: d["models"]["target"].update(step_graph="target/step.onnx"), "step_graph 'target/step.onnx' is not listed"),
 ])
 def test_invalid_manifests_are_refused(mutate, match):
     doc = copy.deepcopy(DOC)
