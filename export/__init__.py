@@ -259,7 +259,7 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
     progress = lambda m: say(f"{role}: {m}")  # noqa: E731
     if npu_window:
         builder = StaticDecoderBuilder(src, max_context, npu_window, progress=progress)
-        kv_layout = {"kind": "static_window", "window": npu_window, "rope_theta": s.rope_theta,
+        kv_layout = {"kind": "static_window", "window": npu_window, "rope_theta": s.rope_theta, "mask_value": -1e9,
                      "dims": ["batch", "num_kv_heads", "max_context", "head_dim"], "dtype": "float32"}
         io = static_io_names(s.num_layers)
     else:
@@ -304,9 +304,10 @@ def _quantize_npu(tmp: Path, entry: dict, tok_entry: dict, say) -> None:
     import numpy as np
     from tokenizers import Tokenizer
 
-    from edgellm.export.qdq import CALIBRATION_WINDOWS, quantize_npu_graph
+    from edgellm.export.qdq import CALIBRATION_WINDOWS, QDQ_MASK_VALUE, quantize_npu_graph
     from edgellm.export.quality import sample_text
 
+    entry["kv_layout"]["mask_value"] = QDQ_MASK_VALUE  # calibrate with the mask the graph will get
     tok = Tokenizer.from_file(str(tmp / tok_entry["file"]))
     ids = np.array(tok.encode(sample_text()).ids, np.int64)[: min(entry["max_context"],
                                                                  CALIBRATION_WINDOWS * entry["kv_layout"]["window"])]

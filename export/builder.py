@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 QUANTS = ("int4", "int8", "fp16", "fp32", "gguf")
 OPSET = 17
+# IR 10 (onnx 1.16) covers opset 21, the newest the graphs use; onnx's default (the newest IR)
+# would lock out older onnxruntime builds, which phones and OpenVINO's onnxruntime still ship
+IR_VERSION = 10
 MS_DOMAIN = "com.microsoft"
 
 
@@ -275,7 +278,7 @@ class DecoderBuilder:
         graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
                                                         helper.make_opsetid(MS_DOMAIN, 1)],
-                                  producer_name="edgellm")
+                                  producer_name="edgellm", ir_version=IR_VERSION)
         path = out_dir / model_name
         onnx.save(model, str(path))
         return path

@@ -6,7 +6,7 @@ operator set, not onnxruntime's contrib ops. This graph processes exactly ``S`` 
 writes by position (rollback = move the position); nothing in it has a dynamic dimension::
 
     inputs   input_ids [1, S] int64, cos/sin [1, S, D/2] (rotary angles of the S positions),
-             attention_mask [1, 1, G*S, C+S] (additive: 0 or -1e9; G = heads per KV head),
+             attention_mask [1, 1, G*S, C+S] (additive: 0 or kv_layout.mask_value; G = heads per KV head),
              past_key_values.%d.key/value [1, KVH, C, D]
     outputs  logits [1, S, V], present.%d.key/value [1, KVH, S, D] (the S new entries only)
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.export.builder import DecoderBuilder, QuantConfig, _GraphWriter
+from edgellm.export.builder import IR_VERSION, DecoderBuilder, QuantConfig, _GraphWriter
 from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, Source, layer_names
 
 # opset 21: 16-bit QuantizeLinear (the QDQ variant) without an opset conversion, which would
@@ -80,7 +80,8 @@ class StaticDecoderBuilder(DecoderBuilder):
         finally:
             g.close()
         graph = helper.make_graph(g.nodes, "static_decoder", inputs, outputs, g.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", STATIC_OPSET)], producer_name="edgellm")
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", STATIC_OPSET)], producer_name="edgellm",
+                                 ir_version=IR_VERSION)
         path = out_dir / model_name
         onnx.save(model, str(path))
         return path

@@ -24,15 +24,20 @@ from edgellm.errors import ContextLengthError
 from edgellm.runtimes.providers import ProviderChoice
 from edgellm.runtimes.session import CachedSession, KVLayout, open_session
 
-NEG = -1000.0  # exp(-1000) is exactly 0 in fp32; small enough to quantize the scores finely
+# The additive mask of masked positions. A masked key (an empty cache slot is all zeros) scores
+# exactly this, so it must lie below every real score: Qwen2.5-1.5B has real scores under -1000
+# (with -1000 its npu graph agreed with fp32 on 254 of 256 tokens). QDQ graphs quantize the scores with one uint16
+# range, which -1e9 would swamp (every real score one level): they record -1000 in the manifest.
+MASK_VALUE = -1e9
 
 
 class StaticDecoderSession(CachedSession):
     """Same interface as :class:`~edgellm.runtimes.session.DecoderSession` (forward, rollback, length)."""
 
     def __init__(self, model_path: Path, layout: KVLayout, provider: ProviderChoice, threads: int | None,
-                 window: int, rope_theta: float, num_heads: int, step_path: Path | None = None) -> None:
-        self.layout, self.window, self.rope_theta = layout, window, rope_theta
+                 window: int, rope_theta: float, num_heads: int, step_path: Path | None = None,
+                 mask_value: float = MASK_VALUE) -> None:
+        self.layout, self.window, self.rope_theta, self.mask_value = layout, window, rope_theta, mask_value
         self.groups = num_heads // layout.num_kv_heads
         self.session, self.load_seconds = open_session(model_path, provider, threads)
         self.providers = self.session.get_providers()
@@ -74,9 +79,10 @@ class StaticDecoderSession(CachedSession):
         padded = np.concatenate([ids, np.repeat(ids[-1:], S - n)])[None]
         theta = 1.0 / (self.rope_theta ** (np.arange(0, lay.head_dim, 2, dtype=np.float64) / lay.head_dim))
         ang = np.outer(np.arange(p, p + S, dtype=np.float64), theta)[None]
-        mask = np.full((S, lay.max_context + S), NEG, np.float32)
+        neg = self.mask_value
+        mask = np.full((S, lay.max_context + S), neg, np.float32)
         mask[:, :p] = 0.0
-        mask[:, lay.max_context:] = np.where(np.tril(np.ones((S, S), bool)), 0.0, NEG)
+        mask[:, lay.max_context:] = np.where(np.tril(np.ones((S, S), bool)), 0.0, neg)
         feeds = {"input_ids": padded, "cos": np.cos(ang).astype(np.float32), "sin": np.sin(ang).astype(np.float32),
                  "attention_mask": np.tile(mask, (self.groups, 1))[None, None]}
         io = lay.io

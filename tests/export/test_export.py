@@ -163,6 +163,7 @@ def test_npu_export_static_graphs_match_and_decode_exactly(model_dir, tmp_path):
                  npu_window=4)
     m = read_manifest(out)
     assert m.target.kv_layout["kind"] == "static_window" and m.target.kv_layout["window"] == 4
+    assert m.target.kv_layout["mask_value"] == -1e9  # below any real score (fp32 needs no finer range)
     graph = onnx.load(str(out / m.target.graph), load_external_data=False)
     assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}  # no contrib operators
     for value in list(graph.graph.input) + list(graph.graph.output):
@@ -240,6 +241,7 @@ def test_npu_qdq_export_is_calibrated_and_exact(model_dir, tmp_path):
                  npu_window=4, npu_quant="qdq")
     m = read_manifest(out)
     assert m.target.quantization["quant"] == "qdq" and m.target.quantization["calibration_tokens"] > 0
+    assert m.target.kv_layout["mask_value"] == -1000.0  # keeps the scores' uint16 range fine-grained
     ops = {n.op_type for n in onnx.load(str(out / m.target.graph), load_external_data=False).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "MatMul", "Softmax"} <= ops
     q = json.loads((out / "quality.json").read_text())["models"]["target"]
