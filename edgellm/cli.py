@@ -66,8 +66,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
                    "standard operators (fp32 or --npu-quant qdq) for NPU providers.")
 @click.option("--npu-window", default=8, show_default=True, type=int,
               help="Tokens per call of the npu graphs (a verify pass holds up to this many).")
-@click.option("--npu-quant", default="fp32", show_default=True, type=click.Choice(["fp32", "qdq"]),
-              help="qdq: static QDQ quantization of the npu graphs, calibrated on sample text.")
+@click.option("--npu-quant", default="fp32", show_default=True, type=click.Choice(["fp32", "qdq", "qdq-w4"]),
+              help="qdq: static QDQ quantization of the npu graphs (uint16 activations, uint8 weights), "
+                   "calibrated on sample text; qdq-w4: int4 weights.")
+@click.option("--npu-draft-quant", default=None, type=click.Choice(["fp32", "qdq", "qdq-w4"]),
+              help="The draft's --npu-quant [default: --npu-quant].")
 @click.option("--ort-mobile", is_flag=True,
               help="Also write .ort graphs and required_operators.config (apps with a minimal onnxruntime).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")

@@ -27,6 +27,7 @@ DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_MAX_TARGET_KL = 0.1
 QUALITY_SAMPLE_TOKENS = 256
 TARGET_DEVICES = ("cpu", "gpu", "npu")
+NPU_QUANTS = ("fp32", "qdq", "qdq-w4")  # qdq: uint8 weights; qdq-w4: int4 weights (both uint16 activations)
 
 
 def export(
@@ -48,6 +49,7 @@ def export(
     target_device: str = "cpu",
     npu_window: int = 8,
     npu_quant: str = "fp32",
+    npu_draft_quant: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export ``target`` (and ``draft``) into a bundle folder at ``output``.
@@ -78,7 +80,9 @@ def export(
             default, ``quant`` int4/int8/fp16) or ``npu`` (static shapes, standard operators,
             fp32 or QDQ; see :mod:`edgellm.export.static_builder`).
         npu_window: tokens per call of the ``npu`` graphs (a verify pass holds up to this many).
-        npu_quant: ``fp32``, or ``qdq``: static QDQ quantization of the npu graphs (uint16
+        npu_draft_quant: the draft's ``npu_quant`` (``None``: the same); e.g. ``qdq-w4`` for the
+            draft (speed) and ``qdq`` for the target (quality).
+        npu_quant: ``fp32``, ``qdq`` or ``qdq-w4``: static QDQ quantization of the npu graphs (uint16
             activations, uint8 weights) calibrated on sample text (see :mod:`edgellm.export.qdq`).
         progress: called with one-line progress messages.
 
@@ -106,8 +110,10 @@ def export(
                               "npu_quant (--npu-quant fp32 or qdq); leave --quant at auto")
         if not 1 <= npu_window <= 64:
             raise ConfigError(f"npu_window={npu_window}; allowed: 1-64")
-        if npu_quant not in ("fp32", "qdq"):
-            raise ConfigError(f"npu_quant={npu_quant!r}; allowed: fp32, qdq")
+        npu_draft_quant = npu_draft_quant or npu_quant
+        for name, value in (("npu_quant", npu_quant), ("npu_draft_quant", npu_draft_quant)):
+            if value not in NPU_QUANTS:
+                raise ConfigError(f"{name}={value!r}; allowed: {', '.join(NPU_QUANTS)}")
         quant, draft_quant, lm_head_quant = "fp32", "fp32", None
     for name, value in (("quant", quant), ("draft_quant", draft_quant)):  # fail before any work
         if value != "auto":
@@ -134,7 +140,8 @@ def export(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
-                     say, npu_window if target_device == "npu" else None, npu_quant)
+                     say, npu_window if target_device == "npu" else None,
+                     {"target": npu_quant, "draft": npu_draft_quant or npu_quant})
         _replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,7 +187,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
-                 say, npu_window: int | None = None, npu_quant: str = "fp32") -> None:
+                 say, npu_window: int | None = None, npu_quant: dict | None = None) -> None:
     from edgellm import __version__
     from edgellm.export.source import open_source
     from edgellm.export.tokenizer import check_compatible, tokenizer_files, write_tokenizer
@@ -201,8 +208,8 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     for role, src in sources.items():
         ctx = min(max_context, src.spec.source_context_length)
         models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say, npu_window)
-        if npu_window and npu_quant == "qdq":
-            _quantize_npu(tmp, models[role], tok_entry, say)
+        if npu_window and npu_quant[role] != "fp32":
+            _quantize_npu(tmp, models[role], tok_entry, say, weight_bits=4 if npu_quant[role] == "qdq-w4" else 8)
         if models[role].get("step_graph"):
             from edgellm.export.shared_weights import share_weights
 
@@ -300,7 +307,7 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
     } | ({"step_graph": step_graph} if step_graph else {})
 
 
-def _quantize_npu(tmp: Path, entry: dict, tok_entry: dict, say) -> None:
+def _quantize_npu(tmp: Path, entry: dict, tok_entry: dict, say, weight_bits: int) -> None:
     import numpy as np
     from tokenizers import Tokenizer
 
@@ -311,10 +318,12 @@ def _quantize_npu(tmp: Path, entry: dict, tok_entry: dict, say) -> None:
     tok = Tokenizer.from_file(str(tmp / tok_entry["file"]))
     ids = np.array(tok.encode(sample_text()).ids, np.int64)[: min(entry["max_context"],
                                                                  CALIBRATION_WINDOWS * entry["kv_layout"]["window"])]
-    quantize_npu_graph(tmp / entry["graph"], entry, ids, say)
+    quantize_npu_graph(tmp / entry["graph"], entry, ids, say, weight_bits)
     if entry.get("step_graph"):
-        quantize_npu_graph(tmp / entry["step_graph"], entry | {"kv_layout": entry["kv_layout"] | {"window": 1}}, ids, say)
-    entry["quantization"] = {"quant": "qdq", "activations": "uint16", "weights": "uint8",
+        quantize_npu_graph(tmp / entry["step_graph"], entry | {"kv_layout": entry["kv_layout"] | {"window": 1}}, ids,
+                           say, weight_bits)
+    entry["quantization"] = {"quant": "qdq" if weight_bits == 8 else "qdq-w4", "activations": "uint16",
+                             "weights": "uint8" if weight_bits == 8 else "int4",
                              "calibration_tokens": int(len(ids))}
 
 

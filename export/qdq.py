@@ -49,7 +49,8 @@ class _WindowFeeds:
         raise NotImplementedError
 
 
-def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[[str], None]) -> None:
+def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[[str], None],
+                       weight_bits: int = 8) -> None:
     """Replace the fp32 static graph at ``graph`` by its QDQ version (in place).
 
     Args:
@@ -57,17 +58,20 @@ def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[
             is ``<name>.onnx`` with weights in ``<name>_qdq.onnx.data``.
         entry: the model's manifest entry; ``kv_layout.window`` is this graph's window.
         ids: int64 ``(T,)`` calibration tokens, run ``window`` at a time.
+        weight_bits: 8 (uint8 per output channel) or 4 (int4 per output channel, symmetric:
+            what QNN's HTP takes).
     """
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     stem = graph.stem
-    say(f"quantizing {graph.parent.name}/{graph.name} to QDQ (uint16 activations, uint8 weights), "
+    wtype = QuantType.QInt4 if weight_bits == 4 else QuantType.QUInt8
+    say(f"quantizing {graph.parent.name}/{graph.name} to QDQ (uint16 activations, {wtype.name} weights), "
         f"calibrated on {len(ids)} tokens, {entry['kv_layout']['window']} per call")
     fp32 = graph.with_name(f"{stem}_fp32.onnx")  # still reads its weights from <stem>.onnx.data
     graph.rename(fp32)
     cfg = get_qnn_qdq_config(str(fp32), _WindowFeeds(fp32, entry, ids), activation_type=QuantType.QUInt16,
-                             weight_type=QuantType.QUInt8, per_channel=True)
+                             weight_type=wtype, per_channel=True)
     cfg.use_external_data_format = True
     tmp = graph.with_name(f"{stem}_qdq.onnx")
     quantize(str(fp32), str(tmp), cfg)

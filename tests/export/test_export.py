@@ -237,9 +237,19 @@ def test_npu_qdq_export_is_calibrated_and_exact(model_dir, tmp_path):
 
     import edgellm
 
+    from onnx import TensorProto
+
     out = export(model_dir, draft=model_dir, output=tmp_path / "qdq", max_context=96, target_device="npu",
-                 npu_window=4, npu_quant="qdq")
+                 npu_window=4, npu_quant="qdq", npu_draft_quant="qdq-w4")
     m = read_manifest(out)
+    # the target's weights are uint8, the draft's int4 (quantize the draft hard, guard the target)
+    for entry, wtype in ((m.target, TensorProto.UINT8), (m.draft, TensorProto.INT4)):
+        graph = onnx.load(str(out / entry.graph), load_external_data=False).graph
+        inits = {t.name: t.data_type for t in graph.initializer}
+        weights = [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear"
+                   and n.input[0].endswith(".weight_quantized") and "norm" not in n.input[0]]  # the linear layers
+        assert weights and set(weights) == {wtype}, entry.role
+    assert m.draft.quantization["quant"] == "qdq-w4" and m.draft.quantization["weights"] == "int4"
     assert m.target.quantization["quant"] == "qdq" and m.target.quantization["calibration_tokens"] > 0
     assert m.target.kv_layout["mask_value"] == -1000.0  # keeps the scores' uint16 range fine-grained
     ops = {n.op_type for n in onnx.load(str(out / m.target.graph), load_external_data=False).graph.node}
