@@ -144,6 +144,20 @@ def test_ort_mobile_graphs_run_and_match(model_dir, tmp_path):
     assert ort_llm.generate(prompt, mode="speculative", max_new_tokens=10).token_ids == ref
 
 
+def test_ort_mobile_npu_bundle_has_the_step_graph_too(model_dir, tmp_path):
+    import edgellm
+
+    out = export(model_dir, draft=model_dir, output=tmp_path / "b", max_context=96, quality="none",
+                 target_device="npu", npu_window=4, ort_mobile=True)
+    m = read_manifest(out)
+    assert m.draft.ort_step_graph == "draft/step.ort" and (out / m.draft.ort_step_graph).is_file()
+    prompt = "def foo(x): return"
+    ref = edgellm.load(out, threads=1).generate(prompt, mode="target", max_new_tokens=10).token_ids
+    ort_llm = edgellm.load(out, threads=1, graph_format="ort")
+    assert ort_llm.draft.session.step_session is not None
+    assert ort_llm.generate(prompt, mode="speculative", max_new_tokens=10).token_ids == ref
+
+
 def test_graph_format_errors(tiny_bundle):
     import edgellm
 
