@@ -2,17 +2,25 @@
 
 NPUs run integer arithmetic: the static graph gets QuantizeLinear/DequantizeLinear pairs with
 scales fixed at export. onnxruntime's quantizer, configured for QNN (``get_qnn_qdq_config``:
-uint16 activations, uint8 weights here), calibrates the activation ranges by running the fp32
-graph over windows of the sample text shipped with edgellm (the same text as the quality
-report), with the cache filled as decoding would fill it.
+uint16 activations; uint8 or int4 weights per output channel), places them; the activation
+ranges come from running the fp32 graph over windows of the sample text shipped with edgellm
+(the same text as the quality report), with the cache filled as decoding fills it.
+
+The ranges are measured here rather than by the quantizer's own calibrator, which holds the
+model in memory while a session holds another copy (a 1.5B fp32 graph is 7 GB): one session
+runs a copy of the graph that also outputs every tensor to calibrate, keeping only each one's
+running minimum and maximum, and the quantizer then reads them from a calibration cache.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from edgellm.runtimes.static_session import StaticDecoderSession
 
 CALIBRATION_WINDOWS = 16
 # The attention scores (mask included) get one uint16 range: a -1e9 mask would leave every real
@@ -21,32 +29,74 @@ CALIBRATION_WINDOWS = 16
 QDQ_MASK_VALUE = -1000.0
 
 
-class _WindowFeeds:
-    """A calibration data reader: the inputs of successive windows of ``ids`` (fp32 graph run on the CPU)."""
+class _RangeRecorder(StaticDecoderSession):
+    """A static session over a graph augmented with extra outputs; keeps their min and max."""
 
-    def __init__(self, graph: Path, entry: dict, ids: np.ndarray) -> None:
+    def __init__(self, graph: Path, entry: dict, extra: list[str]) -> None:
         from edgellm.runtimes.providers import resolve_provider
         from edgellm.runtimes.session import KVLayout
-        from edgellm.runtimes.static_session import StaticDecoderSession
 
         kv = entry["kv_layout"]
         layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], entry["max_context"],
                           entry["vocab_size"], entry["io"])
-        self.session = StaticDecoderSession(graph, layout, resolve_provider("cpu"), None, kv["window"],
-                                            kv["rope_theta"], entry["num_heads"], mask_value=kv["mask_value"])
-        w = kv["window"]
-        self.windows = [ids[i : i + w] for i in range(0, len(ids), w)]
+        super().__init__(graph, layout, resolve_provider("cpu"), None, kv["window"], kv["rope_theta"],
+                         entry["num_heads"], mask_value=kv["mask_value"])
+        self.extra = extra
+        self.ranges: dict[str, tuple[float, float]] = {}
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if not self.windows:
-            return None
-        ids = self.windows.pop(0)
-        feeds = {k: v.copy() for k, v in self.session.window_feeds(ids).items()}
-        self.session.forward(ids, 1)  # advance the cache for the next window
-        return feeds
+    def _record(self, name: str, value: np.ndarray) -> None:
+        lo, hi = float(np.min(value)), float(np.max(value))
+        old = self.ranges.get(name)
+        self.ranges[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
 
-    def rewind(self) -> None:  # the quantizer may read the data twice
-        raise NotImplementedError
+    def _run(self, session, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outs = session.run(names + self.extra, feeds)
+        for name, value in zip(names + self.extra, outs):
+            self._record(name, value)
+        for name, value in feeds.items():
+            if value.dtype == np.float32:
+                self._record(name, value)
+        return outs[: len(names)]
+
+
+def calibrate_ranges(graph: Path, entry: dict, ids: np.ndarray, op_types: list[str] | None):
+    """Min/max of every float tensor that the quantizer will quantize, over ``ids`` run a window at a time.
+
+    Args:
+        graph: the fp32 static graph (weights in external data beside it).
+        entry: the model's manifest entry; ``kv_layout.window`` is this graph's window.
+        ids: int64 ``(T,)`` calibration tokens.
+        op_types: the operator types the quantizer handles (``None``: all), like its calibrator.
+
+    Returns:
+        onnxruntime's ``TensorsData`` (MinMax).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(graph), load_external_data=False))
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    inits = {t.name for t in g.initializer}
+    inputs, outputs = {v.name for v in g.input}, {v.name for v in g.output}
+    wanted = {t for n in g.node if op_types is None or n.op_type in op_types for t in list(n.input) + list(n.output)
+              if t and t not in inits and types.get(t) == TensorProto.FLOAT}
+    extra = sorted(wanted - inputs - outputs)
+    g.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in extra)
+    augmented = graph.with_name(f"{graph.stem}_calibration.onnx")  # beside it: same external data
+    onnx.save(model, str(augmented))
+    try:
+        rec = _RangeRecorder(augmented, entry, extra)
+        w = entry["kv_layout"]["window"]
+        for i in range(0, len(ids), w):
+            rec.forward(ids[i : i + w], 1)
+        ranges = {k: v for k, v in rec.ranges.items() if k in wanted}
+        del rec
+    finally:
+        augmented.unlink()
+    return TensorsData(CalibrationMethod.MinMax,
+                       {k: (np.array(lo, np.float32), np.array(hi, np.float32)) for k, (lo, hi) in ranges.items()})
 
 
 def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[[str], None],
@@ -61,7 +111,8 @@ def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[
         weight_bits: 8 (uint8 per output channel) or 4 (int4 per output channel, symmetric:
             what QNN's HTP takes).
     """
-    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization import QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     stem = graph.stem
@@ -70,11 +121,19 @@ def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[
         f"calibrated on {len(ids)} tokens, {entry['kv_layout']['window']} per call")
     fp32 = graph.with_name(f"{stem}_fp32.onnx")  # still reads its weights from <stem>.onnx.data
     graph.rename(fp32)
-    cfg = get_qnn_qdq_config(str(fp32), _WindowFeeds(fp32, entry, ids), activation_type=QuantType.QUInt16,
-                             weight_type=wtype, per_channel=True)
-    cfg.use_external_data_format = True
+    cfg = get_qnn_qdq_config(str(fp32), None, activation_type=QuantType.QUInt16, weight_type=wtype, per_channel=True)
+    ranges = calibrate_ranges(fp32, entry, ids, cfg.op_types_to_quantize)
     tmp = graph.with_name(f"{stem}_qdq.onnx")
-    quantize(str(fp32), str(tmp), cfg)
+    with tempfile.TemporaryDirectory(prefix="edgellm-calibration-") as d:
+        cache = Path(d) / "ranges.json"
+        save_tensors_data(ranges, cache)
+        quantize_static(str(fp32), str(tmp), None, calibration_cache_path=cache,
+                        calibrate_method=cfg.calibrate_method, quant_format=cfg.quant_format,
+                        activation_type=cfg.activation_type, weight_type=cfg.weight_type,
+                        op_types_to_quantize=cfg.op_types_to_quantize, nodes_to_quantize=cfg.nodes_to_quantize,
+                        nodes_to_exclude=cfg.nodes_to_exclude, per_channel=cfg.per_channel,
+                        reduce_range=cfg.reduce_range, use_external_data_format=True,
+                        extra_options=cfg.extra_options)
     fp32.unlink()
     graph.with_name(f"{stem}.onnx.data").unlink(missing_ok=True)
     tmp.rename(graph)  # the quantized graph names its data file <stem>_qdq.onnx.data: kept

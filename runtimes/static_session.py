@@ -67,11 +67,14 @@ class StaticDecoderSession(CachedSession):
         feeds = self.window_feeds(ids, window)
         io = lay.io
         names = [io["logits"]] + [io[k] % i for i in range(lay.num_layers) for k in ("present_key", "present_value")]
-        logits, *present = session.run(names, feeds)
+        logits, *present = self._run(session, names, feeds)
         for j, new in enumerate(present):
             self._cache[j][:, :, p : p + n] = new[:, :, :n]
         self.length = p + n
         return logits[0, :n]
+
+    def _run(self, session, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return session.run(names, feeds)
 
     def window_feeds(self, ids: np.ndarray, window: int | None = None) -> dict[str, np.ndarray]:
         """The inputs of a graph of ``window`` tokens (default: the window graph's) for ``ids`` (padded)."""
