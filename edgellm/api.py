@@ -220,7 +220,7 @@ GRAPH_FORMATS = ("onnx", "ort")
 def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threads: int | None, min_rows: int = 1):
     """The session for one model: dynamic graphs (cpu export) or static window graphs (npu export)."""
     from edgellm.runtimes.session import DecoderSession
-    from edgellm.runtimes.static_session import MASK_VALUE, StaticDecoderSession
+    from edgellm.runtimes.static_session import StaticDecoderSession
 
     path = bundle / _graph(entry, graph_format)
     kv = entry.kv_layout
@@ -228,8 +228,7 @@ def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threa
         step = entry.ort_step_graph if graph_format == "ort" else entry.step_graph
         return StaticDecoderSession(path, _layout(entry), provider, threads, int(kv["window"]),
                                     float(kv["rope_theta"]), entry.num_heads,
-                                    step_path=bundle / step if step else None,
-                                    mask_value=float(kv.get("mask_value", MASK_VALUE)))
+                                    step_path=bundle / step if step else None)
     return DecoderSession(path, _layout(entry), provider, threads, min_rows=min_rows)
 
 

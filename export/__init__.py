@@ -266,7 +266,8 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
     progress = lambda m: say(f"{role}: {m}")  # noqa: E731
     if npu_window:
         builder = StaticDecoderBuilder(src, max_context, npu_window, progress=progress)
-        kv_layout = {"kind": "static_window", "window": npu_window, "rope_theta": s.rope_theta, "mask_value": -1e9,
+        kv_layout = {"kind": "static_window", "window": npu_window, "rope_theta": s.rope_theta,
+                     "attention_mask": "indicator",
                      "dims": ["batch", "num_kv_heads", "max_context", "head_dim"], "dtype": "float32"}
         io = static_io_names(s.num_layers)
     else:
@@ -311,20 +312,20 @@ def _quantize_npu(tmp: Path, entry: dict, tok_entry: dict, say, weight_bits: int
     import numpy as np
     from tokenizers import Tokenizer
 
-    from edgellm.export.qdq import CALIBRATION_WINDOWS, QDQ_MASK_VALUE, quantize_npu_graph
+    from edgellm.export.qdq import CALIBRATION_WINDOWS, quantize_npu_graph
     from edgellm.export.quality import sample_text
 
-    entry["kv_layout"]["mask_value"] = QDQ_MASK_VALUE  # calibrate with the mask the graph will get
     tok = Tokenizer.from_file(str(tmp / tok_entry["file"]))
     ids = np.array(tok.encode(sample_text()).ids, np.int64)[: min(entry["max_context"],
                                                                  CALIBRATION_WINDOWS * entry["kv_layout"]["window"])]
-    quantize_npu_graph(tmp / entry["graph"], entry, ids, say, weight_bits)
+    mask_values = quantize_npu_graph(tmp / entry["graph"], entry, ids, say, weight_bits)
     if entry.get("step_graph"):
         quantize_npu_graph(tmp / entry["step_graph"], entry | {"kv_layout": entry["kv_layout"] | {"window": 1}}, ids,
                            say, weight_bits)
     entry["quantization"] = {"quant": "qdq" if weight_bits == 8 else "qdq-w4", "activations": "uint16",
                              "weights": "uint8" if weight_bits == 8 else "int4",
-                             "calibration_tokens": int(len(ids))}
+                             "calibration_tokens": int(len(ids)),
+                             "mask_values": [round(v, 1) for v in mask_values]}
 
 
 def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str, tok_entry: dict, say) -> dict:

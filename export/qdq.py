@@ -23,10 +23,6 @@ import numpy as np
 from edgellm.runtimes.static_session import StaticDecoderSession
 
 CALIBRATION_WINDOWS = 16
-# The attention scores (mask included) get one uint16 range: a -1e9 mask would leave every real
-# score on one level (top-1 0.04 on the 0.5B). -1000 lies below the 0.5B's real scores (its fp32
-# graph with -1000 matches -1e9 to 4e-5); the quality report shows when a model's do not.
-QDQ_MASK_VALUE = -1000.0
 
 
 class _RangeRecorder(StaticDecoderSession):
@@ -40,7 +36,7 @@ class _RangeRecorder(StaticDecoderSession):
         layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], entry["max_context"],
                           entry["vocab_size"], entry["io"])
         super().__init__(graph, layout, resolve_provider("cpu"), None, kv["window"], kv["rope_theta"],
-                         entry["num_heads"], mask_value=kv["mask_value"])
+                         entry["num_heads"])
         self.extra = extra
         self.ranges: dict[str, tuple[float, float]] = {}
 
@@ -59,6 +55,63 @@ class _RangeRecorder(StaticDecoderSession):
         return outs[: len(names)]
 
 
+def _record_ranges(graph: Path, entry: dict, ids: np.ndarray, tensors: set[str], model=None) -> dict:
+    """Min/max of ``tensors`` over ``ids`` run a window at a time through ``graph`` (or ``model``, its proto)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = model if model is not None else onnx.load(str(graph), load_external_data=False)
+    g = model.graph
+    extra = sorted(tensors - {v.name for v in g.input} - {v.name for v in g.output})
+    g.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in extra)
+    augmented = graph.with_name(f"{graph.stem}_calibration.onnx")  # beside it: same external data
+    onnx.save(model, str(augmented))
+    del g.output[len(g.output) - len(extra):]
+    try:
+        rec = _RangeRecorder(augmented, entry, extra)
+        w = entry["kv_layout"]["window"]
+        for i in range(0, len(ids), w):
+            rec.forward(ids[i : i + w], 1)
+        return {k: v for k, v in rec.ranges.items() if k in tensors}
+    finally:
+        augmented.unlink()
+
+
+def fit_mask_values(graph: Path, entry: dict, ids: np.ndarray) -> list[float]:
+    """Give each layer's ``l<i>.mask_value`` the smallest magnitude that still masks (in place).
+
+    A masked key's raw score lies within the layer's calibrated score range ``[lo, hi]`` (an
+    empty cache slot scores 0), every row's best real score is at least ``lo``: a mask of
+    ``-(hi - lo)`` puts every masked score below every row's maximum; 25 % and 100 more keep it
+    there for inputs beyond the calibration text. A smaller magnitude keeps the uint16 range of
+    the masked scores fine (Qwen2.5-0.5B: -1e9 left every real score on one level, top-1 0.04).
+
+    Returns:
+        The values, one per layer.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    bias = {n.output[0]: next(i for i in n.input if i != "attention_mask") for n in model.graph.node
+            if n.op_type == "Mul" and "attention_mask" in n.input}
+    scores = {}  # mask-value initializer -> the scores it is added to
+    for n in model.graph.node:
+        if n.op_type == "Add" and any(i in bias for i in n.input):
+            b = next(i for i in n.input if i in bias)
+            scores[bias[b]] = next(i for i in n.input if i != b)
+    ranges = _record_ranges(graph, entry, ids, set(scores.values()), model)
+    values = []
+    for name, tensor in scores.items():
+        lo, hi = ranges[tensor]
+        value = -1.25 * (max(hi, 0.0) - min(lo, 0.0)) - 100.0
+        inits[name].CopyFrom(numpy_helper.from_array(np.array(value, np.float32), name))
+        values.append(value)
+    onnx.save(model, str(graph))
+    return values
+
+
 def calibrate_ranges(graph: Path, entry: dict, ids: np.ndarray, op_types: list[str] | None):
     """Min/max of every float tensor that the quantizer will quantize, over ``ids`` run a window at a time.
 
@@ -72,36 +125,24 @@ def calibrate_ranges(graph: Path, entry: dict, ids: np.ndarray, op_types: list[s
         onnxruntime's ``TensorsData`` (MinMax).
     """
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 
     model = onnx.shape_inference.infer_shapes(onnx.load(str(graph), load_external_data=False))
     g = model.graph
     types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
     inits = {t.name for t in g.initializer}
-    inputs, outputs = {v.name for v in g.input}, {v.name for v in g.output}
     wanted = {t for n in g.node if op_types is None or n.op_type in op_types for t in list(n.input) + list(n.output)
               if t and t not in inits and types.get(t) == TensorProto.FLOAT}
-    extra = sorted(wanted - inputs - outputs)
-    g.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in extra)
-    augmented = graph.with_name(f"{graph.stem}_calibration.onnx")  # beside it: same external data
-    onnx.save(model, str(augmented))
-    try:
-        rec = _RangeRecorder(augmented, entry, extra)
-        w = entry["kv_layout"]["window"]
-        for i in range(0, len(ids), w):
-            rec.forward(ids[i : i + w], 1)
-        ranges = {k: v for k, v in rec.ranges.items() if k in wanted}
-        del rec
-    finally:
-        augmented.unlink()
+    del model
+    ranges = _record_ranges(graph, entry, ids, wanted)
     return TensorsData(CalibrationMethod.MinMax,
                        {k: (np.array(lo, np.float32), np.array(hi, np.float32)) for k, (lo, hi) in ranges.items()})
 
 
 def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[[str], None],
-                       weight_bits: int = 8) -> None:
-    """Replace the fp32 static graph at ``graph`` by its QDQ version (in place).
+                       weight_bits: int = 8) -> list[float]:
+    """Replace the fp32 static graph at ``graph`` by its QDQ version (in place); returns the mask values.
 
     Args:
         graph: ``<name>.onnx`` with its weights in ``<name>.onnx.data``; afterwards the QDQ graph
@@ -121,6 +162,7 @@ def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[
         f"calibrated on {len(ids)} tokens, {entry['kv_layout']['window']} per call")
     fp32 = graph.with_name(f"{stem}_fp32.onnx")  # still reads its weights from <stem>.onnx.data
     graph.rename(fp32)
+    mask_values = fit_mask_values(fp32, entry, ids)
     cfg = get_qnn_qdq_config(str(fp32), None, activation_type=QuantType.QUInt16, weight_type=wtype, per_channel=True)
     ranges = calibrate_ranges(fp32, entry, ids, cfg.op_types_to_quantize)
     tmp = graph.with_name(f"{stem}_qdq.onnx")
@@ -137,3 +179,4 @@ def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[
     fp32.unlink()
     graph.with_name(f"{stem}.onnx.data").unlink(missing_ok=True)
     tmp.rename(graph)  # the quantized graph names its data file <stem>_qdq.onnx.data: kept
+    return mask_values

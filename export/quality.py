@@ -34,13 +34,13 @@ def graph_logits(graph: Path, layout: KVLayout, ids: np.ndarray, threads: int | 
 
 def static_graph_logits(graph: Path, entry: dict, ids: np.ndarray, threads: int | None = None) -> np.ndarray:
     """Teacher-forced logits ``(n, V)`` of a static (npu) graph, run window by window on the CPU."""
-    from edgellm.runtimes.static_session import MASK_VALUE, StaticDecoderSession
+    from edgellm.runtimes.static_session import StaticDecoderSession
 
     kv = entry["kv_layout"]
     layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], entry["max_context"],
                       entry["vocab_size"], entry["io"])
     sess = StaticDecoderSession(graph, layout, resolve_provider("cpu"), threads, kv["window"], kv["rope_theta"],
-                                entry["num_heads"], mask_value=kv.get("mask_value", MASK_VALUE))
+                                entry["num_heads"])
     return sess.forward(ids, num_logits=len(ids))
 
 

@@ -6,14 +6,22 @@ operator set, not onnxruntime's contrib ops. This graph processes exactly ``S`` 
 writes by position (rollback = move the position); nothing in it has a dynamic dimension::
 
     inputs   input_ids [1, S] int64, cos/sin [1, S, D/2] (rotary angles of the S positions),
-             attention_mask [1, 1, G*S, C+S] (additive: 0 or kv_layout.mask_value; G = heads per KV head),
+             attention_mask [1, 1, G*S, C+S] (1 = masked, 0 = attended; G = heads per KV head),
              past_key_values.%d.key/value [1, KVH, C, D]
     outputs  logits [1, S, V], present.%d.key/value [1, KVH, S, D] (the S new entries only)
 
 Attention is written out: RMSNorm as ReduceMean/Sqrt/Div, rotary as Split/Mul/Sub/Add/Concat,
 grouped-query attention by folding each KV head's G query heads into rows (no Expand), scores
-over the concatenation of the cache and the new keys, Softmax, MatMul. Weights are fp32
-MatMul initializers (the quantized, QDQ variant is not built yet).
+over the concatenation of the cache and the new keys, Softmax, MatMul.
+
+Each layer adds ``attention_mask * l<i>.mask_value`` to its scores. The value must put a masked
+key's score far below every real score of the row, whatever the model's scale: Qwen2.5-1.5B's
+first layer scores range over [-2010, 12863] (an empty, all-zero cache slot scores 0 there), its
+middle layers over about [-30, 30]. fp32 graphs use -30000 (exp() of the gap is 0; still finite
+in the fp16 arithmetic NPUs use, where 0 * -inf would be NaN); QDQ graphs, whose scores share one
+uint16 range per layer, get a per-layer value fitted to the calibrated scores
+(:func:`edgellm.export.qdq.fit_mask_values`). Weights are fp32 MatMul initializers;
+:mod:`edgellm.export.qdq` turns the graph into its QDQ variant.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import numpy as np
 from edgellm.export.builder import IR_VERSION, DecoderBuilder, QuantConfig, _GraphWriter
 from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, Source, layer_names
 
+MASK_VALUE = -30000.0
 # opset 21: 16-bit QuantizeLinear (the QDQ variant) without an opset conversion, which would
 # serialize the whole model in memory (impossible past 2 GB)
 STATIC_OPSET = 21
@@ -135,7 +144,8 @@ class StaticDecoderBuilder(DecoderBuilder):
         (kt,) = g.node("Transpose", [k_all], perm=[0, 1, 3, 2])
         (scores,) = g.node("MatMul", [qg, kt])
         (scores,) = g.node("Mul", [scores, g.const(f"l{i}.scale", np.array(1.0 / np.sqrt(D), np.float32))])
-        (scores,) = g.node("Add", [scores, "attention_mask"])
+        (bias,) = g.node("Mul", ["attention_mask", g.const(f"l{i}.mask_value", np.array(MASK_VALUE, np.float32))])
+        (scores,) = g.node("Add", [scores, bias])
         (p,) = g.node("Softmax", [scores], axis=-1)
         (o,) = g.node("MatMul", [p, v_all])  # [1, KVH, G*S, D]
         (o,) = g.node("Reshape", [o, g.const(f"l{i}.o_heads", np.array([1, s.num_heads, S, D], np.int64))])

@@ -24,20 +24,14 @@ from edgellm.errors import ContextLengthError
 from edgellm.runtimes.providers import ProviderChoice
 from edgellm.runtimes.session import CachedSession, KVLayout, open_session
 
-# The additive mask of masked positions. A masked key (an empty cache slot is all zeros) scores
-# exactly this, so it must lie below every real score: Qwen2.5-1.5B has real scores under -1000
-# (with -1000 its npu graph agreed with fp32 on 254 of 256 tokens). QDQ graphs quantize the scores with one uint16
-# range, which -1e9 would swamp (every real score one level): they record -1000 in the manifest.
-MASK_VALUE = -1e9
 
 
 class StaticDecoderSession(CachedSession):
     """Same interface as :class:`~edgellm.runtimes.session.DecoderSession` (forward, rollback, length)."""
 
     def __init__(self, model_path: Path, layout: KVLayout, provider: ProviderChoice, threads: int | None,
-                 window: int, rope_theta: float, num_heads: int, step_path: Path | None = None,
-                 mask_value: float = MASK_VALUE) -> None:
-        self.layout, self.window, self.rope_theta, self.mask_value = layout, window, rope_theta, mask_value
+                 window: int, rope_theta: float, num_heads: int, step_path: Path | None = None) -> None:
+        self.layout, self.window, self.rope_theta = layout, window, rope_theta
         self.groups = num_heads // layout.num_kv_heads
         self.session, self.load_seconds = open_session(model_path, provider, threads)
         self.providers = self.session.get_providers()
@@ -82,10 +76,9 @@ class StaticDecoderSession(CachedSession):
         padded = np.concatenate([ids, np.repeat(ids[-1:], S - n)])[None]
         theta = 1.0 / (self.rope_theta ** (np.arange(0, lay.head_dim, 2, dtype=np.float64) / lay.head_dim))
         ang = np.outer(np.arange(p, p + S, dtype=np.float64), theta)[None]
-        neg = self.mask_value
-        mask = np.full((S, lay.max_context + S), neg, np.float32)
+        mask = np.ones((S, lay.max_context + S), np.float32)  # 1 = masked (the graph scales it per layer)
         mask[:, :p] = 0.0
-        mask[:, lay.max_context:] = np.where(np.tril(np.ones((S, S), bool)), 0.0, neg)
+        mask[:, lay.max_context:] = np.where(np.tril(np.ones((S, S), bool)), 0.0, 1.0)
         feeds = {"input_ids": padded, "cos": np.cos(ang).astype(np.float32), "sin": np.sin(ang).astype(np.float32),
                  "attention_mask": np.tile(mask, (self.groups, 1))[None, None]}
         io = lay.io

@@ -177,7 +177,7 @@ def test_npu_export_static_graphs_match_and_decode_exactly(model_dir, tmp_path):
                  npu_window=4)
     m = read_manifest(out)
     assert m.target.kv_layout["kind"] == "static_window" and m.target.kv_layout["window"] == 4
-    assert m.target.kv_layout["mask_value"] == -1e9  # below any real score (fp32 needs no finer range)
+    assert m.target.kv_layout["attention_mask"] == "indicator"  # 1 = masked; each layer scales it
     graph = onnx.load(str(out / m.target.graph), load_external_data=False)
     assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}  # no contrib operators
     for value in list(graph.graph.input) + list(graph.graph.output):
@@ -265,7 +265,9 @@ def test_npu_qdq_export_is_calibrated_and_exact(model_dir, tmp_path):
         assert weights and set(weights) == {wtype}, entry.role
     assert m.draft.quantization["quant"] == "qdq-w4" and m.draft.quantization["weights"] == "int4"
     assert m.target.quantization["quant"] == "qdq" and m.target.quantization["calibration_tokens"] > 0
-    assert m.target.kv_layout["mask_value"] == -1000.0  # keeps the scores' uint16 range fine-grained
+    # each layer's mask is fitted to its calibrated scores: far below them, no further (uint16 range)
+    masks = m.target.quantization["mask_values"]
+    assert len(masks) == m.target.num_layers and all(-1e4 < v < -100 for v in masks)
     ops = {n.op_type for n in onnx.load(str(out / m.target.graph), load_external_data=False).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "MatMul", "Softmax"} <= ops
     q = json.loads((out / "quality.json").read_text())["models"]["target"]
