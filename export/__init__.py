@@ -27,7 +27,8 @@ DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_MAX_TARGET_KL = 0.1
 QUALITY_SAMPLE_TOKENS = 256
 TARGET_DEVICES = ("cpu", "gpu", "npu")
-NPU_QUANTS = ("fp32", "qdq", "qdq-w4")  # qdq: uint8 weights; qdq-w4: int4 weights (both uint16 activations)
+NPU_QUANTS = ("fp32", "qdq", "qdq-w4")
+MIN_DRAFT_TOP1 = 0.5  # below this a draft costs more than it saves: warn  # qdq: uint8 weights; qdq-w4: int4 weights (both uint16 activations)
 
 
 def export(
@@ -394,22 +395,35 @@ def _import_note(src, quantization: dict) -> dict:
             "gguf_tensor_types": src.quant_types()}
 
 
+def _graph_score(r: dict) -> dict | None:
+    """The exported graph's score against fp32 in one model's quality report (cpu/gpu or npu graph)."""
+    return r.get("quantized_vs_fp32") or r.get("npu_graph_vs_fp32")
+
+
 def _judge(report: dict, max_target_kl: float, say) -> None:
-    target = report["models"].get("target", {}).get("quantized_vs_fp32")
+    import warnings
+
+    target = _graph_score(report["models"].get("target", {}))
     for role, r in report["models"].items():
-        q = r.get("quantized_vs_fp32")
+        q = _graph_score(r)
         if q:
             say(f"quality {role}: top-1 agreement {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.4f} "
                 f"over {q['positions']} tokens vs fp32")
+        if role == "draft" and q and q["top1_agreement"] < MIN_DRAFT_TOP1:
+            msg = (f"WARNING: the draft's quantization leaves top-1 agreement {q['top1_agreement']:.3f} with its fp32 "
+                   f"graph (< {MIN_DRAFT_TOP1}): the target will reject most of its proposals. Quantize it less "
+                   "(--draft-quant int4 / --npu-draft-quant qdq).")
+            say(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
         if r.get("fp32_vs_source"):
             say(f"quality {role}: fp32 graph vs source max |logit diff| {r['fp32_vs_source']['max_abs_diff']:.2e}")
     report["max_target_kl"] = max_target_kl
     report["target_within_threshold"] = None if target is None else target["mean_kl"] <= max_target_kl
     if target is not None and target["mean_kl"] > max_target_kl:
-        import warnings
-
         msg = (f"WARNING: the target's quantization costs mean KL {target['mean_kl']:.4f} > max_target_kl "
                f"{max_target_kl} (top-1 agreement {target['top1_agreement']:.3f}); its output quality "
-               "suffers. Export the target with --quant int8 or a smaller --block-size.")
+               "suffers. Export the target with " + ("--npu-quant fp32 (or qdq rather than qdq-w4)."
+                                                     if "npu_graph_vs_fp32" in report["models"]["target"]
+                                                     else "--quant int8 or a smaller --block-size."))
         say(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)

@@ -283,3 +283,25 @@ def test_npu_qdq_export_is_calibrated_and_exact(model_dir, tmp_path):
     assert llm.generate(prompt, mode="speculative", max_new_tokens=12).token_ids == ref
     with pytest.raises(ConfigError, match="npu_quant='int2'"):
         export(model_dir, output=tmp_path / "x", target_device="npu", npu_quant="int2")
+
+
+def test_quality_judge_warns_about_a_damaged_target_or_a_useless_draft():
+    from edgellm.export import _judge
+
+    def report(target, draft, key="npu_graph_vs_fp32"):
+        return {"models": {"target": {key: {"top1_agreement": target[0], "mean_kl": target[1], "positions": 8}},
+                           "draft": {key: {"top1_agreement": draft[0], "mean_kl": draft[1], "positions": 8}}}}
+
+    said = []
+    with pytest.warns(RuntimeWarning) as caught:
+        _judge(report((0.85, 0.29), (0.0, 21.5)), 0.1, said.append)
+    messages = [str(w.message) for w in caught]
+    assert any("target's quantization costs mean KL 0.2900" in m and "--npu-quant fp32" in m for m in messages)
+    assert any("draft's quantization leaves top-1 agreement 0.000" in m for m in messages)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        good = report((0.98, 0.001), (0.9, 0.05), key="quantized_vs_fp32")
+        _judge(good, 0.1, said.append)
+    assert good["target_within_threshold"] is True
