@@ -69,6 +69,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--npu-quant", default="fp32", show_default=True, type=click.Choice(["fp32", "qdq", "qdq-w4"]),
               help="qdq: static QDQ quantization of the npu graphs (uint16 activations, uint8 weights), "
                    "calibrated on sample text; qdq-w4: int4 weights.")
+@click.option("--calibration-text", type=click.Path(exists=True, dir_okay=False),
+              help="Text file to calibrate QDQ graphs on [default: edgellm's sample text].")
 @click.option("--npu-draft-quant", default=None, type=click.Choice(["fp32", "qdq", "qdq-w4"]),
               help="The draft's --npu-quant [default: --npu-quant].")
 @click.option("--ort-mobile", is_flag=True,

@@ -6,6 +6,7 @@ The only part of edgellm that may import torch / transformers, and only inside f
 from __future__ import annotations
 
 import json
+import os
 import logging
 import shutil
 import tempfile
@@ -51,6 +52,7 @@ def export(
     npu_window: int = 8,
     npu_quant: str = "fp32",
     npu_draft_quant: str | None = None,
+    calibration_text: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export ``target`` (and ``draft``) into a bundle folder at ``output``.
@@ -83,6 +85,9 @@ def export(
         npu_window: tokens per call of the ``npu`` graphs (a verify pass holds up to this many).
         npu_draft_quant: the draft's ``npu_quant`` (``None``: the same); e.g. ``qdq-w4`` for the
             draft (speed) and ``qdq`` for the target (quality).
+        calibration_text: a UTF-8 text file to calibrate the QDQ graphs on (its first
+            16 windows of tokens); default: the sample text shipped with edgellm. Calibrate on text
+            like what the model will see (code for a coder model).
         npu_quant: ``fp32``, ``qdq`` or ``qdq-w4``: static QDQ quantization of the npu graphs (uint16
             activations, uint8 weights) calibrated on sample text (see :mod:`edgellm.export.qdq`).
         progress: called with one-line progress messages.
@@ -112,6 +117,10 @@ def export(
         if not 1 <= npu_window <= 64:
             raise ConfigError(f"npu_window={npu_window}; allowed: 1-64")
         npu_draft_quant = npu_draft_quant or npu_quant
+        if calibration_text is not None:
+            if {npu_quant, npu_draft_quant} == {"fp32"}:
+                raise ConfigError("calibration_text is read by QDQ quantization only; add --npu-quant qdq or qdq-w4")
+            calibration_text = _read_calibration_text(calibration_text)
         for name, value in (("npu_quant", npu_quant), ("npu_draft_quant", npu_draft_quant)):
             if value not in NPU_QUANTS:
                 raise ConfigError(f"{name}={value!r}; allowed: {', '.join(NPU_QUANTS)}")
@@ -142,7 +151,7 @@ def export(
     try:
         _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
                      say, npu_window if target_device == "npu" else None,
-                     {"target": npu_quant, "draft": npu_draft_quant or npu_quant})
+                     {"target": npu_quant, "draft": npu_draft_quant or npu_quant}, calibration_text)
         _replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -188,7 +197,8 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
-                 say, npu_window: int | None = None, npu_quant: dict | None = None) -> None:
+                 say, npu_window: int | None = None, npu_quant: dict | None = None,
+                 calibration_text: tuple[str, str] | None = None) -> None:
     from edgellm import __version__
     from edgellm.export.source import open_source
     from edgellm.export.tokenizer import check_compatible, tokenizer_files, write_tokenizer
@@ -210,7 +220,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
         ctx = min(max_context, src.spec.source_context_length)
         models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say, npu_window)
         if npu_window and npu_quant[role] != "fp32":
-            _quantize_npu(tmp, models[role], tok_entry, say, weight_bits=4 if npu_quant[role] == "qdq-w4" else 8)
+            _quantize_npu(tmp, models[role], tok_entry, say, 4 if npu_quant[role] == "qdq-w4" else 8, calibration_text)
         if models[role].get("step_graph"):
             from edgellm.export.shared_weights import share_weights
 
@@ -309,23 +319,38 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
     } | ({"step_graph": step_graph} if step_graph else {})
 
 
-def _quantize_npu(tmp: Path, entry: dict, tok_entry: dict, say, weight_bits: int) -> None:
+def _read_calibration_text(path: str | os.PathLike) -> tuple[str, str]:
+    """``(name, text)`` of a calibration text file, or a ConfigError naming what is wrong with it."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"calibration_text {str(p)!r}: cannot read it as UTF-8 text ({e})") from None
+    if len(text.strip()) < 200:
+        raise ConfigError(f"calibration_text {str(p)!r} holds {len(text.strip())} characters; give at least 200 "
+                          "(a few hundred tokens of text like the model's inputs)")
+    return p.name, text
+
+
+def _quantize_npu(tmp: Path, entry: dict, tok_entry: dict, say, weight_bits: int,
+                  calibration_text: tuple[str, str] | None = None) -> None:
     import numpy as np
     from tokenizers import Tokenizer
 
     from edgellm.export.qdq import CALIBRATION_WINDOWS, quantize_npu_graph
     from edgellm.export.quality import sample_text
 
+    name, text = calibration_text or ("edgellm/data/quality_sample.txt", sample_text())
     tok = Tokenizer.from_file(str(tmp / tok_entry["file"]))
-    ids = np.array(tok.encode(sample_text()).ids, np.int64)[: min(entry["max_context"],
-                                                                 CALIBRATION_WINDOWS * entry["kv_layout"]["window"])]
+    ids = np.array(tok.encode(text).ids, np.int64)[: min(entry["max_context"],
+                                                        CALIBRATION_WINDOWS * entry["kv_layout"]["window"])]
     mask_values = quantize_npu_graph(tmp / entry["graph"], entry, ids, say, weight_bits)
     if entry.get("step_graph"):
         quantize_npu_graph(tmp / entry["step_graph"], entry | {"kv_layout": entry["kv_layout"] | {"window": 1}}, ids,
                            say, weight_bits)
     entry["quantization"] = {"quant": "qdq" if weight_bits == 8 else "qdq-w4", "activations": "uint16",
                              "weights": "uint8" if weight_bits == 8 else "int4",
-                             "calibration_tokens": int(len(ids)),
+                             "calibration_text": name, "calibration_tokens": int(len(ids)),
                              "mask_values": [round(v, 1) for v in mask_values]}
 
 

@@ -253,9 +253,12 @@ def test_npu_qdq_export_is_calibrated_and_exact(model_dir, tmp_path):
 
     from onnx import TensorProto
 
+    text = tmp_path / "calibration.py"
+    text.write_text("def mean(xs):\n    return sum(xs) / len(xs)\n\n" * 20)
     out = export(model_dir, draft=model_dir, output=tmp_path / "qdq", max_context=96, target_device="npu",
-                 npu_window=4, npu_quant="qdq", npu_draft_quant="qdq-w4")
+                 npu_window=4, npu_quant="qdq", npu_draft_quant="qdq-w4", calibration_text=text)
     m = read_manifest(out)
+    assert m.target.quantization["calibration_text"] == "calibration.py"
     # the target's weights are uint8, the draft's int4 (quantize the draft hard, guard the target)
     for entry, wtype in ((m.target, TensorProto.UINT8), (m.draft, TensorProto.INT4)):
         graph = onnx.load(str(out / entry.graph), load_external_data=False).graph
@@ -283,6 +286,11 @@ def test_npu_qdq_export_is_calibrated_and_exact(model_dir, tmp_path):
     assert llm.generate(prompt, mode="speculative", max_new_tokens=12).token_ids == ref
     with pytest.raises(ConfigError, match="npu_quant='int2'"):
         export(model_dir, output=tmp_path / "x", target_device="npu", npu_quant="int2")
+    with pytest.raises(ConfigError, match="read by QDQ quantization only"):
+        export(model_dir, output=tmp_path / "x", target_device="npu", calibration_text=text)
+    with pytest.raises(ConfigError, match="nothing.txt.*cannot read"):
+        export(model_dir, output=tmp_path / "x", target_device="npu", npu_quant="qdq",
+               calibration_text=tmp_path / "nothing.txt")
 
 
 def test_quality_judge_warns_about_a_damaged_target_or_a_useless_draft():
