@@ -149,7 +149,7 @@ class _GraphWriter:
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
         outs = [self.name(op) for _ in range(n_out)]
-        self.nodes.append(self.helper.make_node(op, inputs, outs, domain=domain or None, **attrs))
+        self.nodes.append(self.helper.make_node(op, inputs, outs, name=outs[0], domain=domain or None, **attrs))
         return outs
 
 
