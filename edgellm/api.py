@@ -226,9 +226,8 @@ def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threa
     kv = entry.kv_layout
     if kv["kind"] == "static_window":
         step = entry.ort_step_graph if graph_format == "ort" else entry.step_graph
-        return StaticDecoderSession(path, _layout(entry), provider, threads, int(kv["window"]),
-                                    float(kv["rope_theta"]), entry.num_heads,
-                                    step_path=bundle / step if step else None)
+        return StaticDecoderSession.from_entry(path, entry.to_dict(), provider, threads,
+                                               step_path=bundle / step if step else None)
     return DecoderSession(path, _layout(entry), provider, threads, min_rows=min_rows)
 
 
@@ -246,8 +245,7 @@ def _graph(entry: ModelEntry, graph_format: str) -> str:
 def _layout(entry: ModelEntry):
     from edgellm.runtimes.session import KVLayout
 
-    return KVLayout(entry.num_layers, entry.num_kv_heads, entry.head_dim, entry.max_context, entry.vocab_size,
-                    entry.io, entry.kv_layout.get("dtype", "float32"))
+    return KVLayout.from_entry(entry.to_dict())
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

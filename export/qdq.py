@@ -33,10 +33,8 @@ class _RangeRecorder(StaticDecoderSession):
         from edgellm.runtimes.session import KVLayout
 
         kv = entry["kv_layout"]
-        layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], entry["max_context"],
-                          entry["vocab_size"], entry["io"])
-        super().__init__(graph, layout, resolve_provider("cpu"), None, kv["window"], kv["rope_theta"],
-                         entry["num_heads"])
+        super().__init__(graph, KVLayout.from_entry(entry), resolve_provider("cpu"), None, kv["window"],
+                         kv["rope_theta"], entry["num_heads"])
         self.extra = extra
         self.ranges: dict[str, tuple[float, float]] = {}
 

@@ -36,11 +36,7 @@ def static_graph_logits(graph: Path, entry: dict, ids: np.ndarray, threads: int 
     """Teacher-forced logits ``(n, V)`` of a static (npu) graph, run window by window on the CPU."""
     from edgellm.runtimes.static_session import StaticDecoderSession
 
-    kv = entry["kv_layout"]
-    layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], entry["max_context"],
-                      entry["vocab_size"], entry["io"])
-    sess = StaticDecoderSession(graph, layout, resolve_provider("cpu"), threads, kv["window"], kv["rope_theta"],
-                                entry["num_heads"])
+    sess = StaticDecoderSession.from_entry(graph, entry, resolve_provider("cpu"), threads)
     return sess.forward(ids, num_logits=len(ids))
 
 

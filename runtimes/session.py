@@ -35,6 +35,12 @@ class KVLayout:
     io: dict[str, Any]
     dtype: str = "float32"  # of the cache: float16 in gpu bundles
 
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> KVLayout:
+        """The layout of a manifest model entry (``ModelEntry.to_dict()`` or the exporter's dict)."""
+        return cls(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], entry["max_context"],
+                   entry["vocab_size"], entry["io"], entry["kv_layout"].get("dtype", "float32"))
+
 
 def open_session(model_path: Path, provider: ProviderChoice, threads: int | None, profile_prefix: str | None = None):
     """An ``InferenceSession`` on ``provider`` with explicit threads; returns it and its load seconds."""

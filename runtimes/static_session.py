@@ -43,6 +43,14 @@ class StaticDecoderSession(CachedSession):
         self._cache = [np.zeros(shape, np.float32) for _ in range(2 * layout.num_layers)]
         self.length = 0
 
+    @classmethod
+    def from_entry(cls, graph: Path, entry: dict, provider: ProviderChoice, threads: int | None = None,
+                   step_path: Path | None = None) -> StaticDecoderSession:
+        """A session for ``graph`` as the manifest model ``entry`` (a dict) describes it."""
+        kv = entry["kv_layout"]
+        return cls(graph, KVLayout.from_entry(entry), provider, threads, int(kv["window"]), float(kv["rope_theta"]),
+                   entry["num_heads"], step_path=step_path)
+
     def forward(self, token_ids: np.ndarray, num_logits: int = 1) -> np.ndarray:
         """Append ``token_ids`` ``(S,)`` and return logits ``(num_logits, V)`` of the last positions."""
         ids = np.asarray(token_ids, np.int64).reshape(-1)
