@@ -344,14 +344,14 @@ def _quantize_npu(tmp: Path, entry: dict, tok_entry: dict, say, weight_bits: int
     tok = Tokenizer.from_file(str(tmp / tok_entry["file"]))
     ids = np.array(tok.encode(text).ids, np.int64)[: min(entry["max_context"],
                                                         CALIBRATION_WINDOWS * entry["kv_layout"]["window"])]
-    mask_values = quantize_npu_graph(tmp / entry["graph"], entry, ids, say, weight_bits)
-    if entry.get("step_graph"):
+    prepared = quantize_npu_graph(tmp / entry["graph"], entry, ids, say, weight_bits)
+    if entry.get("step_graph"):  # same mask values and smoothing: the weights stay shared
         quantize_npu_graph(tmp / entry["step_graph"], entry | {"kv_layout": entry["kv_layout"] | {"window": 1}}, ids,
-                           say, weight_bits)
+                           say, weight_bits, prepared)
     entry["quantization"] = {"quant": "qdq" if weight_bits == 8 else "qdq-w4", "activations": "uint16",
                              "weights": "uint8" if weight_bits == 8 else "int4",
                              "calibration_text": name, "calibration_tokens": int(len(ids)),
-                             "mask_values": [round(v, 1) for v in mask_values]}
+                             **prepared.describe()}
 
 
 def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str, tok_entry: dict, say) -> dict:

@@ -20,7 +20,7 @@ first layer scores range over [-2010, 12863] (an empty, all-zero cache slot scor
 middle layers over about [-30, 30]. fp32 graphs use -30000 (exp() of the gap is 0; still finite
 in the fp16 arithmetic NPUs use, where 0 * -inf would be NaN); QDQ graphs, whose scores share one
 uint16 range per layer, get a per-layer value fitted to the calibrated scores
-(:func:`edgellm.export.qdq.fit_mask_values`). Weights are fp32 MatMul initializers;
+(:func:`edgellm.export.qdq.prepare_for_qdq`). Weights are fp32 MatMul initializers;
 :mod:`edgellm.export.qdq` turns the graph into its QDQ variant.
 """
 

@@ -313,3 +313,31 @@ def test_quality_judge_warns_about_a_damaged_target_or_a_useless_draft():
         good = report((0.98, 0.001), (0.9, 0.05), key="quantized_vs_fp32")
         _judge(good, 0.1, said.append)
     assert good["target_within_threshold"] is True
+
+
+def test_qdq_preparation_leaves_the_fp32_graph_output_unchanged(model_dir, tmp_path):
+    """Fitted mask values and SmoothQuant scaling of the MLP change the weights, not the logits."""
+    from edgellm.export.qdq import _external_array, prepare_for_qdq
+    from edgellm.export.quality import static_graph_logits
+
+    out = export(model_dir, output=tmp_path / "npu", max_context=96, target_device="npu", npu_window=4,
+                 quality="none")
+    entry = read_manifest(out).target.to_dict()
+    graph = out / entry["graph"]
+    ids = np.arange(3, 40, dtype=np.int64)
+    before = static_graph_logits(graph, entry, ids)
+    down = next(t for t in onnx_initializers(graph) if t.name.endswith("l0.down.weight"))
+    w_before = _external_array(graph.parent, down)
+
+    prepared = prepare_for_qdq(graph, entry, ids)
+
+    assert len(prepared.mask_values) == entry["num_layers"] and all(v <= -100 for v in prepared.mask_values.values())
+    assert len(prepared.smoothing) == entry["num_layers"]
+    assert not np.allclose(_external_array(graph.parent, down), w_before)  # the weights did change
+    np.testing.assert_allclose(static_graph_logits(graph, entry, ids), before, rtol=1e-4, atol=1e-4)
+
+
+def onnx_initializers(graph):
+    import onnx
+
+    return onnx.load(str(graph), load_external_data=False).graph.initializer
