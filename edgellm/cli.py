@@ -113,8 +113,9 @@ def _print_summary(s: dict[str, Any]) -> None:
     for role, m in s["models"].items():
         q = m["quantization"]
         click.echo(f"  {role}: {m['architecture']} {m['num_layers']} layers, vocab {m['vocab_size']}, "
-                   f"max_context {m['max_context']}, {q['quant']} (block {q.get('block_size')}), "
-                   f"{m['size_mb']:.0f} MB")
+                   f"max_context {m['max_context']}, {m['device']}, {q['quant']}"
+                   + (f" (block {q['block_size']})" if q.get("block_size") else "") + f", {m['size_mb']:.0f} MB")
+        click.echo(f"    graphs: {', '.join(m['graphs'])}")
         if m.get("quality"):
             click.echo(f"    quality vs fp32: top-1 {m['quality']['top1_agreement']:.3f}, "
                        f"mean KL {m['quality']['mean_kl']:.4f}")

@@ -9,6 +9,13 @@ from typing import Any
 from edgellm.manifest import read_manifest, verify_files
 
 
+def _device(e) -> str:
+    """The export device a model entry was written for: cpu, gpu (fp16) or npu (static window)."""
+    if e.kv_layout.get("kind") == "static_window":
+        return f"npu (static, window {e.kv_layout.get('window')})"
+    return "gpu (fp16)" if e.kv_layout.get("dtype") == "float16" else "cpu"
+
+
 def inspect_bundle(bundle: str | Path, *, hashes: bool = True) -> dict[str, Any]:
     """Validate the manifest and files of ``bundle``; return a summary with ``problems``.
 
@@ -34,7 +41,8 @@ def inspect_bundle(bundle: str | Path, *, hashes: bool = True) -> dict[str, Any]
             "max_context": e.max_context, "quantization": e.quantization, "source": e.source,
             "size_mb": size / 1e6,
             "graphs": [g for g in (e.graph, e.step_graph, e.ort_graph, e.ort_step_graph) if g],
-            "quality": quality.get(role, {}).get("quantized_vs_fp32"),
+            "device": _device(e),
+            "quality": quality.get(role, {}).get("quantized_vs_fp32") or quality.get(role, {}).get("npu_graph_vs_fp32"),
         }
     return {
         "bundle": str(path),
