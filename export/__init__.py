@@ -220,7 +220,8 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
         ctx = min(max_context, src.spec.source_context_length)
         models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say, npu_window)
         if npu_window and npu_quant[role] != "fp32":
-            _quantize_npu(tmp, models[role], tok_entry, say, 4 if npu_quant[role] == "qdq-w4" else 8, calibration_text)
+            _quantize_npu(tmp, role, models[role], tok_entry, say, 4 if npu_quant[role] == "qdq-w4" else 8,
+                          calibration_text)
         if models[role].get("step_graph"):
             from edgellm.export.shared_weights import share_weights
 
@@ -332,26 +333,28 @@ def _read_calibration_text(path: str | os.PathLike) -> tuple[str, str]:
     return p.name, text
 
 
-def _quantize_npu(tmp: Path, entry: dict, tok_entry: dict, say, weight_bits: int,
+def _quantize_npu(tmp: Path, role: str, entry: dict, tok_entry: dict, say, weight_bits: int,
                   calibration_text: tuple[str, str] | None = None) -> None:
     import numpy as np
     from tokenizers import Tokenizer
 
-    from edgellm.export.qdq import CALIBRATION_WINDOWS, quantize_npu_graph
+    from edgellm.export.qdq import CALIBRATION_WINDOWS, FLOAT_LAYERS, quantize_npu_graph
     from edgellm.export.quality import sample_text
 
     name, text = calibration_text or ("edgellm/data/quality_sample.txt", sample_text())
     tok = Tokenizer.from_file(str(tmp / tok_entry["file"]))
     ids = np.array(tok.encode(text).ids, np.int64)[: min(entry["max_context"],
                                                         CALIBRATION_WINDOWS * entry["kv_layout"]["window"])]
-    prepared = quantize_npu_graph(tmp / entry["graph"], entry, ids, say, weight_bits)
-    if entry.get("step_graph"):  # same mask values and smoothing: the weights stay shared
+    keep_float = FLOAT_LAYERS if role == "target" else ()  # guard the target, squeeze the draft
+    prepared = quantize_npu_graph(tmp / entry["graph"], entry, ids, say, weight_bits, keep_float=keep_float)
+    if entry.get("step_graph"):  # same mask values: the weights stay shared
         quantize_npu_graph(tmp / entry["step_graph"], entry | {"kv_layout": entry["kv_layout"] | {"window": 1}}, ids,
-                           say, weight_bits, prepared)
+                           say, weight_bits, prepared, keep_float)
     entry["quantization"] = {"quant": "qdq" if weight_bits == 8 else "qdq-w4", "activations": "uint16",
                              "weights": "uint8" if weight_bits == 8 else "int4",
                              "calibration_text": name, "calibration_tokens": int(len(ids)),
-                             **prepared.describe()}
+                             "mask_values": [round(v, 1) for v in prepared.mask_values.values()],
+                             "float_layers": [f"*{s} (fp16 weights)" for s in keep_float]}
 
 
 def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str, tok_entry: dict, say) -> dict:

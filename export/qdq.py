@@ -24,26 +24,28 @@ import numpy as np
 from edgellm.runtimes.static_session import StaticDecoderSession
 
 CALIBRATION_WINDOWS = 16
+# Linear layers left float (fp16 on an NPU) with keep_float: the MLP's down projection, whose input
+# carries the residual stream's outlier channels (thousands) that one uint16 range per tensor
+# cannot hold with the ordinary ones. On Qwen2.5-1.5B's QDQ graph (vs fp32, 256 tokens): all
+# quantized top-1 0.85 / KL 0.25; down projections float 0.96 / 0.021; SmoothQuant (scaling the
+# outliers into the weights' per-channel scales) instead: 0.87 / 0.10 (alpha 0.25), 0.82 / 0.35 (0.5).
+FLOAT_LAYERS = (".down.weight",)
 
 
 class _RangeRecorder(StaticDecoderSession):
     """A static session over a graph augmented with extra outputs; keeps their min and max."""
 
-    def __init__(self, graph: Path, entry: dict, extra: list[str], channels: set[str] = frozenset()) -> None:
+    def __init__(self, graph: Path, entry: dict, extra: list[str]) -> None:
         from edgellm.runtimes.providers import resolve_provider
         from edgellm.runtimes.session import KVLayout
 
         kv = entry["kv_layout"]
         super().__init__(graph, KVLayout.from_entry(entry), resolve_provider("cpu"), None, kv["window"],
                          kv["rope_theta"], entry["num_heads"])
-        self.extra, self.channels = extra, channels
+        self.extra = extra
         self.ranges: dict[str, tuple[float, float]] = {}
-        self.absmax: dict[str, np.ndarray] = {}  # per last-axis channel, for the tensors in ``channels``
 
     def _record(self, name: str, value: np.ndarray) -> None:
-        if name in self.channels:
-            m = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            self.absmax[name] = np.maximum(self.absmax[name], m) if name in self.absmax else m
         lo, hi = float(np.min(value)), float(np.max(value))
         old = self.ranges.get(name)
         self.ranges[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
@@ -58,48 +60,37 @@ class _RangeRecorder(StaticDecoderSession):
         return outs[: len(names)]
 
 
-def _record_ranges(graph: Path, entry: dict, ids: np.ndarray, tensors: set[str], model=None,
-                   channels: set[str] = frozenset()) -> tuple[dict, dict]:
-    """Min/max of ``tensors`` (and per-channel max |x| of ``channels``) over ``ids`` run a window at a
-    time through ``graph`` (or ``model``, its proto)."""
+def _record_ranges(graph: Path, entry: dict, ids: np.ndarray, tensors: set[str], model=None) -> dict:
+    """Min/max of ``tensors`` over ``ids`` run a window at a time through ``graph`` (or ``model``, its proto)."""
     import onnx
     from onnx import TensorProto, helper
 
     model = model if model is not None else onnx.load(str(graph), load_external_data=False)
     g = model.graph
-    extra = sorted((tensors | channels) - {v.name for v in g.input} - {v.name for v in g.output})
+    extra = sorted(tensors - {v.name for v in g.input} - {v.name for v in g.output})
     g.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in extra)
     augmented = graph.with_name(f"{graph.stem}_calibration.onnx")  # beside it: same external data
     onnx.save(model, str(augmented))
     del g.output[len(g.output) - len(extra):]
     try:
-        rec = _RangeRecorder(augmented, entry, extra, channels)
+        rec = _RangeRecorder(augmented, entry, extra)
         w = entry["kv_layout"]["window"]
         for i in range(0, len(ids), w):
             rec.forward(ids[i : i + w], 1)
-        return {k: v for k, v in rec.ranges.items() if k in tensors}, rec.absmax
+        return {k: v for k, v in rec.ranges.items() if k in tensors}
     finally:
         augmented.unlink()
 
 
 def prepare_for_qdq(graph: Path, entry: dict, ids: np.ndarray) -> dict:
-    """Change the fp32 graph (in place, output unchanged) so that it quantizes well; one calibration pass.
+    """Fit the fp32 graph's attention masks to its scores (in place, output unchanged); one calibration pass.
 
-    Two changes, both measured on Qwen2.5-1.5B (top-1 vs fp32 of its QDQ graph, 256 tokens):
-
-    * **Mask values.** Each layer's ``l<i>.mask_value`` gets the smallest magnitude that still
+    Each layer's ``l<i>.mask_value`` gets the smallest magnitude that still
       masks: a masked key's raw score lies within the layer's calibrated score range ``[lo, hi]``
       (an empty cache slot scores 0), every row's best real score is at least ``lo``, so
       ``-(hi - lo)`` puts every masked score below every row's maximum; 25 % and 100 more keep
       it there beyond the calibration text. A small magnitude keeps the uint16 range of the
-      masked scores fine (the 0.5B with -1e9: every real score on one level, top-1 0.04).
-    * **Smoothing the MLP's down projection** (SmoothQuant, alpha 0.5): its input carries the
-      residual stream's outlier channels (thousands), so one uint16 range per tensor leaves the
-      ordinary channels a few levels; with it float, top-1 went from 0.85 to 0.96. Input
-      channel j is divided by ``s_j = sqrt(max|x_j| / max|W_j|)`` through the up projection's
-      output column j (the input is ``silu(gate) * up``: linear in ``up``) and row j of the down
-      weight is multiplied by it, which leaves the fp32 result unchanged.
-
+    masked scores fine (the 0.5B with -1e9: every real score on one level, top-1 0.04).
     Returns:
         The changes, to apply to another graph of the same model too (the draft's step graph:
         the same weights then stay shareable).
@@ -116,34 +107,21 @@ def prepare_for_qdq(graph: Path, entry: dict, ids: np.ndarray) -> dict:
         if n.op_type == "Add" and any(i in bias for i in n.input):
             b = next(i for i in n.input if i in bias)
             scores[bias[b]] = next(i for i in n.input if i != b)
-    downs = {}  # down-projection weight -> (its input tensor, the up-projection weight)
-    for n in model.graph.node:
-        w = next((i for i in n.input if i.endswith(".down.weight")), None)
-        if n.op_type == "MatMul" and w and w.replace(".down.", ".up.") in inits:
-            downs[w] = (next(i for i in n.input if i != w), w.replace(".down.", ".up."))
-    ranges, absmax = _record_ranges(graph, entry, ids, set(scores.values()), model,
-                                    channels={x for x, _ in downs.values()})
+    ranges = _record_ranges(graph, entry, ids, set(scores.values()), model)
     masks = {name: -1.25 * (max(ranges[t][1], 0.0) - min(ranges[t][0], 0.0)) - 100.0 for name, t in scores.items()}
-    smooth = {}
-    for down, (x, up) in downs.items():
-        w_max = np.abs(_external_array(graph.parent, inits[down])).max(axis=1)  # [intermediate, hidden] rows
-        s = np.sqrt(np.maximum(absmax[x], 1e-5) / np.maximum(w_max, 1e-5))
-        smooth[down] = (up, np.clip(s, 1e-2, 1e2).astype(np.float32))
-    prepared = QDQPreparation(masks, smooth)
+    prepared = QDQPreparation(masks)
     prepared.apply(graph)
     return prepared
 
 
 @dataclass
 class QDQPreparation:
-    """What :func:`prepare_for_qdq` changes in a graph: mask values by initializer, and the
-    smoothing scales ``s`` ``(intermediate,)`` of each down-projection weight (with its up weight)."""
+    """What :func:`prepare_for_qdq` changes in a graph: the mask values, by initializer name."""
 
     mask_values: dict[str, float]
-    smoothing: dict[str, tuple[str, np.ndarray]]
 
     def apply(self, graph: Path) -> None:
-        """Write the mask values into ``graph`` and smooth its MLP weights (in its external data)."""
+        """Write the mask values into ``graph``."""
         import onnx
         from onnx import numpy_helper
 
@@ -152,33 +130,6 @@ class QDQPreparation:
         for name, value in self.mask_values.items():
             inits[name].CopyFrom(numpy_helper.from_array(np.array(value, np.float32), name))
         onnx.save(model, str(graph))
-        for down, (up, s) in self.smoothing.items():
-            _write_external(graph.parent, inits[down], _external_array(graph.parent, inits[down]) * s[:, None])
-            _write_external(graph.parent, inits[up], _external_array(graph.parent, inits[up]) / s[None, :])
-
-    def describe(self) -> dict:
-        """For the manifest."""
-        return {"mask_values": [round(v, 1) for v in self.mask_values.values()],
-                "smoothed": f"{len(self.smoothing)} down projections (SmoothQuant, alpha 0.5)"}
-
-
-def _external_array(folder: Path, tensor) -> np.ndarray:
-    """An fp32 initializer stored in external data, read from its file."""
-    ext = {e.key: e.value for e in tensor.external_data}
-    with open(folder / ext["location"], "rb") as f:
-        f.seek(int(ext.get("offset", 0)))
-        data = f.read(int(ext["length"]))
-    return np.frombuffer(data, np.float32).reshape(tuple(tensor.dims)).copy()
-
-
-def _write_external(folder: Path, tensor, value: np.ndarray) -> None:
-    """Overwrite an fp32 initializer's bytes in its external data file (same shape, same place)."""
-    ext = {e.key: e.value for e in tensor.external_data}
-    data = np.ascontiguousarray(value, np.float32).tobytes()
-    assert len(data) == int(ext["length"]), tensor.name
-    with open(folder / ext["location"], "r+b") as f:
-        f.seek(int(ext.get("offset", 0)))
-        f.write(data)
 
 
 def calibrate_ranges(graph: Path, entry: dict, ids: np.ndarray, op_types: list[str] | None):
@@ -204,13 +155,56 @@ def calibrate_ranges(graph: Path, entry: dict, ids: np.ndarray, op_types: list[s
     wanted = {t for n in g.node if op_types is None or n.op_type in op_types for t in list(n.input) + list(n.output)
               if t and t not in inits and types.get(t) == TensorProto.FLOAT}
     del model
-    ranges, _ = _record_ranges(graph, entry, ids, wanted)
+    ranges = _record_ranges(graph, entry, ids, wanted)
     return TensorsData(CalibrationMethod.MinMax,
                        {k: (np.array(lo, np.float32), np.array(hi, np.float32)) for k, (lo, hi) in ranges.items()})
 
 
+def _keep_float(graph: Path, suffixes: tuple[str, ...]) -> list[str]:
+    """Store the weights named ``*<suffix>`` as fp16 behind a Cast (in place); returns their MatMul nodes.
+
+    Those MatMuls are then left out of quantization: an NPU runs them in fp16.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(graph), load_external_data=False)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    matmuls, casts = [], []
+    data = graph.with_name(f"{graph.stem}_fp16.onnx.data")
+    with open(data, "wb") as out:
+        for n in g.node:
+            w = next((i for i in n.input if i in inits and i.endswith(suffixes)), None)
+            if n.op_type != "MatMul" or w is None:
+                continue
+            t = inits[w]
+            ext = {e.key: e.value for e in t.external_data}
+            with open(graph.parent / ext["location"], "rb") as f:
+                f.seek(int(ext.get("offset", 0)))
+                half = np.frombuffer(f.read(int(ext["length"])), np.float32).reshape(tuple(t.dims)).astype(np.float16)
+            out.write(b"\0" * ((-out.tell()) % 4096))
+            new = numpy_helper.from_array(half, w + ".fp16")
+            new.ClearField("raw_data")
+            new.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", data.name), ("offset", str(out.tell())), ("length", str(half.nbytes))):
+                e = new.external_data.add()
+                e.key, e.value = k, v
+            out.write(half.tobytes())
+            g.initializer.remove(t)
+            g.initializer.append(new)
+            casts.append(helper.make_node("Cast", [w + ".fp16"], [w], name=w + ".cast", to=TensorProto.FLOAT))
+            matmuls.append(n.name)
+    nodes = casts + list(g.node)  # the casts read only initializers: first keeps the order topological
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(model, str(graph))
+    return matmuls
+
+
 def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[[str], None],
-                       weight_bits: int = 8, prepared: QDQPreparation | None = None) -> QDQPreparation:
+                       weight_bits: int = 8, prepared: QDQPreparation | None = None,
+                       keep_float: tuple[str, ...] = ()) -> QDQPreparation:
     """Replace the fp32 static graph at ``graph`` by its QDQ version (in place).
 
     Args:
@@ -222,6 +216,8 @@ def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[
             what QNN's HTP takes).
         prepared: the changes :func:`prepare_for_qdq` made to another graph of this model, to
             make here too; ``None``: measure them on this graph.
+        keep_float: suffixes of weight names whose linear layers stay float, weights stored fp16
+            (e.g. :data:`FLOAT_LAYERS`).
 
     Returns:
         The changes made before quantizing.
@@ -240,7 +236,9 @@ def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[
         prepared = prepare_for_qdq(fp32, entry, ids)
     else:
         prepared.apply(fp32)
-    cfg = get_qnn_qdq_config(str(fp32), None, activation_type=QuantType.QUInt16, weight_type=wtype, per_channel=True)
+    float_nodes = _keep_float(fp32, keep_float) if keep_float else []
+    cfg = get_qnn_qdq_config(str(fp32), None, activation_type=QuantType.QUInt16, weight_type=wtype, per_channel=True,
+                             nodes_to_exclude=float_nodes)
     ranges = calibrate_ranges(fp32, entry, ids, cfg.op_types_to_quantize)
     tmp = graph.with_name(f"{stem}_qdq.onnx")
     with tempfile.TemporaryDirectory(prefix="edgellm-calibration-") as d:
@@ -255,5 +253,6 @@ def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[
                         extra_options=cfg.extra_options)
     fp32.unlink()
     graph.with_name(f"{stem}.onnx.data").unlink(missing_ok=True)
+    graph.with_name(f"{stem}_fp32_fp16.onnx.data").unlink(missing_ok=True)
     tmp.rename(graph)  # the quantized graph names its data file <stem>_qdq.onnx.data: kept
     return prepared
