@@ -9,12 +9,11 @@ ranges come from running the fp32 graph over windows of the sample text shipped 
 The ranges are measured here rather than by the quantizer's own calibrator, which holds the
 model in memory while a session holds another copy (a 1.5B fp32 graph is 7 GB): one session
 runs a copy of the graph that also outputs every tensor to calibrate, keeping only each one's
-running minimum and maximum, and the quantizer then reads them from a calibration cache.
+running minimum and maximum, which then go to the quantizer.
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -222,9 +221,10 @@ def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[
     Returns:
         The changes made before quantizing.
     """
-    from onnxruntime.quantization import QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import save_tensors_data
+    from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
 
     stem = graph.stem
     wtype = QuantType.QInt4 if weight_bits == 4 else QuantType.QUInt8
@@ -241,16 +241,13 @@ def quantize_npu_graph(graph: Path, entry: dict, ids: np.ndarray, say: Callable[
                              nodes_to_exclude=float_nodes)
     ranges = calibrate_ranges(fp32, entry, ids, cfg.op_types_to_quantize)
     tmp = graph.with_name(f"{stem}_qdq.onnx")
-    with tempfile.TemporaryDirectory(prefix="edgellm-calibration-") as d:
-        cache = Path(d) / "ranges.json"
-        save_tensors_data(ranges, cache)
-        quantize_static(str(fp32), str(tmp), None, calibration_cache_path=cache,
-                        calibrate_method=cfg.calibrate_method, quant_format=cfg.quant_format,
-                        activation_type=cfg.activation_type, weight_type=cfg.weight_type,
-                        op_types_to_quantize=cfg.op_types_to_quantize, nodes_to_quantize=cfg.nodes_to_quantize,
-                        nodes_to_exclude=cfg.nodes_to_exclude, per_channel=cfg.per_channel,
-                        reduce_range=cfg.reduce_range, use_external_data_format=True,
-                        extra_options=cfg.extra_options)
+    # what quantize_static does once it has the ranges (its own calibrator would hold two copies)
+    quantizer = QDQQuantizer(load_model_with_shape_infer(fp32), cfg.per_channel, cfg.reduce_range, cfg.weight_type,
+                             cfg.activation_type, ranges, cfg.nodes_to_quantize, cfg.nodes_to_exclude,
+                             cfg.op_types_to_quantize, cfg.extra_options)
+    quantizer.quantize_model()
+    quantizer.model.save_model_to_file(str(tmp), use_external_data_format=True)
+    del quantizer
     fp32.unlink()
     graph.with_name(f"{stem}.onnx.data").unlink(missing_ok=True)
     graph.with_name(f"{stem}_fp32_fp16.onnx.data").unlink(missing_ok=True)
