@@ -153,10 +153,36 @@ def calibrate_ranges(graph: Path, entry: dict, ids: np.ndarray, op_types: list[s
     inits = {t.name for t in g.initializer}
     wanted = {t for n in g.node if op_types is None or n.op_type in op_types for t in list(n.input) + list(n.output)
               if t and t not in inits and types.get(t) == TensorProto.FLOAT}
+    tied = _cache_groups(g, entry["io"], entry["num_layers"])
     del model
     ranges = _record_ranges(graph, entry, ids, wanted)
+    for group in tied:  # one range, so one scale, for every form of a layer's keys (and values)
+        present = [ranges[t] for t in group if t in ranges]
+        union = (min(lo for lo, _ in present), max(hi for _, hi in present))
+        ranges.update({t: union for t in group if t in ranges})
     return TensorsData(CalibrationMethod.MinMax,
                        {k: (np.array(lo, np.float32), np.array(hi, np.float32)) for k, (lo, hi) in ranges.items()})
+
+
+def _cache_groups(g, io: dict, num_layers: int) -> list[set[str]]:
+    """Per layer and K/V: the past input, the new entries, the present output and their concatenation.
+
+    They must share one quantization range. A key reaches attention either fresh (computed in
+    this window) or through the cache (an earlier window's present output, fed back as past);
+    with one scale both paths quantize it to the same integer, so a token's result does not
+    depend on whether the tokens before it were verified in its window or decoded one by one —
+    the exactness of speculative decoding rests on that. Different scales broke it on the real
+    1.5B (one prompt in three diverged).
+    """
+    producer = {o: n for n in g.node for o in n.output}
+    groups = []
+    for i in range(num_layers):
+        for kind in ("key", "value"):
+            past, present = io[f"past_{kind}"] % i, io[f"present_{kind}"] % i
+            fresh = producer[present].input[0] if producer[present].op_type == "Identity" else present
+            concat = [n.output[0] for n in g.node if n.op_type == "Concat" and past in n.input]
+            groups.append({past, present, fresh, *concat})
+    return groups
 
 
 def _keep_float(graph: Path, suffixes: tuple[str, ...]) -> list[str]:

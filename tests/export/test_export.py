@@ -341,3 +341,21 @@ def test_qdq_preparation_keeps_the_fp32_graph_output(model_dir, tmp_path):
     halves = [t for t in model.graph.initializer if t.name.endswith(".down.weight.fp16")]
     assert len(halves) == entry["num_layers"] and {t.data_type for t in halves} == {onnx.TensorProto.FLOAT16}
     np.testing.assert_allclose(static_graph_logits(graph, entry, ids), before, rtol=0, atol=2e-2)
+
+
+def test_qdq_graph_gives_a_token_the_same_logits_in_any_window(model_dir, tmp_path):
+    """Exactness of speculation on QDQ graphs: a token's logits may not depend on whether the tokens
+    before it came through the cache or through its own window (their keys share one scale)."""
+    from edgellm.runtimes.providers import resolve_provider
+    from edgellm.runtimes.static_session import StaticDecoderSession
+
+    out = export(model_dir, output=tmp_path / "qdq", max_context=96, target_device="npu", npu_window=4,
+                 npu_quant="qdq", quality="none")
+    m = read_manifest(out)
+    sess = StaticDecoderSession.from_entry(out / m.target.graph, m.target.to_dict(), resolve_provider("cpu"), 1)
+    ids = np.array([5, 17, 3, 99, 42, 7, 61, 12, 8, 30], np.int64)
+    sess.forward(ids[:2], 1)
+    together = sess.forward(ids[2:6], 4)  # one window of 4
+    sess.rollback(2)
+    one_by_one = np.concatenate([sess.forward(ids[i : i + 1], 1) for i in range(2, 6)])
+    np.testing.assert_array_equal(together, one_by_one)
