@@ -151,9 +151,10 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
                             "this runtime reads float32, float16")
     if kind == "static_window" and not all(isinstance(d["kv_layout"].get(k), (int, float)) for k in ("window", "rope_theta")):
         raise ManifestError(f"models.{role}.kv_layout: a static_window layout needs 'window' and 'rope_theta'")
-    if kind == "static_window" and d["kv_layout"].get("attention_mask") != "indicator":
-        raise ManifestError(f"models.{role}.kv_layout: this npu graph takes an additive attention mask, which "
-                            "this edgellm no longer feeds (attention_mask='indicator' expected); re-export the bundle")
+    if kind == "static_window" and (d["kv_layout"].get("attention_mask") != "indicator"
+                                    or not isinstance(d["kv_layout"].get("cache_length"), int)):
+        raise ManifestError(f"models.{role}.kv_layout: this npu graph is from an older edgellm (it takes an additive "
+                            "mask and concatenates its cache); re-export the bundle")
     safe_relpath(d["graph"], f"models.{role}.graph")
     for k in ModelEntry.OPTIONAL_GRAPHS:
         if d.get(k) is not None:

@@ -279,7 +279,7 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
     if npu_window:
         builder = StaticDecoderBuilder(src, max_context, npu_window, progress=progress)
         kv_layout = {"kind": "static_window", "window": npu_window, "rope_theta": s.rope_theta,
-                     "attention_mask": "indicator",
+                     "attention_mask": "indicator", "cache_length": builder.cache_length,
                      "dims": ["batch", "num_kv_heads", "max_context", "head_dim"], "dtype": "float32"}
         io = static_io_names(s.num_layers)
     else:
@@ -292,7 +292,8 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
     if npu_window and npu_window > 1 and role == "draft":
         # the draft proposes one token at a time: a one-token graph spares it the padded window
         progress("one-token step graph")
-        StaticDecoderBuilder(src, max_context, 1, progress=lambda m: None).build(folder, "step.onnx")
+        StaticDecoderBuilder(src, max_context, 1, progress=lambda m: None,
+                             cache_length=builder.cache_length).build(folder, "step.onnx")
         step_graph = f"{role}/step.onnx"
     quantization = qcfg.to_dict()
     if qcfg.quant == "gguf":

@@ -40,7 +40,7 @@ class _RangeRecorder(StaticDecoderSession):
 
         kv = entry["kv_layout"]
         super().__init__(graph, KVLayout.from_entry(entry), resolve_provider("cpu"), None, kv["window"],
-                         kv["rope_theta"], entry["num_heads"])
+                         kv["rope_theta"], entry["num_heads"], cache_length=kv["cache_length"])
         self.extra = extra
         self.ranges: dict[str, tuple[float, float]] = {}
 
@@ -165,7 +165,7 @@ def calibrate_ranges(graph: Path, entry: dict, ids: np.ndarray, op_types: list[s
 
 
 def _cache_groups(g, io: dict, num_layers: int) -> list[set[str]]:
-    """Per layer and K/V: the past input, the new entries, the present output and their concatenation.
+    """Per layer and K/V: the past input, the new entries, the present output and the cache they are written into.
 
     They must share one quantization range. A key reaches attention either fresh (computed in
     this window) or through the cache (an earlier window's present output, fed back as past);
@@ -180,8 +180,8 @@ def _cache_groups(g, io: dict, num_layers: int) -> list[set[str]]:
         for kind in ("key", "value"):
             past, present = io[f"past_{kind}"] % i, io[f"present_{kind}"] % i
             fresh = producer[present].input[0] if producer[present].op_type == "Identity" else present
-            concat = [n.output[0] for n in g.node if n.op_type == "Concat" and past in n.input]
-            groups.append({past, present, fresh, *concat})
+            written = [n.output[0] for n in g.node if n.op_type == "ScatterElements" and past in n.input]
+            groups.append({past, present, fresh, *written})
     return groups
 
 

@@ -6,9 +6,17 @@ operator set, not onnxruntime's contrib ops. This graph processes exactly ``S`` 
 writes by position (rollback = move the position); nothing in it has a dynamic dimension::
 
     inputs   input_ids [1, S] int64, cos/sin [1, S, D/2] (rotary angles of the S positions),
-             attention_mask [1, 1, G*S, C+S] (1 = masked, 0 = attended; G = heads per KV head),
-             past_key_values.%d.key/value [1, KVH, C, D]
+             write_positions [1, 1, S, 1] int64 (the cache slots of the S tokens: P .. P+S-1),
+             attention_mask [1, 1, G*S, L] (1 = masked, 0 = attended; G = heads per KV head),
+             past_key_values.%d.key/value [1, KVH, L, D]
     outputs  logits [1, S, V], present.%d.key/value [1, KVH, S, D] (the S new entries only)
+
+L = C + W slots (W: the window graph's window, so padding rows past the context still have a
+slot). The new keys and values are written into the cache by position inside the graph
+(ScatterElements) before attention, so a token attends the same slots in the same order whether
+the tokens before it came in its own window (verification) or earlier ones (decoding alone):
+its logits are then the same bits both ways, which exact speculation needs (a concatenation of
+cache and window, as before, summed in a different order and, in QDQ graphs, flipped roundings).
 
 Attention is written out: RMSNorm as ReduceMean/Sqrt/Div, rotary as Split/Mul/Sub/Add/Concat,
 grouped-query attention by folding each KV head's G query heads into rows (no Expand), scores
@@ -41,6 +49,7 @@ STATIC_OPSET = 21
 
 def static_io_names(num_layers: int) -> dict:
     return {"input_ids": "input_ids", "cos": "cos", "sin": "sin", "attention_mask": "attention_mask",
+            "write_positions": "write_positions",
             "past_key": "past_key_values.%d.key", "past_value": "past_key_values.%d.value",
             "present_key": "present.%d.key", "present_value": "present.%d.value", "logits": "logits",
             "num_layers": num_layers}
@@ -49,22 +58,25 @@ def static_io_names(num_layers: int) -> dict:
 class StaticDecoderBuilder(DecoderBuilder):
     """A :class:`DecoderBuilder` that writes the static, standard-operator graph above."""
 
-    def __init__(self, source: Source, max_context: int, window: int, progress=None) -> None:
+    def __init__(self, source: Source, max_context: int, window: int, progress=None,
+                 cache_length: int | None = None) -> None:
         super().__init__(source, QuantConfig("fp32"), max_context, progress)
         self.window = window
+        self.cache_length = cache_length or max_context + window  # L above
 
     def build(self, out_dir: Path, model_name: str = "model.onnx") -> Path:
         import onnx
         from onnx import TensorProto, helper
 
         self.TensorProto = TensorProto
-        s, S, C = self.spec, self.window, self.max_context
+        s, S, L = self.spec, self.window, self.cache_length
         G = s.num_heads // s.num_kv_heads
         f32 = TensorProto.FLOAT
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, S]),
                   helper.make_tensor_value_info("cos", f32, [1, S, s.head_dim // 2]),
                   helper.make_tensor_value_info("sin", f32, [1, S, s.head_dim // 2]),
-                  helper.make_tensor_value_info("attention_mask", f32, [1, 1, G * S, C + S])]
+                  helper.make_tensor_value_info("write_positions", TensorProto.INT64, [1, 1, S, 1]),
+                  helper.make_tensor_value_info("attention_mask", f32, [1, 1, G * S, L])]
         outputs = [helper.make_tensor_value_info("logits", f32, [1, S, s.vocab_size])]
         g = _GraphWriter(out_dir / (model_name + ".data"))
         try:
@@ -74,11 +86,13 @@ class StaticDecoderBuilder(DecoderBuilder):
             self._cos, self._sin = g.node("Unsqueeze", ["cos", axis1])[0], g.node("Unsqueeze", ["sin", axis1])[0]
             half = s.head_dim // 2
             self._rope_split = g.const("rope_split", np.array([half, half], np.int64))
+            kv_shape = g.const("kv_new_shape", np.array([1, s.num_kv_heads, S, s.head_dim], np.int64))
+            (self._slots,) = g.node("Expand", ["write_positions", kv_shape])  # [1, KVH, S, D]
             for i in range(s.num_layers):
                 self.progress(f"layer {i + 1}/{s.num_layers}")
                 for kind in ("key", "value"):
                     inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32,
-                                                                [1, s.num_kv_heads, C, s.head_dim]))
+                                                                [1, s.num_kv_heads, L, s.head_dim]))
                     outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32,
                                                                  [1, s.num_kv_heads, S, s.head_dim]))
                 x = self._static_layer(g, i, x)
@@ -137,8 +151,9 @@ class StaticDecoderBuilder(DecoderBuilder):
         v = self._heads(g, self._linear(g, h, [n["v"]], "fp32", f"l{i}.v"), kvh, f"l{i}.v")
         g.nodes.append(self.helper_plain("Identity", [k], [f"present.{i}.key"]))
         g.nodes.append(self.helper_plain("Identity", [v], [f"present.{i}.value"]))
-        (k_all,) = g.node("Concat", [f"past_key_values.{i}.key", k], axis=2)  # [1, KVH, C+S, D]
-        (v_all,) = g.node("Concat", [f"past_key_values.{i}.value", v], axis=2)
+        # written into the cache by position: [1, KVH, L, D]
+        (k_all,) = g.node("ScatterElements", [f"past_key_values.{i}.key", self._slots, k], axis=2)
+        (v_all,) = g.node("ScatterElements", [f"past_key_values.{i}.value", self._slots, v], axis=2)
         # the G query heads of each KV head become rows: [1, H, S, D] -> [1, KVH, G*S, D]
         (qg,) = g.node("Reshape", [q, g.const(f"l{i}.qg_shape", np.array([1, kvh, G * S, D], np.int64))])
         (kt,) = g.node("Transpose", [k_all], perm=[0, 1, 3, 2])

@@ -1,12 +1,13 @@
 """A static-shape decoder graph (``--target-device npu``) with a KV cache kept by the runtime.
 
 The graph (see ``edgellm/export/static_builder.py``) always takes ``window`` tokens and a cache
-of ``max_context`` positions, and returns the ``window`` new keys and values; this class writes
-them into its cache at the current position, so rolling back is moving the position. Shorter
-inputs are padded (the padding's logits and cache entries are dropped); longer ones (a prompt)
-run in windows. The attention mask lets each real token see the cached positions before it and
-the new tokens up to itself; masked scores get exactly zero weight, so a token's result does not
-depend on what else is in its window — speculative output equals target-mode output here too.
+of ``cache_length`` slots (``max_context`` plus a window of slack for padding rows), writes the
+new keys and values into its slots by position before attending, and returns them; this class
+keeps them in its cache at the current position, so rolling back is moving the position.
+Shorter inputs are padded (the padding's logits and cache entries are dropped); longer ones (a
+prompt) run in windows. The attention mask lets the token at position t see slots 0..t; masked
+scores get zero weight, and every token attends the same slots in the same order however the
+tokens before it arrived, so speculative output equals target-mode output bit for bit.
 
 A draft may also have a one-token *step* graph (same weights, ``window`` 1): single tokens,
 which is how a draft proposes, then run there instead of in a padded window. The target never
@@ -30,8 +31,10 @@ class StaticDecoderSession(CachedSession):
     """Same interface as :class:`~edgellm.runtimes.session.DecoderSession` (forward, rollback, length)."""
 
     def __init__(self, model_path: Path, layout: KVLayout, provider: ProviderChoice, threads: int | None,
-                 window: int, rope_theta: float, num_heads: int, step_path: Path | None = None) -> None:
+                 window: int, rope_theta: float, num_heads: int, step_path: Path | None = None,
+                 cache_length: int | None = None) -> None:
         self.layout, self.window, self.rope_theta = layout, window, rope_theta
+        self.cache_length = cache_length or layout.max_context + window  # slots, padding rows included
         self.groups = num_heads // layout.num_kv_heads
         self.session, self.load_seconds = open_session(model_path, provider, threads)
         self.providers = self.session.get_providers()
@@ -39,7 +42,7 @@ class StaticDecoderSession(CachedSession):
         if step_path is not None:
             self.step_session, seconds = open_session(step_path, provider, threads)
             self.load_seconds += seconds
-        shape = (1, layout.num_kv_heads, layout.max_context, layout.head_dim)
+        shape = (1, layout.num_kv_heads, self.cache_length, layout.head_dim)
         self._cache = [np.zeros(shape, np.float32) for _ in range(2 * layout.num_layers)]
         self.length = 0
 
@@ -49,7 +52,7 @@ class StaticDecoderSession(CachedSession):
         """A session for ``graph`` as the manifest model ``entry`` (a dict) describes it."""
         kv = entry["kv_layout"]
         return cls(graph, KVLayout.from_entry(entry), provider, threads, int(kv["window"]), float(kv["rope_theta"]),
-                   entry["num_heads"], step_path=step_path)
+                   entry["num_heads"], step_path=step_path, cache_length=int(kv["cache_length"]))
 
     def forward(self, token_ids: np.ndarray, num_logits: int = 1) -> np.ndarray:
         """Append ``token_ids`` ``(S,)`` and return logits ``(num_logits, V)`` of the last positions."""
@@ -84,10 +87,10 @@ class StaticDecoderSession(CachedSession):
         padded = np.concatenate([ids, np.repeat(ids[-1:], S - n)])[None]
         theta = 1.0 / (self.rope_theta ** (np.arange(0, lay.head_dim, 2, dtype=np.float64) / lay.head_dim))
         ang = np.outer(np.arange(p, p + S, dtype=np.float64), theta)[None]
-        mask = np.ones((S, lay.max_context + S), np.float32)  # 1 = masked (the graph scales it per layer)
-        mask[:, :p] = 0.0
-        mask[:, lay.max_context:] = np.where(np.tril(np.ones((S, S), bool)), 0.0, 1.0)
+        # row r (position p + r) attends slots 0 .. p + r; 1 = masked (the graph scales it per layer)
+        mask = (np.arange(self.cache_length)[None, :] > np.arange(p, p + S)[:, None]).astype(np.float32)
         feeds = {"input_ids": padded, "cos": np.cos(ang).astype(np.float32), "sin": np.sin(ang).astype(np.float32),
+                 "write_positions": np.arange(p, p + S, dtype=np.int64).reshape(1, 1, S, 1),
                  "attention_mask": np.tile(mask, (self.groups, 1))[None, None]}
         io = lay.io
         for i in range(lay.num_layers):
