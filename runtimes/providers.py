@@ -156,8 +156,9 @@ BUNDLE_KINDS = ("cpu", "npu")  # export --target-device values
 
 def probe_provider(name: str) -> dict[str, str]:
     """Which bundle kinds a provider runs: for each, a tiny graph of that kind's operators
-    (``edgellm/data/probe_<kind>.onnx``) is loaded and run once, and onnxruntime's profile says
-    where its nodes ran.
+    (``edgellm/data/probe_<kind>.onnx``: cpu = MatMulNBits, GroupQueryAttention; npu = MatMul,
+    ScatterElements (the in-graph cache write), Softmax) is loaded and run once, and
+    onnxruntime's profile says where its nodes ran.
 
     Returns:
         ``{kind: "runs" | "loads, runs on the CPU fallback" | "fails: <error>"}``.
