@@ -117,10 +117,6 @@ def export(
         if not 1 <= npu_window <= 64:
             raise ConfigError(f"npu_window={npu_window}; allowed: 1-64")
         npu_draft_quant = npu_draft_quant or npu_quant
-        if calibration_text is not None:
-            if {npu_quant, npu_draft_quant} == {"fp32"}:
-                raise ConfigError("calibration_text is read by QDQ quantization only; add --npu-quant qdq or qdq-w4")
-            calibration_text = _read_calibration_text(calibration_text)
         for name, value in (("npu_quant", npu_quant), ("npu_draft_quant", npu_draft_quant)):
             if value not in NPU_QUANTS:
                 raise ConfigError(f"{name}={value!r}; allowed: {', '.join(NPU_QUANTS)}")
@@ -128,6 +124,11 @@ def export(
     for name, value in (("quant", quant), ("draft_quant", draft_quant)):  # fail before any work
         if value != "auto":
             QuantConfig(value, block_size if name == "quant" else draft_block_size, lm_head_quant=lm_head_quant)
+    if calibration_text is not None:
+        if target_device != "npu" or {npu_quant, npu_draft_quant or npu_quant} == {"fp32"}:
+            raise ConfigError("calibration_text is read by QDQ quantization only; add --target-device npu "
+                              "--npu-quant qdq (or qdq-w4)")
+        calibration_text = _read_calibration_text(calibration_text)
     activations = "fp16" if target_device == "gpu" else "fp32"
     if activations == "fp16":
         quant = "int4" if quant == "auto" else quant  # GGUF blocks need fp32 arithmetic (the K-quant minimum)
