@@ -124,6 +124,9 @@ def export(
     for name, value in (("quant", quant), ("draft_quant", draft_quant)):  # fail before any work
         if value != "auto":
             QuantConfig(value, block_size if name == "quant" else draft_block_size, lm_head_quant=lm_head_quant)
+    if target_device != "npu" and (npu_quant != "fp32" or npu_draft_quant is not None):
+        raise ConfigError(f"npu_quant={npu_quant!r} / npu_draft_quant={npu_draft_quant!r} quantize npu graphs; "
+                          f"target_device={target_device!r} does not write any (add --target-device npu)")
     if calibration_text is not None:
         if target_device != "npu" or {npu_quant, npu_draft_quant or npu_quant} == {"fp32"}:
             raise ConfigError("calibration_text is read by QDQ quantization only; add --target-device npu "

@@ -288,6 +288,8 @@ def test_npu_qdq_export_is_calibrated_and_exact(model_dir, tmp_path):
     assert llm.generate(prompt, mode="speculative", max_new_tokens=12).token_ids == ref
     with pytest.raises(ConfigError, match="npu_quant='int2'"):
         export(model_dir, output=tmp_path / "x", target_device="npu", npu_quant="int2")
+    with pytest.raises(ConfigError, match="does not write any"):
+        export(model_dir, output=tmp_path / "x", npu_quant="qdq")
     for device in ("npu", "cpu"):
         with pytest.raises(ConfigError, match="read by QDQ quantization only"):
             export(model_dir, output=tmp_path / "x", target_device=device, calibration_text=text)
