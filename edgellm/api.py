@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 from edgellm.errors import ConfigError
 from edgellm.manifest import Manifest, ModelEntry, check_bundle, read_manifest
 from edgellm.sampling import SamplingConfig
-from edgellm.speculative import DecodeConfig, DecodeStats, Round, decode
+from edgellm.speculative import DecodeConfig, DecodeStats, Round, check_prompt_fits, decode
 from edgellm.tokenizer import StreamDecoder, TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -86,10 +86,13 @@ class LLM:
         """Token ids of a prompt string, or of chat messages rendered with the chat template."""
         if isinstance(prompt, str):
             if not prompt:
-                raise ConfigError("the prompt is empty; give some text")
-            return self.tokenizer.encode(prompt)
+                raise ConfigError("the prompt is empty; give some text", param="prompt")
+            return self.tokenizer.encode(check_text(prompt, "the prompt"))
+        if not isinstance(prompt, list):
+            raise ConfigError(f"prompt of type {type(prompt).__name__}; allowed: a string, or a list of "
+                              "{'role': ..., 'content': ...} messages", param="prompt")
         text = self.tokenizer.apply_chat_template(prompt)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(check_text(text, "the chat messages"), add_special_tokens=False)
 
     def decode_config(self, *, mode: str | None = None, max_new_tokens: int | None = None, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -124,8 +127,11 @@ class LLM:
         cfg = self.decode_config(**kwargs)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
-            raise ConfigError(f"stop={stop!r}; allowed: a non-empty string or a list of them")
+            raise ConfigError(f"stop={stop!r}; allowed: a non-empty string or a list of them", param="stop")
+        for s in stops:
+            check_text(s, "a stop string")
         ids = self.prompt_ids(prompt)
+        check_prompt_fits(len(ids), self.target.max_context)
         stats, dec = DecodeStats(), StreamDecoder(self.tokenizer)
         out_ids: list[int] = []
         drafted: list[bool] = []
@@ -248,6 +254,21 @@ def _layout(entry: ModelEntry):
     return KVLayout.from_entry(entry.to_dict())
 
 
+def check_text(text: str, what: str) -> str:
+    """``text`` itself, or a ConfigError when it is not valid Unicode.
+
+    A lone surrogate (``"\\ud800"`` in JSON, or undecodable bytes in a command line, which
+    Python keeps as surrogates) cannot be encoded to UTF-8, so the tokenizer could not read it.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start:e.end]
+        raise ConfigError(f"{what} is not valid Unicode text: {bad!r} at character {e.start} (a lone surrogate, "
+                          "or bytes that are not UTF-8); allowed: UTF-8 text", param="prompt") from None
+    return text
+
+
 def _find_stop(text: str, stops: list[str]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
@@ -277,6 +298,7 @@ def stats_dict(stats: DecodeStats, cfg: DecodeConfig, prompt_tokens: int, t0: fl
         "verify_ms_per_round": 1e3 * stats.verify_seconds / rounds if stats.rounds else None,
         "target_ms_per_step": 1e3 * stats.verify_seconds / stats.verify_calls if cfg.mode == "target" and stats.verify_calls else None,
         "mean_gamma": sum(stats.gammas) / len(stats.gammas) if stats.gammas else None,
+        "context_full": stats.context_full,
     }
 
 

@@ -25,7 +25,16 @@ class EdgeLLMError(Exception):
 
 
 class ConfigError(EdgeLLMError, ValueError):
-    """An argument, option or request field has a value that is not allowed."""
+    """An argument, option or request field has a value that is not allowed.
+
+    Attributes:
+        param: the name of the offending parameter when one is to blame (the server reports it as
+            the OpenAI error's ``param``), else ``None``.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(ConfigError):

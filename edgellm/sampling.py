@@ -19,6 +19,13 @@ import numpy as np
 from edgellm.errors import ConfigError
 
 
+MAX_TEMPERATURE = 100.0  # far past any useful value (OpenAI allows 0-2); keeps the arithmetic finite
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How the next token is chosen. ``temperature == 0`` means greedy (argmax).
@@ -34,12 +41,15 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature!r}; allowed: a finite number >= 0 (0 = greedy)")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k!r}; allowed: an integer >= 0 (0 = no top-k)")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p={self.top_p!r}; allowed: 0 < top_p <= 1")
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not _is_number(t) or not math.isfinite(t) or t < 0 or t > MAX_TEMPERATURE:
+            raise ConfigError(f"temperature={t!r}; allowed: a number 0-{MAX_TEMPERATURE:g} (0 = greedy)",
+                              param="temperature")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ConfigError(f"top_k={k!r}; allowed: an integer >= 0 (0 = no top-k)", param="top_k")
+        if not _is_number(p) or not 0.0 < p <= 1.0:
+            raise ConfigError(f"top_p={p!r}; allowed: a number with 0 < top_p <= 1 (1 = no top-p; for the single "
+                              "most likely token use temperature 0)", param="top_p")
 
     @property
     def greedy(self) -> bool:
@@ -56,8 +66,11 @@ def probabilities(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
     Returns:
         float64 array of the same shape, rows summing to 1, zero outside top-k / top-p.
     """
-    x = np.asarray(logits, np.float64) / cfg.temperature
-    x = x - x.max(axis=-1, keepdims=True)
+    x = np.asarray(logits, np.float64)
+    # subtract the maximum before dividing: a tiny temperature (1e-310) then gives 0 for the top
+    # token and -inf for the others (greedy in the limit), never inf - inf = NaN
+    with np.errstate(over="ignore"):
+        x = (x - x.max(axis=-1, keepdims=True)) / cfg.temperature
     if cfg.top_k and cfg.top_k < x.shape[-1]:
         kth = np.partition(x, -cfg.top_k, axis=-1)[..., -cfg.top_k, None]
         x = np.where(x < kth, -np.inf, x)

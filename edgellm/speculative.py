@@ -13,7 +13,10 @@ Invariants (tested in tests/unit/test_speculative.py):
   emitted token is the first input of the next verify batch;
 * the draft's cache may lag (by one after a fully accepted round, more after rounds without a
   draft); it catches up by feeding the missing tokens in one batch;
-* rollback takes an absolute length.
+* rollback takes an absolute length;
+* prompt plus generated tokens never exceed the target's ``max_context``: a generation that
+  reaches it ends with ``finish_reason="length"`` and keeps every token it made (a prompt that
+  leaves no room for one new token is refused before any work).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from edgellm.lookup import propose_lookup
 from edgellm.sampling import SamplingConfig, choose, greedy_accept, probabilities, rejection_accept, sample
 
 MODES = ("target", "speculative", "lookup")
+MAX_SEED = 2**63 - 1
 
 
 class Model(Protocol):
@@ -69,12 +73,19 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ConfigError(f"mode={self.mode!r}; allowed: {', '.join(MODES)}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens!r}; allowed: an integer >= 1")
+            raise ConfigError(f"mode={self.mode!r}; allowed: {', '.join(MODES)}", param="mode")
+        m = self.max_new_tokens
+        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+            raise ConfigError(f"max_new_tokens={m!r}; allowed: an integer >= 1 (generation also stops when "
+                              "the context is full)", param="max_new_tokens")
         n = self.num_draft_tokens
-        if n is not None and (not isinstance(n, int) or not 0 <= n <= 64):
-            raise ConfigError(f"num_draft_tokens={n!r}; allowed: an integer 0-64, or None for adaptive")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 64):
+            raise ConfigError(f"num_draft_tokens={n!r}; allowed: an integer 0-64, or None for adaptive",
+                              param="num_draft_tokens")
+        s = self.seed
+        if s is not None and (not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_SEED):
+            raise ConfigError(f"seed={s!r}; allowed: an integer 0-{MAX_SEED}, or None for a random seed",
+                              param="seed")
 
 
 @dataclass
@@ -98,6 +109,7 @@ class DecodeStats:
     draft_steps: int = 0
     verify_calls: int = 0
     gammas: list[int] = field(default_factory=list)
+    context_full: bool = False  # the generation stopped because prompt + output filled max_context
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -208,6 +220,20 @@ class DraftLengthController:
         return best
 
 
+def check_prompt_fits(prompt_tokens: int, max_context: int) -> None:
+    """Refuse, before any work, a prompt that leaves no room for one new token.
+
+    Raises:
+        ContextLengthError: ``prompt_tokens + 1 > max_context``.
+    """
+    if prompt_tokens + 1 > max_context:
+        raise ContextLengthError(
+            f"the prompt has {prompt_tokens} tokens; max_context is {max_context} "
+            "(prompt plus at least one new token must fit): shorten the prompt or re-export with a "
+            "larger --max-context"
+        )
+
+
 def _check_fits(model: Model, extra: int, role: str) -> None:
     if model.length + extra > model.max_context:
         raise ContextLengthError(
@@ -228,17 +254,17 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
 
     Yields:
         Rounds of committed tokens; the last has ``finish_reason`` ``stop`` (an eos token) or
-        ``length`` (max_new_tokens reached).
+        ``length`` (max_new_tokens reached, or prompt plus output filled the target's
+        ``max_context``: ``stats.context_full``).
+
+    Raises:
+        ContextLengthError: the prompt leaves no room for one new token (before any work).
     """
     if not prompt:
         raise ConfigError("the prompt is empty; give at least one token")
     if cfg.mode == "speculative" and draft is None:
         raise ConfigError("mode='speculative' needs a draft model; this bundle has none — use mode='lookup' or 'target'")
-    if len(prompt) + 1 > target.max_context:
-        raise ContextLengthError(
-            f"the prompt has {len(prompt)} tokens; max_context is {target.max_context} "
-            "(prompt plus at least one new token must fit)"
-        )
+    check_prompt_fits(len(prompt), target.max_context)
     stats = stats if stats is not None else DecodeStats()
     rng = np.random.default_rng(cfg.seed)
     target.rollback(0)
@@ -253,7 +279,7 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
     stats.prefill_seconds = time.perf_counter() - t0
     seq = list(prompt)
     first = choose(logits, cfg.sampling, rng)
-    done = _commit(seq, [first], [False], eos, cfg, stats, len(prompt))
+    done = _commit(seq, [first], [False], eos, cfg, stats, len(prompt), target.max_context)
     yield done
     if done.finish_reason:
         return
@@ -264,10 +290,11 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
     ctl = DraftLengthController(cfg.max_draft_tokens, max_lookup=cfg.max_lookup_tokens)
     while True:
         left = cfg.max_new_tokens - (len(seq) - len(prompt))
-        limit = max(0, min(left - 1, target.max_context - len(seq) - 1))
-        proposals, source = _plan_round(seq, cfg, ctl, limit)
+        limit = max(0, min(left - 1, target.max_context - len(seq) - 1))  # this round's output fits
+        draft_room = draft.max_context - len(seq) if draft is not None else 0  # the draft caches gamma - 1 more
+        proposals, source = _plan_round(seq, cfg, ctl, limit, max(0, min(limit, draft_room)))
         rnd = _speculative_round(target, draft, seq, proposals, source, cfg, rng, stats, ctl)
-        done = _commit(seq, rnd.tokens, rnd.drafted, eos, cfg, stats, len(prompt))
+        done = _commit(seq, rnd.tokens, rnd.drafted, eos, cfg, stats, len(prompt), target.max_context)
         yield done
         if done.finish_reason:
             return
@@ -282,14 +309,18 @@ def _target_loop(target: Model, seq: list[int], cfg: DecodeConfig, stats: Decode
         stats.verify_seconds += time.perf_counter() - t0
         stats.verify_calls += 1
         done = _commit(seq, [choose(logits, cfg.sampling, rng)], [False], set(cfg.eos_token_ids), cfg, stats,
-                       prompt_len)
+                       prompt_len, target.max_context)
         yield done
         if done.finish_reason:
             return
 
 
-def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, limit: int) -> tuple[list[int] | int, str]:
+def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, limit: int,
+                draft_limit: int) -> tuple[list[int] | int, str]:
     """Pick this round's proposals: free lookup tokens, or a number of draft tokens to run.
+
+    ``limit`` bounds the proposals by the target's room (and ``max_new_tokens``), ``draft_limit``
+    the draft model's by the draft's own context.
 
     Returns ``(lookup_tokens, "lookup")`` or ``(gamma, "draft")``. In ``lookup`` mode only
     lookup is used; in ``speculative`` mode lookup wins when its expected rate is higher.
@@ -298,7 +329,7 @@ def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, l
     look = propose_lookup(seq, min(limit, fixed if fixed is not None else ctl.max_lookup))
     if cfg.mode == "lookup":
         return (look if fixed is not None else look[: ctl.choose(len(look), "lookup")]), "lookup"
-    gamma = min(fixed, limit) if fixed is not None else ctl.choose(limit)
+    gamma = min(fixed, draft_limit) if fixed is not None else ctl.choose(draft_limit)
     if look and fixed is None:
         g_look = ctl.choose(len(look), "lookup")
         if g_look and ctl.rate(g_look, "lookup") > ctl.rate(gamma, "draft"):
@@ -384,8 +415,8 @@ def _draft_tokens(draft: Model, seq: list[int], gamma: int, cfg: DecodeConfig,
 
 
 def _commit(seq: list[int], tokens: list[int], drafted: list[bool], eos: set[int], cfg: DecodeConfig,
-            stats: DecodeStats, prompt_len: int) -> Round:
-    """4. commit: append the round's tokens, cutting at eos and at max_new_tokens."""
+            stats: DecodeStats, prompt_len: int, max_context: int) -> Round:
+    """4. commit: append the round's tokens, cutting at eos, at max_new_tokens and at a full context."""
     out, flags, reason = [], [], None
     for tok, d in zip(tokens, drafted):
         if tok in eos:
@@ -395,6 +426,10 @@ def _commit(seq: list[int], tokens: list[int], drafted: list[bool], eos: set[int
         flags.append(d)
         if len(seq) + len(out) - prompt_len >= cfg.max_new_tokens:
             reason = "length"
+            break
+        if len(seq) + len(out) >= max_context:
+            reason = "length"
+            stats.context_full = True
             break
     seq.extend(out)
     stats.emitted_tokens += len(out)

@@ -23,10 +23,22 @@ class TextTokenizer:
             raise BundleError(f"{bundle / t['file']}: not a readable tokenizer.json ({e})") from e
         self.eos_token_ids = tuple(int(i) for i in t.get("eos_token_ids") or ())
         self.bos_token_id = t.get("bos_token_id")
-        self.vocab_size = int(t.get("vocab_size") or self.tok.get_vocab_size(with_added_tokens=True))
+        real = self.tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = int(t.get("vocab_size") or real)
+        # the runtime reads the first vocab_size logits: a wrong size would change the output quietly
+        if self.vocab_size != real:
+            raise BundleError(f"tokenizer.vocab_size={self.vocab_size} in the manifest, but {t['file']} holds {real} "
+                              "tokens; the bundle is inconsistent (re-export it)")
+        bad = [i for i in (*self.eos_token_ids, self.bos_token_id) if i is not None and i >= real]
+        if bad:
+            raise BundleError(f"tokenizer: token ids {bad} (eos/bos) are past the vocabulary of {real} tokens")
         self.chat_template = None
         if t.get("chat_template"):
-            self.chat_template = (bundle / t["chat_template"]).read_text(encoding="utf-8")
+            path = bundle / t["chat_template"]
+            try:
+                self.chat_template = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise BundleError(f"{path}: not a readable chat template ({e})") from None
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -47,13 +59,18 @@ class TextTokenizer:
         def raise_exception(msg: str) -> None:
             raise ConfigError(f"chat template: {msg}")
 
+        from jinja2 import TemplateError
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals.update(raise_exception=raise_exception,
                            strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-            bos_token="", eos_token="",
-        )
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                bos_token="", eos_token="",
+            )
+        except TemplateError as e:  # a broken template in the bundle, not the caller's fault
+            raise BundleError(f"the bundle's chat template cannot be rendered: {type(e).__name__}: {e}") from None
 
 
 def _check_messages(messages: Any) -> None:
