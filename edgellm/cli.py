@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:  # one readable line per warning (the default shows the source line of warnings.warn)
+        warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _err(f"Warning: {message}")
 
 
 # ---------------------------------------------------------------------------------- export
@@ -122,6 +129,10 @@ def _print_summary(s: dict[str, Any]) -> None:
     click.echo(f"  tokenizer: {s['tokenizer']['vocab_size']} tokens, eos {s['tokenizer']['eos_token_ids']}")
     click.echo(f"  files: {s['files']} checked ({'sha256' if s['hashes_checked'] else 'sizes only'}), "
                f"{'OK' if not s['problems'] else str(len(s['problems'])) + ' problem(s)'}")
+    click.echo("  manifest: " + {"ok": "matches its manifest_sha256",
+                                 "edited": "EDITED after export (does not match its manifest_sha256)",
+                                 "absent": "no manifest_sha256 (exported by an older edgellm): edits to it cannot "
+                                           "be detected; re-export to add one"}[s["manifest_integrity"]])
 
 
 # ---------------------------------------------------------------------------------- generate
@@ -249,6 +260,10 @@ def bench(bundle: Path, prompts_file: Path | None, modes: str, as_json: bool, **
 @click.option("--mode", default=None, type=click.Choice(MODES), help="Default decoding mode of requests.")
 @click.option("--max-queue", default=8, show_default=True, type=click.IntRange(0, 1000),
               help="Requests that may wait while one generates; more get HTTP 429.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="Another Host name to answer (repeatable; * for any) besides loopback and the bound addresses.")
+@click.option("--allowed-origin", "allowed_origins", multiple=True,
+              help="A web page origin (http://host:port) allowed to call the API from a browser (repeatable).")
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--draft-provider", default=None)
 @click.option("--threads", default=None, type=int)

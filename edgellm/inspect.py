@@ -25,12 +25,7 @@ def inspect_bundle(bundle: str | Path, *, hashes: bool = True) -> dict[str, Any]
     path = Path(bundle).expanduser()
     m = read_manifest(path)
     problems = verify_files(path, m, hashes=hashes)
-    quality: dict[str, Any] = {}
-    if m.quality_report and (path / m.quality_report).is_file():
-        try:
-            quality = json.loads((path / m.quality_report).read_text()).get("models", {})
-        except json.JSONDecodeError:
-            problems.append(f"{m.quality_report}: not valid JSON")
+    quality = _quality_models(path, m.quality_report, problems)
     models = {}
     for role, e in m.models.items():
         prefix = e.graph.rsplit("/", 1)[0] + "/"
@@ -42,7 +37,7 @@ def inspect_bundle(bundle: str | Path, *, hashes: bool = True) -> dict[str, Any]
             "size_mb": size / 1e6,
             "graphs": [g for g in (e.graph, e.step_graph, e.ort_graph, e.ort_step_graph) if g],
             "device": _device(e),
-            "quality": quality.get(role, {}).get("quantized_vs_fp32") or quality.get(role, {}).get("npu_graph_vs_fp32"),
+            "quality": _score(quality.get(role)),
         }
     return {
         "bundle": str(path),
@@ -52,5 +47,39 @@ def inspect_bundle(bundle: str | Path, *, hashes: bool = True) -> dict[str, Any]
         "tokenizer": {k: m.tokenizer.get(k) for k in ("vocab_size", "eos_token_ids", "bos_token_id", "fingerprint")},
         "files": len(m.files),
         "hashes_checked": hashes,
+        "manifest_integrity": m.integrity,
         "problems": problems,
     }
+
+
+def _quality_models(bundle: Path, rel: str | None, problems: list[str]) -> dict[str, Any]:
+    """The ``models`` part of the quality report, or ``{}`` (with a problem noted) when unreadable.
+
+    ``rel`` was checked by the manifest parser (inside the bundle, listed in ``files``), and
+    :func:`verify_files` has resolved it inside the bundle or reported it.
+    """
+    if not rel:
+        return {}
+    p = bundle / rel
+    root = bundle.resolve()
+    if not p.is_file() or root not in p.resolve().parents:
+        return {}  # already reported by verify_files (missing, or outside the bundle)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        problems.append(f"{rel}: the quality report is not a readable JSON file")
+        return {}
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, dict):
+        problems.append(f"{rel}: the quality report is not an object with 'models'")
+        return {}
+    return models
+
+
+def _score(report: Any) -> dict[str, Any] | None:
+    """The graph-vs-fp32 score of one model's quality report, when it has a well-formed one."""
+    if not isinstance(report, dict):
+        return None
+    score = report.get("quantized_vs_fp32") or report.get("npu_graph_vs_fp32")
+    ok = isinstance(score, dict) and all(isinstance(score.get(k), (int, float)) for k in ("top1_agreement", "mean_kl"))
+    return score if ok else None

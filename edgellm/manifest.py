@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -100,6 +101,8 @@ class Manifest:
     files: dict[str, dict[str, Any]]
     edgellm_version: str = ""
     quality_report: str | None = None
+    manifest_sha256: str | None = None  # of the document without this field (see manifest_digest)
+    integrity: str = "absent"  # "ok": manifest_sha256 matches; "edited": it does not; "absent": not recorded
 
     @property
     def target(self) -> ModelEntry:
@@ -118,7 +121,70 @@ class Manifest:
             "generation": self.generation,
             "quality_report": self.quality_report,
             "files": self.files,
-        }
+        } | ({"manifest_sha256": self.manifest_sha256} if self.manifest_sha256 else {})
+
+
+MAX_CONTEXT = 1 << 20  # KV positions; past this a bundle's caches would not fit any device
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+GENERATION_KEYS = {"num_draft_tokens": "int", "max_new_tokens": "int", "temperature": "number", "top_k": "int",
+                   "top_p": "number"}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
+def _positive_int(x: Any, what: str) -> int:
+    if not _is_int(x) or x <= 0:
+        raise ManifestError(f"{what}: expected a positive integer, got {x!r}")
+    return x
+
+
+def _typed(x: Any, kind: type, what: str, allowed: str) -> Any:
+    if not isinstance(x, kind):
+        raise ManifestError(f"{what}={x!r}; expected {allowed}")
+    return x
+
+
+def _check_tokenizer(tok: dict[str, Any]) -> None:
+    safe_relpath(tok["file"], "tokenizer.file")
+    if tok.get("chat_template") is not None:
+        safe_relpath(tok["chat_template"], "tokenizer.chat_template")
+    if "vocab_size" in tok:
+        _positive_int(tok["vocab_size"], "tokenizer.vocab_size")
+    eos = tok.get("eos_token_ids", [])
+    if not isinstance(eos, list) or not all(_is_int(i) and i >= 0 for i in eos):
+        raise ManifestError(f"tokenizer.eos_token_ids={eos!r}; expected a list of token ids (integers >= 0)")
+    bos = tok.get("bos_token_id")
+    if bos is not None and not (_is_int(bos) and bos >= 0):
+        raise ManifestError(f"tokenizer.bos_token_id={bos!r}; expected a token id (integer >= 0) or null")
+
+
+def _check_generation(gen: Any) -> None:
+    """The bundle's generation defaults: known keys of the right type (the runtime validates ranges)."""
+    _typed(gen, dict, "generation", "an object")
+    for k, v in gen.items():
+        kind = GENERATION_KEYS.get(k)
+        if kind is None:
+            raise ManifestError(f"generation.{k}: unknown; allowed: {', '.join(GENERATION_KEYS)}")
+        if not (_is_int(v) if kind == "int" else _is_number(v)):
+            raise ManifestError(f"generation.{k}={v!r}; expected {'an integer' if kind == 'int' else 'a number'}")
+
+
+def manifest_digest(doc: dict[str, Any]) -> str:
+    """sha256 of a manifest document without its ``manifest_sha256`` field (canonical JSON).
+
+    The exporter stores it in the manifest, so an edit to any other field is reported by
+    ``edgellm inspect`` and refused by ``edgellm.load`` (this is integrity, not authenticity: whoever
+    edits the manifest on purpose can recompute it).
+    """
+    rest = {k: v for k, v in doc.items() if k != "manifest_sha256"}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def safe_relpath(rel: Any, what: str) -> str:
@@ -138,21 +204,33 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
     if missing:
         raise ManifestError(f"models.{role}: missing {', '.join(missing)}")
     for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_context"):
-        if not isinstance(d[k], int) or d[k] <= 0:
-            raise ManifestError(f"models.{role}.{k}: expected a positive integer, got {d[k]!r}")
+        _positive_int(d[k], f"models.{role}.{k}")
+    if d["max_context"] > MAX_CONTEXT:
+        raise ManifestError(f"models.{role}.max_context={d['max_context']}; allowed: up to {MAX_CONTEXT}")
+    _positive_int(d.get("hidden_size", 1) or 1, f"models.{role}.hidden_size")
+    _typed(d["architecture"], str, f"models.{role}.architecture", "a string")
+    for k in ("quantization", "source"):
+        _typed(d.get(k, {}), dict, f"models.{role}.{k}", "an object")
     kind = d["kv_layout"].get("kind") if isinstance(d["kv_layout"], dict) else None
     if kind not in _KV_KINDS:
         raise ManifestError(f"models.{role}.kv_layout.kind={kind!r}; this runtime reads {', '.join(_KV_KINDS)}")
     io = d["io"]
-    if not isinstance(io, dict) or any(k not in io for k in _KV_KINDS[kind]):
-        raise ManifestError(f"models.{role}.io: needs the names {', '.join(_KV_KINDS[kind])}")
+    if not isinstance(io, dict) or any(not isinstance(io.get(k), str) or not io[k] for k in _KV_KINDS[kind]):
+        raise ManifestError(f"models.{role}.io: needs the names {', '.join(_KV_KINDS[kind])}, each a string")
+    for k in ("past_key", "past_value", "present_key", "present_value"):
+        if io[k].count("%d") != 1 or "%" in io[k].replace("%d", ""):
+            raise ManifestError(f"models.{role}.io.{k}={io[k]!r}: expected a name with one '%d' (the layer)")
     if d["kv_layout"].get("dtype", "float32") not in ("float32", "float16"):
         raise ManifestError(f"models.{role}.kv_layout.dtype={d['kv_layout'].get('dtype')!r}; "
                             "this runtime reads float32, float16")
-    if kind == "static_window" and not all(isinstance(d["kv_layout"].get(k), (int, float)) for k in ("window", "rope_theta")):
-        raise ManifestError(f"models.{role}.kv_layout: a static_window layout needs 'window' and 'rope_theta'")
+    if kind == "static_window" and not (_is_int(d["kv_layout"].get("window")) and d["kv_layout"]["window"] > 0
+                                        and _is_number(d["kv_layout"].get("rope_theta"))
+                                        and d["kv_layout"]["rope_theta"] > 0):
+        raise ManifestError(f"models.{role}.kv_layout: a static_window layout needs a positive integer 'window' "
+                            "and a positive 'rope_theta'")
     if kind == "static_window" and (d["kv_layout"].get("attention_mask") != "indicator"
-                                    or not isinstance(d["kv_layout"].get("cache_length"), int)):
+                                    or not _is_int(d["kv_layout"].get("cache_length"))
+                                    or d["kv_layout"]["cache_length"] < d["max_context"]):
         raise ManifestError(f"models.{role}.kv_layout: this npu graph is from an older edgellm (it takes an additive "
                             "mask and concatenates its cache); re-export the bundle")
     safe_relpath(d["graph"], f"models.{role}.graph")
@@ -190,32 +268,53 @@ def parse_manifest(doc: Any) -> Manifest:
     tok = doc.get("tokenizer")
     if not isinstance(tok, dict) or "file" not in tok:
         raise ManifestError("manifest: 'tokenizer' must name its 'file'")
-    safe_relpath(tok["file"], "tokenizer.file")
-    if tok.get("chat_template"):
-        safe_relpath(tok["chat_template"], "tokenizer.chat_template")
+    _check_tokenizer(tok)
     files = doc.get("files")
     if not isinstance(files, dict) or not files:
         raise ManifestError("manifest: 'files' must list every file with its sha256 and size")
+    digest = doc.get("manifest_sha256")
+    if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+        raise ManifestError(f"manifest_sha256={digest!r}; expected 64 hex digits")
     for rel, meta in files.items():
         safe_relpath(rel, "files")
-        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not isinstance(meta.get("size"), int):
-            raise ManifestError(f"files[{rel!r}]: expected {{'sha256': str, 'size': int}}, got {meta!r}")
-    graphs = [(f"models.{r}.graph", m.graph) for r, m in entries.items()]
-    graphs += [(f"models.{r}.{k}", getattr(m, k)) for r, m in entries.items() for k in ModelEntry.OPTIONAL_GRAPHS
-               if getattr(m, k)]
-    for what, rel in [("tokenizer.file", tok["file"])] + graphs:
+        if (not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not _is_int(meta.get("size"))
+                or meta["size"] < 0 or not _SHA256.fullmatch(meta["sha256"])):
+            raise ManifestError(f"files[{rel!r}]: expected {{'sha256': 64 hex digits, 'size': an integer >= 0}}, "
+                                f"got {meta!r}")
+        if rel == MANIFEST_NAME:
+            raise ManifestError(f"files: {MANIFEST_NAME} cannot list itself; its hash is manifest_sha256")
+    report = doc.get("quality_report")
+    if report is not None:
+        safe_relpath(report, "quality_report")
+    # every file the runtime or inspect opens is listed, so its size and hash are checked and a
+    # symlink pointing out of the bundle is caught (verify_files resolves each listed path)
+    named = [(f"models.{r}.graph", m.graph) for r, m in entries.items()]
+    named += [(f"models.{r}.{k}", getattr(m, k)) for r, m in entries.items() for k in ModelEntry.OPTIONAL_GRAPHS
+              if getattr(m, k)]
+    named += [("tokenizer.file", tok["file"])] + ([("tokenizer.chat_template", tok["chat_template"])]
+                                                  if tok.get("chat_template") else [])
+    named += [("quality_report", report)] if report is not None else []
+    for what, rel in named:
         if rel not in files:
-            raise ManifestError(f"{what} {rel!r} is not listed in 'files'")
-    if "draft" in entries and entries["draft"].vocab_size < int(tok.get("vocab_size", 0)):
-        raise ManifestError("models.draft.vocab_size is smaller than the tokenizer's vocabulary")
+            raise ManifestError(f"{what} {rel!r} is not listed in 'files' (so its hash cannot be checked)")
+    for r, m in entries.items():
+        if m.vocab_size < tok.get("vocab_size", 0):
+            raise ManifestError(f"models.{r}.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                                f"vocab_size={tok['vocab_size']}")
+    generation = doc.get("generation") or {}
+    _check_generation(generation)
+    version_str = doc.get("edgellm_version", "")
+    _typed(version_str, str, "edgellm_version", "a string")
     return Manifest(
         format_version=version,
         models=entries,
         tokenizer=tok,
-        generation=dict(doc.get("generation") or {}),
+        generation=dict(generation),
         files=files,
-        edgellm_version=str(doc.get("edgellm_version", "")),
-        quality_report=doc.get("quality_report"),
+        edgellm_version=version_str,
+        quality_report=report,
+        manifest_sha256=digest,
+        integrity="absent" if digest is None else ("ok" if manifest_digest(doc) == digest else "edited"),
     )
 
 
@@ -233,11 +332,19 @@ def read_manifest(bundle: Path) -> Manifest:
     path = bundle / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{str(bundle)!r} is not an edgellm bundle: no {MANIFEST_NAME}")
+    if path.resolve().parent != bundle.resolve():
+        raise BundleError(f"{path}: a link to a file outside the bundle; the manifest must be inside it")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})") from e
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read it ({e.strerror or e})") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
     return parse_manifest(doc)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -257,6 +364,8 @@ def verify_files(bundle: Path, manifest: Manifest, *, hashes: bool = True) -> li
         hashes: compare sha256 too (sizes are always compared).
     """
     problems = []
+    if manifest.integrity == "edited":
+        problems.append(f"{MANIFEST_NAME}: edited after export (its contents do not match its manifest_sha256)")
     root = bundle.resolve()
     for rel, meta in manifest.files.items():
         p = (bundle / rel).resolve()

@@ -5,11 +5,14 @@ The only part of edgellm that may import torch / transformers, and only inside f
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import logging
+import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -106,8 +109,10 @@ def export(
     out = Path(output).expanduser()
     if quality not in QUALITY_LEVELS:
         raise ConfigError(f"quality={quality!r}; allowed: {', '.join(QUALITY_LEVELS)}")
-    if max_context < 64:
-        raise ConfigError(f"max_context={max_context}; allowed: at least 64")
+    from edgellm.manifest import MAX_CONTEXT
+
+    if not isinstance(max_context, int) or isinstance(max_context, bool) or not 64 <= max_context <= MAX_CONTEXT:
+        raise ConfigError(f"max_context={max_context!r}; allowed: an integer 64-{MAX_CONTEXT}", param="max_context")
     if target_device not in TARGET_DEVICES:
         raise ConfigError(f"target_device={target_device!r}; allowed: {', '.join(TARGET_DEVICES)}")
     if target_device == "npu":
@@ -143,20 +148,16 @@ def export(
     if draft is not None:
         qcfg["draft"] = dict(quant=draft_quant, block_size=draft_block_size, lm_head_quant=None,
                              activations=activations)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"output {str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it")
-    if out.exists() and not (out / "manifest.json").is_file() and any(out.iterdir()):
-        raise ConfigError(f"output {str(out)!r} is a non-empty folder that is not a bundle; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _start_output(out, overwrite)
 
     t0 = time.perf_counter()
     say = _progress_printer(progress, t0)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
-                     say, npu_window if target_device == "npu" else None,
-                     {"target": npu_quant, "draft": npu_draft_quant or npu_quant}, calibration_text)
-        _replace(tmp, out)
+        with _sigterm_as_exit():
+            _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
+                         say, npu_window if target_device == "npu" else None,
+                         {"target": npu_quant, "draft": npu_draft_quant or npu_quant}, calibration_text)
+            _replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (EdgeLLMError, KeyboardInterrupt, SystemExit, MemoryError)):
@@ -164,6 +165,84 @@ def export(
         raise ExportError(f"export failed: {type(e).__name__}: {e}") from e
     say(f"bundle written to {out}")
     return out
+
+
+PARTIAL_OWNER = ".edgellm-export-pid"  # inside a partial folder: the pid of the export writing it
+
+
+def _start_output(out: Path, overwrite: bool) -> Path:
+    """Check ``out`` can be written (before any work) and create the temporary folder beside it.
+
+    Also removes what earlier exports of the same ``out`` left behind when they died
+    (``.NAME.partial-*`` folders whose process is gone, ``.NAME.old-*`` folders).
+
+    Raises:
+        ConfigError: ``out`` exists (without ``overwrite``), is a file, or is a folder that is not a
+            bundle; its parent cannot be created or written.
+    """
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise ConfigError(f"output {str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it",
+                              param="output")
+        if out.is_symlink() or not out.is_dir():
+            raise ConfigError(f"output {str(out)!r} is {'a link' if out.is_symlink() else 'a file'}, not a bundle "
+                              "folder; refusing to replace it (give a folder path)", param="output")
+        if not (out / "manifest.json").is_file() and any(out.iterdir()):
+            raise ConfigError(f"output {str(out)!r} is a non-empty folder that is not a bundle; refusing to replace it",
+                              param="output")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        (tmp / PARTIAL_OWNER).write_text(str(os.getpid()))
+    except OSError as e:
+        where = e.filename or out.parent
+        raise ConfigError(f"output {str(out)!r}: cannot create the bundle there: {e.strerror or e} ({where}); give a "
+                          "folder path whose parent is a writable folder", param="output") from None
+    return tmp
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove leftovers of earlier exports of ``out`` whose process no longer runs."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        try:
+            pid = int((p / PARTIAL_OWNER).read_text())
+        except (OSError, ValueError):
+            pid = None  # no owner file: written by an edgellm before it had one, or half-created
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue  # another export of the same output is running: leave its folder alone
+        logger.info("removing %s, left by an export that did not finish", p)
+        shutil.rmtree(p, ignore_errors=True)
+    for p in out.parent.glob(f".{out.name}.old-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """Turn SIGTERM into ``SystemExit(143)`` while exporting, so the temporary folder is removed
+    as on Ctrl-C (only in the main thread: signal handlers cannot be set elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _quant_config(src, *, quant: str, block_size: int, lm_head_quant: str | None, activations: str = "fp32"):
@@ -206,7 +285,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     from edgellm import __version__
     from edgellm.export.source import open_source
     from edgellm.export.tokenizer import check_compatible, tokenizer_files, write_tokenizer
-    from edgellm.manifest import FORMAT_VERSION, MANIFEST_NAME, parse_manifest, sha256_file
+    from edgellm.manifest import FORMAT_VERSION, MANIFEST_NAME, manifest_digest, parse_manifest, sha256_file
 
     sources = {"target": open_source(target)}
     if draft is not None:
@@ -222,6 +301,9 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     models, report = {}, {"models": {}}
     for role, src in sources.items():
         ctx = min(max_context, src.spec.source_context_length)
+        if ctx < max_context:
+            _warn(f"{role}: max_context={max_context} is more than the model was trained for "
+                  f"({src.spec.source_context_length} positions); its bundle uses {ctx}")
         models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say, npu_window)
         if npu_window and npu_quant[role] != "fp32":
             _quantize_npu(tmp, role, models[role], tok_entry, say, 4 if npu_quant[role] == "qdq-w4" else 8,
@@ -264,6 +346,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     }
     if ort_entry:
         manifest["ort_mobile"] = ort_entry
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     parse_manifest(manifest)  # the exporter never writes what the runtime would refuse
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
 
@@ -434,8 +517,6 @@ def _graph_score(r: dict) -> dict | None:
 
 
 def _judge(report: dict, max_target_kl: float, say) -> None:
-    import warnings
-
     target = _graph_score(report["models"].get("target", {}))
     for role, r in report["models"].items():
         q = _graph_score(r)
@@ -443,20 +524,37 @@ def _judge(report: dict, max_target_kl: float, say) -> None:
             say(f"quality {role}: top-1 agreement {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.4f} "
                 f"over {q['positions']} tokens vs fp32")
         if role == "draft" and q and q["top1_agreement"] < MIN_DRAFT_TOP1:
-            msg = (f"WARNING: the draft's quantization leaves top-1 agreement {q['top1_agreement']:.3f} with its fp32 "
-                   f"graph (< {MIN_DRAFT_TOP1}): the target will reject most of its proposals. Quantize it less "
-                   "(--draft-quant int4 / --npu-draft-quant qdq).")
-            say(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            _warn(f"the draft's quantization leaves top-1 agreement {q['top1_agreement']:.3f} with its fp32 graph "
+                  f"(< {MIN_DRAFT_TOP1}): the target will reject most of its proposals. "
+                  + _less_quantized_hint(r["quantization"]))
         if r.get("fp32_vs_source"):
             say(f"quality {role}: fp32 graph vs source max |logit diff| {r['fp32_vs_source']['max_abs_diff']:.2e}")
     report["max_target_kl"] = max_target_kl
     report["target_within_threshold"] = None if target is None else target["mean_kl"] <= max_target_kl
     if target is not None and target["mean_kl"] > max_target_kl:
-        msg = (f"WARNING: the target's quantization costs mean KL {target['mean_kl']:.4f} > max_target_kl "
-               f"{max_target_kl} (top-1 agreement {target['top1_agreement']:.3f}); its output quality "
-               "suffers. Export the target with " + ("--npu-quant fp32 (or qdq rather than qdq-w4)."
-                                                     if "npu_graph_vs_fp32" in report["models"]["target"]
-                                                     else "--quant int8 or a smaller --block-size."))
-        say(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        _warn(f"the target's quantization costs mean KL {target['mean_kl']:.4f} > max_target_kl {max_target_kl} "
+              f"(top-1 agreement {target['top1_agreement']:.3f}); its output quality suffers. "
+              + _less_quantized_hint(report["models"]["target"]["quantization"], target=True))
+
+
+def _warn(msg: str) -> None:
+    """One warning, shown once, through ``warnings`` (the CLI prints it as ``Warning: ...``)."""
+    import warnings
+
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _less_quantized_hint(quantization: dict, *, target: bool = False) -> str:
+    """What to export instead, from what this model is now (never the option it already has)."""
+    q = quantization.get("quant")
+    flag = "--quant" if target else "--draft-quant"
+    npu_flag = "--npu-quant" if target else "--npu-draft-quant"
+    better = {"qdq-w4": f"{npu_flag} qdq", "qdq": f"{npu_flag} fp32", "int4": f"{flag} int8",
+              "int8": f"{flag} fp16", "fp16": f"{flag} fp32"}
+    if q == "int4":
+        hint = f"{flag} int8, or a smaller {'--block-size' if target else '--draft-block-size'}"
+        if quantization.get("block_size", 0) <= 16:
+            hint = f"{flag} int8"
+    else:
+        hint = better.get(q)
+    return f"Export it with {hint}." if hint else "Use a closer draft model." if not target else ""
