@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import math
+import reprlib
 import secrets
 import socket
 import threading
@@ -47,6 +49,13 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("edgellm serve needs the 'serve' extra: pip install 'edgellm[serve]'") from e
 
 MAX_BODY_BYTES = 1 << 20
+MAX_JSON_DEPTH = 32  # an OpenAI request nests 5 deep; 100,000 '[' would exhaust the parser's stack
+BODY_TIMEOUT_S = 30.0  # a body that trickles in slower than this is cut off (408)
+HEADER_TIMEOUT_S = 10.0  # a connection that does not complete its request headers in this time is closed
+MAX_CONNECTIONS = 64  # more open connections get 503 from uvicorn
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+_short = reprlib.Repr()
+_short.maxstring, _short.maxother, _short.maxlevel, _short.maxlist, _short.maxdict = 80, 80, 3, 6, 6
 ROLES = ("system", "user", "assistant", "tool")
 # Request fields: those edgellm honours, and OpenAI's others, accepted and ignored. Anything
 # else is refused, as OpenAI does ("Unrecognized request argument").
@@ -62,15 +71,16 @@ class ApiError(Exception):
     """An error answered to the client as ``{"error": {...}}`` with an HTTP status."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = ({"WWW-Authenticate": "Bearer"} if self.status == 401 else {}) | self.headers
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -97,26 +107,21 @@ class GenRequest:
 
 
 def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str, default: Any = None) -> Any:
+    """``body[name]`` when it has one of the JSON types ``kinds`` (its range is checked by the API's
+    own validators, :class:`SamplingConfig` and :class:`DecodeConfig`, as for the CLI)."""
     value = body.get(name, default)
     if value is None:
         return default
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise ApiError(400, f"'{name}' = {value!r}; allowed: {what}", param=name, code="invalid_type")
+        raise ApiError(400, f"'{name}' = {_short.repr(value)}; allowed: {what}", param=name, code="invalid_type")
     return value
-
-
-def _number(body: dict[str, Any], name: str, lo: float, hi: float, default: float) -> float:
-    value = _typed(body, name, (int, float), f"a number {lo}-{hi}", default)
-    if not lo <= value <= hi:
-        raise ApiError(400, f"'{name}' = {value!r}; allowed: a number {lo}-{hi}", param=name, code="invalid_value")
-    return float(value)
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     """Chat messages with ``content`` as a string (OpenAI's text-part arrays are joined)."""
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
-        raise ApiError(400, f"'messages' = {raw!r}; allowed: a non-empty list of {{role, content}} objects",
+        raise ApiError(400, f"'messages' = {_short.repr(raw)}; allowed: a non-empty list of {{role, content}} objects",
                        param="messages", code="invalid_value")
     out = []
     for i, m in enumerate(raw):
@@ -126,7 +131,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
                                              and isinstance(p.get("text"), str) for p in content):
             content = "".join(p["text"] for p in content)
         if role not in ROLES or not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}] = {m!r}; allowed: {{'role': one of {', '.join(ROLES)}, "
+            raise ApiError(400, f"messages[{i}] = {_short.repr(m)}; allowed: {{'role': one of {', '.join(ROLES)}, "
                                 "'content': a string or a list of text parts}", param=f"messages[{i}]",
                            code="invalid_value")
         out.append({"role": role, "content": content})
@@ -138,9 +143,46 @@ def _prompt(body: dict[str, Any]) -> str:
     if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
         raw = raw[0]
     if not isinstance(raw, str) or not raw:
-        raise ApiError(400, f"'prompt' = {raw!r}; allowed: a non-empty string (one prompt per request)",
+        raise ApiError(400, f"'prompt' = {_short.repr(raw)}; allowed: a non-empty string (one prompt per request)",
                        param="prompt", code="invalid_value")
     return raw
+
+
+def parse_json(raw: bytes) -> Any:
+    """The JSON document of a request body.
+
+    Refused (400 ``invalid_json``): invalid JSON or UTF-8, ``NaN``/``Infinity``, nesting deeper
+    than :data:`MAX_JSON_DEPTH`, and strings that are not valid Unicode (a lone surrogate such as
+    ``"\\ud800"``, which JSON allows but no tokenizer or UTF-8 response can carry).
+    """
+    try:
+        doc = json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    stack = [(doc, 1)]
+    while stack:  # iterative: a deep document cannot exhaust the stack here
+        x, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        if isinstance(x, dict):
+            stack.extend((k, depth + 1) for k in x)
+            stack.extend((v, depth + 1) for v in x.values())
+        elif isinstance(x, list):
+            stack.extend((v, depth + 1) for v in x)
+        elif isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ApiError(400, f"the request body holds a string that is not valid Unicode "
+                                    f"({x[e.start:e.end]!r}: a lone surrogate); allowed: UTF-8 text",
+                               code="invalid_json") from None
+    return doc
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None = None) -> GenRequest:
@@ -161,17 +203,18 @@ def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None =
     model = _typed(body, "model", (str,), "a string", "")
     n = _typed(body, "n", (int,), "1", 1)
     if n != 1:
-        raise ApiError(400, f"'n' = {n!r}; allowed: 1 (one choice per request)", param="n", code="invalid_value")
+        raise ApiError(400, f"'n' = {_short.repr(n)}; allowed: 1 (one choice per request)", param="n",
+                       code="invalid_value")
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) and stop or isinstance(stop, list) and len(stop) <= 4
                                  and all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, f"'stop' = {stop!r}; allowed: a non-empty string or a list of up to 4",
+        raise ApiError(400, f"'stop' = {_short.repr(stop)}; allowed: a non-empty string or a list of up to 4",
                        param="stop", code="invalid_value")
     ext = _typed(body, "edgellm", (dict,), "an object {mode, num_draft_tokens, top_k}", {})
     stream_options = _typed(body, "stream_options", (dict,), "an object {include_usage}", {})
     options = {
-        "temperature": _number(body, "temperature", 0.0, 2.0, 1.0),
-        "top_p": _number(body, "top_p", 0.0, 1.0, 1.0) or 1.0,
+        "temperature": _typed(body, "temperature", (int, float), "a number (0 = greedy)", 1.0),
+        "top_p": _typed(body, "top_p", (int, float), "a number with 0 < top_p <= 1", 1.0),
         "top_k": _typed(ext, "top_k", (int,), "an integer >= 0", 0),
         "seed": _typed(body, "seed", (int,), "an integer", None),
         "stop": stop,
@@ -185,7 +228,7 @@ def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None =
     except ContextLengthError as e:
         raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from e
     except ConfigError as e:
-        raise ApiError(400, str(e), code="invalid_value") from e
+        raise ApiError(400, str(e), param=e.param, code="invalid_value") from e
     return GenRequest(prompt, len(ids), options, stream=_typed(body, "stream", (bool,), "true or false", False),
                       include_usage=_typed(stream_options, "include_usage", (bool,), "true or false", False),
                       model=model)
@@ -202,7 +245,7 @@ def _max_tokens(llm: LLM, body: dict[str, Any], prompt_tokens: int) -> int:
     if asked is None:
         return min(int(llm.manifest.generation.get("max_new_tokens", 256)), room)
     if not 1 <= asked <= room:
-        raise ApiError(400, f"'{name}' = {asked}; allowed: 1-{room} (the prompt has {prompt_tokens} of the "
+        raise ApiError(400, f"'{name}' = {_short.repr(asked)}; allowed: 1-{room} (the prompt has {prompt_tokens} of the "
                             f"{llm.manifest.target.max_context} context tokens)", param=name,
                        code="context_length_exceeded" if asked > room else "invalid_value")
     return asked
@@ -247,11 +290,17 @@ class Engine:
     last_stats: dict[str, Any] | None = None
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "edgellm-generate"))
 
-    def start(self, req: GenRequest) -> Job:
+    def check_room(self) -> None:
+        """Raise 429 (with ``Retry-After``) when the queue is full."""
         if self.waiting > self.max_queue:
+            last = (self.last_stats or {}).get("total_s") or 1.0
+            retry = max(1, math.ceil(last * self.waiting))  # the queue ahead at the last request's pace
             raise ApiError(429, f"the server is busy: {self.waiting} requests are running or queued "
-                                f"(max_queue={self.max_queue}); retry later", type="rate_limit_error",
-                           code="queue_full")
+                                f"(max_queue={self.max_queue}); retry in {retry} s", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(retry)})
+
+    def start(self, req: GenRequest) -> Job:
+        self.check_room()
         loop = asyncio.get_running_loop()
         job = Job(loop)
         self.waiting += 1
@@ -351,9 +400,9 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
 
 def _generation_error(e: BaseException) -> ApiError:
     if isinstance(e, ContextLengthError):
-        return ApiError(400, str(e), code="context_length_exceeded")
+        return ApiError(400, str(e), param=e.param, code="context_length_exceeded")
     if isinstance(e, ConfigError):
-        return ApiError(400, str(e), code="invalid_value")
+        return ApiError(400, str(e), param=e.param, code="invalid_value")
     return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error", code="internal_error")
 
 
@@ -398,9 +447,128 @@ async def _stream(job: Job, req: GenRequest, shape: _Shape) -> AsyncIterator[str
         job.cancel()
 
 
+# ---------------------------------------------------------------------------------------- the guard
+def host_name(host: str) -> str:
+    """The name part of a ``Host`` header (``[::1]:8000`` -> ``::1``, ``Example:80`` -> ``example``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    name, sep, port = host.rpartition(":")
+    return name if sep and port.isdigit() and ":" not in name else host
+
+
+@dataclass(frozen=True)
+class Guard:
+    """Who may talk to the server from a browser: the ``Host`` names and the ``Origin`` s it answers.
+
+    A web page the user visits can send requests to a server on their machine: a "simple"
+    cross-site POST needs no preflight (cross-site request forgery), and a rebound DNS name can
+    point at 127.0.0.1 (DNS rebinding, which also reads the replies). So a request whose ``Host``
+    is not a name of this server, or whose ``Origin`` (sent by browsers) is not the server's own
+    page or an allowed one, gets 403 before anything else runs. Clients that are not browsers
+    (curl, the ``openai`` package) send no ``Origin``.
+
+    Attributes:
+        hosts: lowercased names the ``Host`` header may carry (``*``: any).
+        origins: extra origins (``scheme://host[:port]``) allowed besides the server's own
+            (``*``: any).
+    """
+
+    hosts: frozenset[str] = frozenset(LOOPBACK_NAMES)
+    origins: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        for o in self.origins:
+            if o != "*" and not (o.startswith(("http://", "https://")) and "/" not in o.split("://", 1)[1]
+                                 and o.split("://", 1)[1]):
+                raise ConfigError(f"allowed origin {o!r}; allowed: scheme://host[:port] (e.g. "
+                                  "http://192.168.1.5:3000, no path), or *", param="allowed_origins")
+        for h in self.hosts:
+            if not h or "/" in h or h != h.strip():
+                raise ConfigError(f"allowed host {h!r}; allowed: a host name or address (no scheme, port or "
+                                  "path), or *", param="allowed_hosts")
+
+    def check(self, scope: dict[str, Any]) -> ApiError | None:
+        """The 403 to answer ``scope`` with, or ``None`` when it may pass."""
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host")
+        if host is not None and "*" not in self.hosts and host_name(host) not in self.hosts:
+            return ApiError(403, f"Host {host!r} is not a name of this server (allowed: "
+                                 f"{', '.join(sorted(self.hosts))}); to allow it, start edgellm serve with "
+                                 f"--allowed-host {host_name(host)}", code="forbidden_host")
+        origin = headers.get("origin")
+        own = f"{scope.get('scheme', 'http')}://{host}".lower() if host else None
+        if origin is not None and "*" not in self.origins and origin.lower() not in self.origins | {own}:
+            return ApiError(403, f"requests from the web page at Origin {origin!r} are refused: only this server's "
+                                 "own page may use it from a browser; to allow another page, start edgellm serve "
+                                 f"with --allowed-origin {origin}", code="forbidden_origin")
+        return None
+
+
+def hosts_for(bind_host: str, extra: tuple[str, ...] | list[str] = ()) -> frozenset[str]:
+    """The ``Host`` names a server bound to ``bind_host`` answers: loopback names, the bound address
+    (every address of the machine and its host names for 0.0.0.0 / ::), and ``extra``."""
+    names = set(LOOPBACK_NAMES)
+    if bind_host in ("0.0.0.0", "::"):
+        names.update(local_addresses())
+        hostname = socket.gethostname().lower()
+        names.update({hostname, f"{hostname}.local", socket.getfqdn().lower()})
+    else:
+        names.add(host_name(bind_host))
+    return frozenset(names | {h.strip().lower() for h in extra})
+
+
+class GuardMiddleware:
+    """ASGI middleware answering 403 to requests :class:`Guard` refuses, before routing or reading a body."""
+
+    def __init__(self, app: Any, guard: Guard) -> None:
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        refused = self.guard.check(scope) if scope["type"] == "http" else None
+        if refused is not None:
+            await refused.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refused while reading once past :data:`MAX_BODY_BYTES` (chunked bodies too)
+    or slower than :data:`BODY_TIMEOUT_S`; at most one chunk past the limit is ever held."""
+    import anyio
+
+    close = {"Connection": "close"}  # the rest of the body is not read: the connection cannot be reused
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body has {length} bytes; allowed: up to {MAX_BODY_BYTES}",
+                       code="body_too_large", headers=close)
+    chunks, size = [], 0
+    try:
+        with anyio.fail_after(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise ApiError(413, f"the request body has more than {MAX_BODY_BYTES} bytes; allowed: up to "
+                                        f"{MAX_BODY_BYTES}", code="body_too_large", headers=close)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s", code="timeout",
+                       headers=close) from None
+    return b"".join(chunks)
+
+
+def check_json_content_type(request: Request) -> None:
+    """415 unless the body is declared ``application/json``: what a browser can send cross-site
+    without a preflight (``text/plain``, forms) is never read as a request."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";", 1)[0].strip().lower() != "application/json":
+        raise ApiError(415, f"Content-Type {ctype!r}; allowed: application/json (with curl: -H 'Content-Type: "
+                            "application/json')", code="unsupported_media_type")
+
+
 # ---------------------------------------------------------------------------------------- the app
 def create_app(llm: LLM, *, api_key: str | None = None, mode: str | None = None, model_id: str | None = None,
-               max_queue: int = 8) -> Starlette:
+               max_queue: int = 8, guard: Guard | None = None) -> Starlette:
     """The ASGI application serving ``llm``.
 
     Args:
@@ -409,10 +577,17 @@ def create_app(llm: LLM, *, api_key: str | None = None, mode: str | None = None,
         mode: default decoding mode (``speculative`` when the bundle has a draft).
         model_id: the name ``/v1/models`` reports (default: the bundle folder's name).
         max_queue: requests that may wait while one generates; more get 429.
+        guard: the ``Host`` names and ``Origin`` s answered (default: loopback names, the
+            server's own page).
     """
+    from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+
     engine = Engine(llm, max_queue=max_queue)
     model_id = model_id or llm.bundle.name
     mode = mode or ("speculative" if llm.draft is not None else "target")
+    guard = guard or Guard()
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -422,19 +597,13 @@ def create_app(llm: LLM, *, api_key: str | None = None, mode: str | None = None,
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' (the key "
                                 "`edgellm serve` printed)", code="invalid_api_key")
 
-    async def read_json(request: Request) -> Any:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body has {len(body)} bytes; allowed: up to {MAX_BODY_BYTES}",
-                           code="body_too_large")
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from e
-
     async def completions(request: Request, chat: bool) -> Response:
         authorize(request)
-        req = parse_request(llm, await read_json(request), chat=chat, default_mode=mode)
+        check_json_content_type(request)
+        engine.check_room()  # 429 before reading and tokenizing a prompt that would not be served
+        raw = await read_body(request)
+        # parsing and tokenizing a long prompt takes a while: off the event loop, so /health answers
+        req = await run_in_threadpool(lambda: parse_request(llm, parse_json(raw), chat=chat, default_mode=mode))
         shape = _Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", req.model or model_id)
         job = engine.start(req)  # 429 here, before any byte of the answer
         if req.stream:
@@ -449,8 +618,9 @@ def create_app(llm: LLM, *, api_key: str | None = None, mode: str | None = None,
 
     async def models(request: Request) -> Response:
         authorize(request)
+        info = {**llm.info, "bundle": llm.bundle.name}  # not the absolute path: clients need no file system facts
         return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
-                                                         "owned_by": "edgellm", "edgellm": llm.info}]})
+                                                         "owned_by": "edgellm", "edgellm": info}]})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": model_id, "mode": mode, "busy": engine.busy,
@@ -476,8 +646,13 @@ def create_app(llm: LLM, *, api_key: str | None = None, mode: str | None = None,
     routes = [Route("/", page), Route("/health", health), Route("/v1/models", models),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", text_completions, methods=["POST"])]
-    app = Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error,
-                                                      Exception: server_error})
+    middleware = [Middleware(GuardMiddleware, guard=guard)]
+    extra = sorted(guard.origins - {"*"})
+    if guard.origins:  # pages on other origins the user allowed: answer their CORS preflights
+        middleware.append(Middleware(CORSMiddleware, allow_origins=["*"] if "*" in guard.origins else extra,
+                                     allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]))
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
     app.state.engine = engine
     return app
 
@@ -530,31 +705,80 @@ def resolve_api_key(host: str, api_key: str | None) -> tuple[str | None, bool]:
     return api_key, False
 
 
+def _guarded_h11():
+    """uvicorn's h11 protocol, closing connections whose request headers do not arrive in time.
+
+    uvicorn times out idle keep-alive connections, but not a connection that never completes its
+    request line and headers (a "slowloris" holds a slot forever with a byte now and then).
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def _arm_header_timer(self) -> None:
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._header_timeout)
+
+        def _header_timeout(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # still no complete request: drop it
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the headers are in: the handler runs now
+                self._header_timer.cancel()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._header_timer.cancel()
+            self._arm_header_timer()  # the next request on this connection gets the same time
+
+        def connection_lost(self, exc) -> None:
+            self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def server_config(app: Any, host: str, port: int):
+    """The ``uvicorn.Config`` edgellm serves with: bounded connections, header and keep-alive timeouts."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2,
+                          http=_guarded_h11(), timeout_keep_alive=5, limit_concurrency=MAX_CONNECTIONS,
+                          h11_max_incomplete_event_size=16 * 1024)
+
+
 def prepare(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
             provider: str = "cpu", draft_provider: str | None = None, threads: int | None = None,
-            mode: str | None = None, max_queue: int = 8, echo=print):
+            mode: str | None = None, max_queue: int = 8, allowed_hosts: tuple[str, ...] | list[str] = (),
+            allowed_origins: tuple[str, ...] | list[str] = (), echo=print):
     """Load ``bundle``, build the app and print where to reach it; returns a ready ``uvicorn.Server``.
 
     Binding anything but a loopback address requires an API key: the given one, or one generated
-    here and printed.
+    here and printed. ``allowed_hosts`` / ``allowed_origins`` add ``Host`` names and browser
+    origins to those answered (see :class:`Guard`).
     """
     import uvicorn
 
     from edgellm.api import load
 
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"port={port}; allowed: 1-65535")
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"port={port}; allowed: 1-65535", param="port")
     key, generated = resolve_api_key(host, api_key)
+    guard = Guard(hosts_for(host, allowed_hosts), frozenset(o.rstrip("/").lower() for o in allowed_origins))
     llm = load(bundle, provider=provider, draft_provider=draft_provider, threads=threads)
-    app = create_app(llm, api_key=key, mode=mode, max_queue=max_queue)
+    app = create_app(llm, api_key=key, mode=mode, max_queue=max_queue, guard=guard)
     echo(f"edgellm: serving {llm.bundle.name} (target on {llm.providers['target']}) at:")
     for url in urls(host, port):
         echo(f"  {url}")
     if key is not None:
         echo(f"  API key{' (generated)' if generated else ''}: {key}")
         echo("  (the page asks for it once; clients send 'Authorization: Bearer <key>')")
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
-    return uvicorn.Server(config)
+    return uvicorn.Server(server_config(app, host, port))
 
 
 def serve(bundle: str, **kwargs: Any) -> None:

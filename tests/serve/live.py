@@ -37,10 +37,13 @@ class Running:
 
 
 def run_app(app) -> Running:
+    """``app`` on a free loopback port, with the uvicorn settings ``edgellm serve`` uses."""
     import uvicorn
 
+    from edgellm.server import server_config
+
     port = free_port()
-    return Running(uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")), port)
+    return Running(uvicorn.Server(server_config(app, "127.0.0.1", port)), port)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from live import Running, free_port, llm, run_app, server  # noqa: F401 - fixtur
 openai = pytest.importorskip("openai")
 
 MESSAGES = [{"role": "user", "content": "def foo(x): return"}]
+JSON = {"Content-Type": "application/json"}
 
 
 def client(server, key: str = "none"):
@@ -87,14 +88,19 @@ def test_stop_and_seeded_sampling(server, llm):
     ({"messages": "hi"}, "invalid_value", "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "invalid_value", "messages[0]"),
     ({"messages": MESSAGES, "temperature": "hot"}, "invalid_type", "temperature"),
-    ({"messages": MESSAGES, "temperature": 7}, "invalid_value", "temperature"),
+    ({"messages": MESSAGES, "temperature": 1000}, "invalid_value", "temperature"),
+    ({"messages": MESSAGES, "temperature": -0.5}, "invalid_value", "temperature"),
+    ({"messages": MESSAGES, "top_p": 0}, "invalid_value", "top_p"),
+    ({"messages": MESSAGES, "seed": -1}, "invalid_value", "seed"),
+    ({"messages": MESSAGES, "edgellm": {"top_k": -3}}, "invalid_value", "top_k"),
+    ({"messages": MESSAGES, "edgellm": {"num_draft_tokens": 99}}, "invalid_value", "num_draft_tokens"),
     ({"messages": MESSAGES, "max_tokens": 100000}, "context_length_exceeded", "max_tokens"),
     ({"messages": MESSAGES, "max_tokens": 0}, "invalid_value", "max_tokens"),
     ({"messages": MESSAGES, "max_tokens": True}, "invalid_type", "max_tokens"),
     ({"messages": MESSAGES, "n": 3}, "invalid_value", "n"),
     ({"messages": MESSAGES, "stream": "yes"}, "invalid_type", "stream"),
     ({"messages": MESSAGES, "stop": [1]}, "invalid_value", "stop"),
-    ({"messages": MESSAGES, "edgellm": {"mode": "fast"}}, "invalid_value", None),
+    ({"messages": MESSAGES, "edgellm": {"mode": "fast"}}, "invalid_value", "mode"),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "context_length_exceeded", "max_tokens"),
     ({"messages": MESSAGES, "temprature": 0}, "unknown_parameter", "temprature"),
     ({"messages": MESSAGES, "presence_penalty": "x"}, "invalid_type", "presence_penalty"),
@@ -110,13 +116,13 @@ def test_bad_requests_get_400(server, body, code, param):
 def test_malformed_json_wrong_route_and_method(server):
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-    r = httpx.post(server.url + "/v1/completions", content=b"[1, 2]")
+    r = httpx.post(server.url + "/v1/completions", content=b"[1, 2]", headers=JSON)
     assert r.status_code == 400 and "JSON object" in r.json()["error"]["message"]
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.get(server.url + "/v1/chat/completions")
     assert r.status_code == 405 and "error" in r.json()
-    r = httpx.post(server.url + "/v1/completions", content=b"x" * (1 << 21))
+    r = httpx.post(server.url + "/v1/completions", content=b"x" * (1 << 21), headers=JSON)
     assert r.status_code == 413
 
 
