@@ -120,7 +120,7 @@ def _print_summary(s: dict[str, Any]) -> None:
     for role, m in s["models"].items():
         q = m["quantization"]
         click.echo(f"  {role}: {m['architecture']} {m['num_layers']} layers, vocab {m['vocab_size']}, "
-                   f"max_context {m['max_context']}, {m['device']}, {q['quant']}"
+                   f"max_context {m['max_context']}, {m['device']}, {q.get('quant', '?')}"
                    + (f" (block {q['block_size']})" if q.get("block_size") else "") + f", {m['size_mb']:.0f} MB")
         click.echo(f"    graphs: {', '.join(m['graphs'])}")
         if m.get("quality"):

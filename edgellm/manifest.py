@@ -125,6 +125,10 @@ class Manifest:
 
 
 MAX_CONTEXT = 1 << 20  # KV positions; past this a bundle's caches would not fit any device
+# upper bounds far past any decoder that runs on a small device: a manifest past them was edited,
+# and believing it would make the runtime allocate without end
+_SIZE_LIMITS = {"num_layers": 1024, "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 4096,
+                "vocab_size": 1 << 24, "max_context": MAX_CONTEXT, "hidden_size": 1 << 18}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 GENERATION_KEYS = {"num_draft_tokens": "int", "max_new_tokens": "int", "temperature": "number", "top_k": "int",
                    "top_p": "number"}
@@ -138,9 +142,9 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
 
 
-def _positive_int(x: Any, what: str) -> int:
-    if not _is_int(x) or x <= 0:
-        raise ManifestError(f"{what}: expected a positive integer, got {x!r}")
+def _positive_int(x: Any, what: str, hi: int | None = None) -> int:
+    if not _is_int(x) or x <= 0 or hi is not None and x > hi:
+        raise ManifestError(f"{what}: expected a positive integer{f' up to {hi}' if hi else ''}, got {x!r}")
     return x
 
 
@@ -155,7 +159,7 @@ def _check_tokenizer(tok: dict[str, Any]) -> None:
     if tok.get("chat_template") is not None:
         safe_relpath(tok["chat_template"], "tokenizer.chat_template")
     if "vocab_size" in tok:
-        _positive_int(tok["vocab_size"], "tokenizer.vocab_size")
+        _positive_int(tok["vocab_size"], "tokenizer.vocab_size", _SIZE_LIMITS["vocab_size"])
     eos = tok.get("eos_token_ids", [])
     if not isinstance(eos, list) or not all(_is_int(i) and i >= 0 for i in eos):
         raise ManifestError(f"tokenizer.eos_token_ids={eos!r}; expected a list of token ids (integers >= 0)")
@@ -203,16 +207,14 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
     missing = [k for k in _MODEL_KEYS if k not in d]
     if missing:
         raise ManifestError(f"models.{role}: missing {', '.join(missing)}")
-    for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "max_context"):
-        _positive_int(d[k], f"models.{role}.{k}")
-    if d["max_context"] > MAX_CONTEXT:
-        raise ManifestError(f"models.{role}.max_context={d['max_context']}; allowed: up to {MAX_CONTEXT}")
-    _positive_int(d.get("hidden_size", 1) or 1, f"models.{role}.hidden_size")
+    for k, hi in _SIZE_LIMITS.items():
+        if k in d or k != "hidden_size":
+            _positive_int(d[k], f"models.{role}.{k}", hi)
     _typed(d["architecture"], str, f"models.{role}.architecture", "a string")
     for k in ("quantization", "source"):
         _typed(d.get(k, {}), dict, f"models.{role}.{k}", "an object")
     kind = d["kv_layout"].get("kind") if isinstance(d["kv_layout"], dict) else None
-    if kind not in _KV_KINDS:
+    if not isinstance(kind, str) or kind not in _KV_KINDS:
         raise ManifestError(f"models.{role}.kv_layout.kind={kind!r}; this runtime reads {', '.join(_KV_KINDS)}")
     io = d["io"]
     if not isinstance(io, dict) or any(not isinstance(io.get(k), str) or not io[k] for k in _KV_KINDS[kind]):
@@ -220,7 +222,7 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
     for k in ("past_key", "past_value", "present_key", "present_value"):
         if io[k].count("%d") != 1 or "%" in io[k].replace("%d", ""):
             raise ManifestError(f"models.{role}.io.{k}={io[k]!r}: expected a name with one '%d' (the layer)")
-    if d["kv_layout"].get("dtype", "float32") not in ("float32", "float16"):
+    if not isinstance(d["kv_layout"].get("dtype", "float32"), str) or d["kv_layout"].get("dtype", "float32") not in ("float32", "float16"):
         raise ManifestError(f"models.{role}.kv_layout.dtype={d['kv_layout'].get('dtype')!r}; "
                             "this runtime reads float32, float16")
     if kind == "static_window" and not (_is_int(d["kv_layout"].get("window")) and d["kv_layout"]["window"] > 0

@@ -148,21 +148,20 @@ def export(
     if draft is not None:
         qcfg["draft"] = dict(quant=draft_quant, block_size=draft_block_size, lm_head_quant=None,
                              activations=activations)
-    tmp = _start_output(out, overwrite)
-
     t0 = time.perf_counter()
     say = _progress_printer(progress, t0)
-    try:
-        with _sigterm_as_exit():
+    with _sigterm_as_exit():  # before the temporary folder exists: a SIGTERM at any point cleans it up
+        tmp = _start_output(out, overwrite)
+        try:
             _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
                          say, npu_window if target_device == "npu" else None,
                          {"target": npu_quant, "draft": npu_draft_quant or npu_quant}, calibration_text)
             _replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (EdgeLLMError, KeyboardInterrupt, SystemExit, MemoryError)):
-            raise
-        raise ExportError(f"export failed: {type(e).__name__}: {e}") from e
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (EdgeLLMError, KeyboardInterrupt, SystemExit, MemoryError)):
+                raise
+            raise ExportError(f"export failed: {type(e).__name__}: {e}") from e
     say(f"bundle written to {out}")
     return out
 
@@ -526,7 +525,7 @@ def _judge(report: dict, max_target_kl: float, say) -> None:
         if role == "draft" and q and q["top1_agreement"] < MIN_DRAFT_TOP1:
             _warn(f"the draft's quantization leaves top-1 agreement {q['top1_agreement']:.3f} with its fp32 graph "
                   f"(< {MIN_DRAFT_TOP1}): the target will reject most of its proposals. "
-                  + _less_quantized_hint(r["quantization"]))
+                  + _less_quantized_hint(r.get("quantization", {})))
         if r.get("fp32_vs_source"):
             say(f"quality {role}: fp32 graph vs source max |logit diff| {r['fp32_vs_source']['max_abs_diff']:.2e}")
     report["max_target_kl"] = max_target_kl
@@ -534,7 +533,7 @@ def _judge(report: dict, max_target_kl: float, say) -> None:
     if target is not None and target["mean_kl"] > max_target_kl:
         _warn(f"the target's quantization costs mean KL {target['mean_kl']:.4f} > max_target_kl {max_target_kl} "
               f"(top-1 agreement {target['top1_agreement']:.3f}); its output quality suffers. "
-              + _less_quantized_hint(report["models"]["target"]["quantization"], target=True))
+              + _less_quantized_hint(report["models"]["target"].get("quantization", {}), target=True))
 
 
 def _warn(msg: str) -> None:

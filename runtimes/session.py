@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgellm.errors import ContextLengthError, RollbackError
+from edgellm.errors import BundleError, ContextLengthError, RollbackError
 from edgellm.runtimes.providers import ProviderChoice
 
 logger = logging.getLogger(__name__)
@@ -57,13 +57,72 @@ def open_session(model_path: Path, provider: ProviderChoice, threads: int | None
     # would steal cycles from the busy one.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     t0 = time.perf_counter()
-    if provider.devices:  # a plugin EP: its devices go into the session options
-        so.add_provider_for_devices(list(provider.devices), provider.device_options)
-        session = ort.InferenceSession(str(model_path), so)
-    else:
-        session = ort.InferenceSession(str(model_path), so, providers=provider.providers,
-                                       provider_options=provider.options)
+    try:
+        if provider.devices:  # a plugin EP: its devices go into the session options
+            so.add_provider_for_devices(list(provider.devices), provider.device_options)
+            session = ort.InferenceSession(str(model_path), so)
+        else:
+            session = ort.InferenceSession(str(model_path), so, providers=provider.providers,
+                                           provider_options=provider.options)
+    except (RuntimeError, ValueError, OSError) as e:  # onnxruntime's Fail / InvalidGraph / NoSuchFile
+        raise BundleError(f"{model_path}: onnxruntime cannot load this graph ({type(e).__name__}: "
+                          f"{str(e)[:300]})") from None
     return session, time.perf_counter() - t0
+
+
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+
+
+def check_graph(session, layout: KVLayout, cache_length: int, path: Path,
+                fixed: dict[str, list[int]] | None = None) -> None:
+    """Refuse a graph whose inputs and outputs disagree with the manifest, before any buffer is made.
+
+    Checks the cache inputs (one key and one value per layer, no more; their kv heads, length and
+    head size; their dtype), the logits width and, for static graphs, the ``fixed`` last
+    dimensions of other inputs (``{"cos": [head_dim // 2], ...}``).
+
+    Raises:
+        BundleError: naming the graph, the input and both values.
+    """
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    io, problems = layout.io, []
+    for key, name in io.items():
+        if not isinstance(name, str):
+            continue
+        names = [name % i for i in range(layout.num_layers)] if "%d" in name else [name]
+        absent = [n for n in names if n not in inputs and n not in outputs]
+        if absent:
+            problems.append(f"io.{key}={name!r}, but the graph has no {absent[0]!r}")
+    if problems:  # names first: the checks below read them
+        raise BundleError(f"{path}: the graph does not match the manifest: " + "; ".join(problems))
+    for kind in ("past_key", "past_value"):
+        names = [io[kind] % i for i in range(layout.num_layers)]
+        missing = [n for n in names if n not in inputs]
+        if missing or io[kind] % layout.num_layers in inputs:
+            problems.append(f"num_layers={layout.num_layers} but the graph's {io[kind]} inputs do not number that")
+            continue
+        for n in names:
+            want = [layout.num_kv_heads, cache_length, layout.head_dim]
+            got = inputs[n].shape[1:]
+            if len(got) != 3 or any(isinstance(g, int) and g != w for g, w in zip(got, want)):
+                problems.append(f"{n} has shape {inputs[n].shape}, the manifest implies [batch, {', '.join(map(str, want))}]")
+                break
+            if inputs[n].type != _ORT_TYPES.get(layout.dtype):
+                problems.append(f"{n} is {inputs[n].type}, the manifest says {layout.dtype}")
+                break
+    logits = outputs.get(io["logits"])
+    if logits is None:
+        problems.append(f"no output {io['logits']!r}")
+    elif isinstance(logits.shape[-1], int) and logits.shape[-1] != layout.vocab_size:
+        problems.append(f"logits are {logits.shape[-1]} wide, the manifest says vocab_size={layout.vocab_size}")
+    for name, tail in (fixed or {}).items():
+        shape = inputs[name].shape if name in inputs else None
+        if shape is None or [d for d in shape[-len(tail):]] != tail:
+            problems.append(f"input {name} has shape {shape}, the manifest implies [..., {', '.join(map(str, tail))}]")
+    if problems:
+        raise BundleError(f"{path}: the graph does not match the manifest: " + "; ".join(problems)
+                          + " (the manifest was edited, or the bundle mixes files of two exports)")
 
 
 class CachedSession:
@@ -112,6 +171,7 @@ class DecoderSession(CachedSession):
 
         self.layout, self.min_rows = layout, min_rows
         self.session, self.load_seconds = open_session(model_path, provider, threads)
+        check_graph(self.session, layout, layout.max_context, model_path)
         self.providers = self.session.get_providers()
         self._ort = ort
         self.length = 0

@@ -23,7 +23,7 @@ import numpy as np
 
 from edgellm.errors import ContextLengthError
 from edgellm.runtimes.providers import ProviderChoice
-from edgellm.runtimes.session import CachedSession, KVLayout, open_session
+from edgellm.runtimes.session import CachedSession, KVLayout, check_graph, open_session
 
 
 
@@ -37,14 +37,23 @@ class StaticDecoderSession(CachedSession):
         self.cache_length = cache_length or layout.max_context + window  # slots, padding rows included
         self.groups = num_heads // layout.num_kv_heads
         self.session, self.load_seconds = open_session(model_path, provider, threads)
+        self._check(self.session, model_path, window)
         self.providers = self.session.get_providers()
         self.step_session = None
         if step_path is not None:
             self.step_session, seconds = open_session(step_path, provider, threads)
+            self._check(self.step_session, step_path, 1)
             self.load_seconds += seconds
         shape = (1, layout.num_kv_heads, self.cache_length, layout.head_dim)
         self._cache = [np.zeros(shape, np.float32) for _ in range(2 * layout.num_layers)]
         self.length = 0
+
+    def _check(self, session, path: Path, window: int) -> None:
+        """The graph's shapes against the manifest's (see :func:`check_graph`), window and heads included."""
+        half, lay = self.layout.head_dim // 2, self.layout
+        check_graph(session, lay, self.cache_length, path,
+                    {"input_ids": [window], "cos": [window, half], "sin": [window, half],
+                     "attention_mask": [self.groups * window, self.cache_length]})
 
     @classmethod
     def from_entry(cls, graph: Path, entry: dict, provider: ProviderChoice, threads: int | None = None,

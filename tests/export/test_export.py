@@ -302,8 +302,11 @@ def test_quality_judge_warns_about_a_damaged_target_or_a_useless_draft():
     from edgellm.export import _judge
 
     def report(target, draft, key="npu_graph_vs_fp32"):
-        return {"models": {"target": {key: {"top1_agreement": target[0], "mean_kl": target[1], "positions": 8}},
-                           "draft": {key: {"top1_agreement": draft[0], "mean_kl": draft[1], "positions": 8}}}}
+        quant = {"quant": "qdq" if key == "npu_graph_vs_fp32" else "int4", "block_size": 32}
+        return {"models": {"target": {key: {"top1_agreement": target[0], "mean_kl": target[1], "positions": 8},
+                                      "quantization": quant},
+                           "draft": {key: {"top1_agreement": draft[0], "mean_kl": draft[1], "positions": 8},
+                                     "quantization": quant}}}
 
     said = []
     with pytest.warns(RuntimeWarning) as caught:
