@@ -216,6 +216,10 @@ def chat(bundle: Path, system: str | None, **o: Any) -> None:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
+        dropped = _fit_conversation(llm, messages)
+        if dropped:
+            _err(f"[the conversation outgrew the context of {llm.manifest.target.max_context} tokens: "
+                 f"dropped its {dropped} oldest message(s)]")
         click.echo("assistant> ", nl=False)
         result = None
         for ev in llm.stream_events(messages, **o):
@@ -224,6 +228,17 @@ def chat(bundle: Path, system: str | None, **o: Any) -> None:
         click.echo()
         _err(_stats_line(result.stats))
         messages.append({"role": "assistant", "content": result.text})
+
+
+def _fit_conversation(llm, messages: list[dict[str, str]]) -> int:
+    """Drop the oldest turns (never the system message or the newest one) until the conversation
+    leaves room for an answer; returns how many messages were dropped."""
+    dropped = 0
+    first = 1 if messages and messages[0]["role"] == "system" else 0
+    while len(messages) - first > 1 and len(llm.prompt_ids(messages)) + 1 > llm.manifest.target.max_context:
+        del messages[first]
+        dropped += 1
+    return dropped
 
 
 # ---------------------------------------------------------------------------------- bench

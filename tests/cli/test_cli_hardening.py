@@ -301,3 +301,15 @@ def test_any_edited_manifest_field_is_a_clean_error(copy, capsys):
                 err = capsys.readouterr().err
                 assert code in (0, 1) and "Traceback" not in err, (path, value, err)
                 assert code == 0 or err.startswith("Error:"), (path, value, err)
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(tiny_bundle):
+    from click.testing import CliRunner
+
+    from edgellm.cli import cli
+
+    turns = "\n".join(["word " * 12] * 8) + "\n\n"  # each turn ~60 tokens with its answer: past 256
+    r = CliRunner().invoke(cli, ["chat", str(tiny_bundle), "--system", "be brief", "--max-new-tokens", "8",
+                                 "--threads", "1"], input=turns)
+    assert r.exit_code == 0, r.output
+    assert "dropped its" in r.output and r.output.count("assistant> ") == 8

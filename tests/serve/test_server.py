@@ -246,6 +246,7 @@ def test_queue_is_fair_health_stays_responsive_and_overflow_gets_429(slow_server
     assert time.monotonic() - t0 < 1 and h["busy"] and h["queued"] == 1
     r = httpx.post(slow_server.url + "/v1/chat/completions", json=body)  # max_queue=1: one waits, a third is refused
     assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+    assert int(r.headers["retry-after"]) >= 1  # clients (the openai package too) wait this long
     for t in threads:
         t.join(60)
     assert [results[i].status_code for i in range(2)] == [200, 200]
