@@ -7,8 +7,13 @@ skipped with the reason):
 
 - edgellm: target alone, speculative (0.5B draft), lookup; and speculative with a fixed number
   of draft tokens 1-8 on the code prompts (the draft-length sweep);
-- llama.cpp (llama-cpp-python) on the original GGUF files: target alone, its prompt lookup;
-- onnxruntime-genai with the int4 model its own builder made from the same weights;
+- llama.cpp's own binaries (built from the source vendored in the llama-cpp-python sdist) on the
+  original GGUF files: plain decoding (``llama-completion``), draft-model speculation with the
+  0.5B GGUF (``llama-speculative-simple --spec-type draft-simple``, 4, 8 and 16 draft tokens), its
+  n-gram speculation (``--spec-type ngram-simple``) and ``llama-lookup``;
+- llama-cpp-python (the binding) on the same files: target alone, its prompt lookup;
+- onnxruntime-genai with the int4 models its own builder made from the same weights: plain
+  decoding, its draft-model speculation (4, 8 and adaptive draft tokens) and its n-gram mode;
 - Hugging Face transformers on PyTorch (fp32, the dequantized GGUF): target alone, assisted
   generation with the 0.5B draft, prompt lookup.
 
@@ -99,8 +104,11 @@ def start_workers(a: argparse.Namespace) -> list[Worker]:
     main_py = Path(sys.executable)
     specs = [  # (name in the table, engine, python, arguments)
         ("edgellm", "edgellm", main_py, ["--bundle", str(a.bundle)]),
-        ("llama.cpp", "llama.cpp", PEERS / "llamacpp/bin/python", ["--target-gguf", str(a.target_gguf)]),
-        ("onnxruntime-genai", "onnxruntime-genai", PEERS / "genai/bin/python", ["--genai-target", str(a.genai_target)]),
+        ("llama.cpp", "llama.cpp-bin", main_py, ["--llama-bin", str(a.llama_bin), "--target-gguf", str(a.target_gguf),
+                                                 "--draft-gguf", str(a.draft_gguf), "--bundle", str(a.bundle)]),
+        ("llama-cpp-python", "llama.cpp", PEERS / "llamacpp/bin/python", ["--target-gguf", str(a.target_gguf)]),
+        ("onnxruntime-genai", "onnxruntime-genai", PEERS / "genai/bin/python",
+         ["--genai-target", str(a.genai_target), "--genai-draft", str(a.genai_draft)]),
         ("transformers", "transformers", main_py, ["--hf-target", str(a.hf_target), "--hf-draft", str(a.hf_draft)]),
     ]
     for spec in a.extra_bundle:  # e.g. int4=path: the same engine on another bundle, without the sweep
@@ -119,8 +127,9 @@ def start_workers(a: argparse.Namespace) -> list[Worker]:
 
 def run_all(workers: list[Worker], prompts: list[dict[str, Any]], a: argparse.Namespace) -> list[dict[str, Any]]:
     live = [w for w in workers if w.proc is not None]
-    pairs = [(w, m) for w in live for m in w.info["modes"] if m not in SWEEP]
-    sweep = [(w, m) for w in live for m in w.info["modes"] if m in SWEEP]
+    in_sweep = lambda w, m: w.name == "edgellm" and m in SWEEP  # noqa: E731 - the sweep runs on code prompts only
+    pairs = [(w, m) for w in live for m in w.info["modes"] if not in_sweep(w, m)]
+    sweep = [(w, m) for w in live for m in w.info["modes"] if in_sweep(w, m)]
     for w, m in pairs + sweep:  # warm-up
         if w.proc is not None:
             w.run(prompts[0]["ids"], m, 8)
@@ -235,12 +244,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bundle", type=Path, default=CACHE / "bundles/qwen2.5-coder-1.5b-q4km+0.5b-int4")
     p.add_argument("--target-gguf", type=Path, default=CACHE / "models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+    p.add_argument("--draft-gguf", type=Path, default=CACHE / "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+    p.add_argument("--llama-bin", type=Path, default=PEERS / "llama.cpp-build/bin")
     p.add_argument("--genai-target", type=Path, default=PEERS / "models/genai-qwen2.5-coder-1.5b-int4")
+    p.add_argument("--genai-draft", type=Path, default=PEERS / "models/genai-qwen2.5-coder-0.5b-int4")
     p.add_argument("--hf-target", type=Path, default=PEERS / "models/hf-qwen2.5-coder-1.5b-instruct")
     p.add_argument("--hf-draft", type=Path, default=PEERS / "models/hf-qwen2.5-coder-0.5b-instruct")
     p.add_argument("--extra-bundle", action="append", default=[], metavar="LABEL=PATH",
                    help="Also run edgellm on another bundle (e.g. int4=~/.cache/edgellm/bundles/...).")
-    p.add_argument("--engines", default="edgellm,llama.cpp,onnxruntime-genai,transformers")
+    p.add_argument("--engines", default="edgellm,llama.cpp-bin,llama.cpp,onnxruntime-genai,transformers",
+                   help="Engines (peers.py names) to run; llama.cpp = the Python binding, llama.cpp-bin = the binaries.")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--per-category", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -98,37 +98,159 @@ def llamacpp_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable]:
     return info, run
 
 
-# ----------------------------------------------------------------------------- onnxruntime-genai
-def genai_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable]:
-    import onnxruntime_genai as og
+# ----------------------------------------------------------------------------- llama.cpp binaries
+LLAMA_BIN_MODES = {  # mode -> (binary, extra arguments); the binaries built by setup_peers.sh
+    "target": ("llama-completion", ["--no-display-prompt", "-no-cnv"]),
+    **{f"speculative@{k}": ("llama-speculative-simple", ["--spec-type", "draft-simple", "--spec-draft-n-max", str(k)])
+       for k in (4, 8, 16)},
+    "ngram": ("llama-speculative-simple", ["--spec-type", "ngram-simple"]),
+    "lookup": ("llama-lookup", ["--spec-draft-n-max", "8"]),
+}
 
-    cfg_path = os.path.join(a.genai_target, "genai_config.json")  # the thread count lives in the config
-    cfg = json.load(open(cfg_path))
-    opts = cfg["model"]["decoder"].setdefault("session_options", {})
-    if opts.get("intra_op_num_threads") != a.threads:
-        opts["intra_op_num_threads"] = a.threads
-        json.dump(cfg, open(cfg_path, "w"), indent=2)
-    config = og.Config(a.genai_target)
-    model = og.Model(config)
+
+def _llama_stats(text: str) -> dict[str, float]:
+    """Timings the binaries print: llama_perf lines (completion) or 'encoded/decoded ... speed' (speculation)."""
+    import re
+
+    out: dict[str, float] = {}
+    m = re.search(r"prompt eval time =\s*([\d.]+) ms", text)
+    if m:
+        out["ttft_s"] = float(m.group(1)) / 1e3
+    m = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs.*?([\d.]+) tokens per second", text)
+    if m:
+        out["decode_tps"] = float(m.group(3))
+    m = re.search(r"encoded\s+\d+ tokens in\s+([\d.]+) seconds", text)
+    if m:
+        out["ttft_s"] = float(m.group(1))
+    m = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", text)
+    if m:
+        out["decode_tps"] = float(m.group(1))
+    m = re.search(r"accept\s+=\s+([\d.]+)%", text)
+    if m:
+        out["acceptance"] = float(m.group(1)) / 100
+    return out
+
+
+def llamacpp_bin_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable]:
+    """llama.cpp's own binaries (built from the source vendored in the llama-cpp-python sdist).
+
+    Each generation is one process on a prompt file (the prompt token ids rendered back to text,
+    special tokens included: llama.cpp tokenizes it to the same ids). Speeds are the binaries' own
+    decode timings; the output text is re-tokenized with the bundle's tokenizer for the
+    equal-to-own-target check.
+    """
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from edgellm.manifest import read_manifest
+    from edgellm.tokenizer import TextTokenizer
+
+    bins = Path(a.llama_bin)
+    tok = TextTokenizer(Path(a.bundle), read_manifest(Path(a.bundle)))
+    missing = sorted({b for b, _ in LLAMA_BIN_MODES.values() if not (bins / b).is_file()})
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} not in {bins} (run benchmarks/setup_peers.sh)")
+    common = ["-m", a.target_gguf, "-t", str(a.threads), "-tb", str(a.threads), "-c", "4096", "--temp", "0",
+              "--no-warmup", "-s", "1"]
 
     def run(ids: list[int], mode: str, max_new: int) -> dict[str, Any]:
+        binary, extra = LLAMA_BIN_MODES[mode]
+        prompt = tok.tok.decode(ids, skip_special_tokens=False)
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write(prompt)
+        draft = ["-md", a.draft_gguf, "-td", str(a.threads), "-tbd", str(a.threads)] if "draft-simple" in extra else []
+        cmd = [str(bins / binary), *common, "-f", f.name, "-n", str(max_new), *draft, *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600)
+        Path(f.name).unlink()
+        if p.returncode != 0:
+            raise RuntimeError(f"{binary} exited {p.returncode}: {p.stderr[-800:]}")
+        text = p.stdout.split(prompt, 1)[1] if prompt in p.stdout else p.stdout
+        text = text.replace("[end of text]", "").rstrip("\n")
+        tokens = [t for t in tok.encode(text, add_special_tokens=False) if t not in EOS][:max_new]
+        st = _llama_stats(p.stdout + p.stderr)
+        return {"tokens": tokens, "ttft_s": st.get("ttft_s", 0.0), "decode_tps": st.get("decode_tps"),
+                "total_s": None, "acceptance": st.get("acceptance")}
+
+    version = subprocess.run([str(bins / "llama-completion"), "--version"], capture_output=True, text=True)
+    info = {"engine": "llama.cpp-bin", "modes": list(LLAMA_BIN_MODES),
+            "version": "llama.cpp binaries " + ((version.stdout + version.stderr).strip().splitlines() or ["?"])[0]}
+    return info, run
+
+
+# ----------------------------------------------------------------------------- onnxruntime-genai
+def _genai_folder(target: str, draft: str | None, threads: int, out: str) -> str:
+    """A model folder for onnxruntime-genai: the target's config with the thread count set and, with
+    ``draft``, a ``model.draft`` block (the draft's decoder) for its draft-model speculation."""
+    import shutil
+
+    cfg = json.load(open(os.path.join(target, "genai_config.json")))
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(target):  # graphs and tokenizer files, linked (no copy of the weights)
+        if name != "genai_config.json" and not os.path.exists(os.path.join(out, name)):
+            os.symlink(os.path.join(target, name), os.path.join(out, name))
+    if draft is not None:
+        dcfg = json.load(open(os.path.join(draft, "genai_config.json")))["model"]["decoder"]
+        dcfg.setdefault("session_options", {})["intra_op_num_threads"] = threads
+        if not os.path.exists(os.path.join(out, "draft")):
+            shutil.copytree(draft, os.path.join(out, "draft"), symlinks=True,
+                            copy_function=lambda s, d: os.symlink(os.path.abspath(s), d))
+        dcfg["filename"] = os.path.join("draft", dcfg["filename"])
+        cfg["model"]["draft"] = {"decoder": dcfg}
+        cfg["speculative"] = {"max_draft_tokens": 4}
+    json.dump(cfg, open(os.path.join(out, "genai_config.json"), "w"), indent=2)
+    return out
+
+
+GENAI_MODES = {  # mode -> speculative options (None: plain decoding); n-gram cannot use the draft model
+    "target": None,
+    "speculative@4": {"max_draft_tokens": 4}, "speculative@8": {"max_draft_tokens": 8},
+    "speculative": {"max_draft_tokens": 8, "min_adaptive_k": 2},  # adaptive draft length
+    "ngram": {"ngram_size": 3, "max_draft_tokens": 8},
+}
+
+
+def genai_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable]:
+    import tempfile
+
+    import onnxruntime_genai as og
+
+    work = tempfile.mkdtemp(prefix="genai-")
+    plain = og.Model(og.Config(_genai_folder(a.genai_target, None, a.threads, os.path.join(work, "plain"))))
+    spec = None
+    if a.genai_draft:
+        spec = og.Model(og.Config(_genai_folder(a.genai_target, a.genai_draft, a.threads, os.path.join(work, "spec"))))
+
+    def run(ids: list[int], mode: str, max_new: int) -> dict[str, Any]:
+        opts = GENAI_MODES[mode]
+        model = spec if opts and "ngram_size" not in opts else plain
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=False, max_length=len(ids) + max_new, batch_size=1)
+        if opts:
+            params.set_speculative_options(**opts)
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
 
         def stream() -> Iterator[list[int]]:
             gen.append_tokens(ids)
+            seen = len(ids)
             while not gen.is_done():
                 gen.generate_next_token()
-                yield [int(gen.get_next_tokens()[0])]
+                seq = list(gen.get_sequence(0))
+                new, seen = seq[seen:], len(seq)  # a speculative step may commit several tokens
+                yield [int(t) for t in new]
 
-        return timed(stamp(stream()), t0, max_new)
+        out = timed(stamp(stream()), t0, max_new)
+        if opts:
+            st = dict(gen.get_speculative_stats())
+            proposed = st.get("draft_tokens_proposed") or 0
+            out["acceptance"] = st.get("draft_tokens_accepted", 0) / proposed if proposed else None
+        return out
 
-    skipped = {"speculative": f"onnxruntime-genai {og.__version__} on PyPI has no speculative decoding "
-                              "(draft-model and n-gram speculation are on its main branch only)"}
-    return {"engine": "onnxruntime-genai", "version": og.__version__, "modes": ["target"],
-            "skipped_modes": skipped}, run
+    modes = [m for m in GENAI_MODES if spec is not None or not (GENAI_MODES[m] and "ngram_size" not in GENAI_MODES[m])]
+    skipped = {} if spec is not None else {"speculative": "no draft model (--genai-draft) given"}
+    return {"engine": "onnxruntime-genai", "version": og.__version__, "modes": modes, "skipped_modes": skipped}, run
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -169,14 +291,15 @@ def transformers_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable
                                                   "(fp32, the dequantized GGUF)", "modes": modes}, run
 
 
-ENGINES = {"edgellm": edgellm_engine, "llama.cpp": llamacpp_engine, "onnxruntime-genai": genai_engine,
-           "transformers": transformers_engine}
+ENGINES = {"edgellm": edgellm_engine, "llama.cpp": llamacpp_engine, "llama.cpp-bin": llamacpp_bin_engine,
+           "onnxruntime-genai": genai_engine, "transformers": transformers_engine}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("engine", choices=sorted(ENGINES))
-    for opt in ("bundle", "target-gguf", "genai-target", "hf-target", "hf-draft"):
+    for opt in ("bundle", "target-gguf", "draft-gguf", "llama-bin", "genai-target", "genai-draft", "hf-target",
+                "hf-draft"):
         p.add_argument(f"--{opt}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-sweep", action="store_true", help="edgellm: skip the fixed-draft-length modes")
