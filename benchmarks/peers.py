@@ -100,7 +100,7 @@ def llamacpp_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable]:
 
 # ----------------------------------------------------------------------------- llama.cpp binaries
 LLAMA_BIN_MODES = {  # mode -> (binary, extra arguments); the binaries built by setup_peers.sh
-    "target": ("llama-completion", ["--no-display-prompt", "-no-cnv"]),
+    "target": ("llama-completion", ["-no-cnv", "--no-warmup"]),  # prompt echoed, as by the others
     **{f"speculative@{k}": ("llama-speculative-simple", ["--spec-type", "draft-simple", "--spec-draft-n-max", str(k)])
        for k in (4, 8, 16)},
     "ngram": ("llama-speculative-simple", ["--spec-type", "ngram-simple"]),
@@ -151,8 +151,7 @@ def llamacpp_bin_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable
     missing = sorted({b for b, _ in LLAMA_BIN_MODES.values() if not (bins / b).is_file()})
     if missing:
         raise FileNotFoundError(f"{', '.join(missing)} not in {bins} (run benchmarks/setup_peers.sh)")
-    common = ["-m", a.target_gguf, "-t", str(a.threads), "-tb", str(a.threads), "-c", "4096", "--temp", "0",
-              "--no-warmup", "-s", "1"]
+    common = ["-m", a.target_gguf, "-t", str(a.threads), "-tb", str(a.threads), "-c", "4096", "--temp", "0", "-s", "1"]
 
     def run(ids: list[int], mode: str, max_new: int) -> dict[str, Any]:
         binary, extra = LLAMA_BIN_MODES[mode]
@@ -160,7 +159,8 @@ def llamacpp_bin_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
             f.write(prompt)
         draft = ["-md", a.draft_gguf, "-td", str(a.threads), "-tbd", str(a.threads)] if "draft-simple" in extra else []
-        cmd = [str(bins / binary), *common, "-f", f.name, "-n", str(max_new), *draft, *extra]
+        n = max_new - 1 if binary == "llama-speculative-simple" else max_new  # it runs one token past -n
+        cmd = [str(bins / binary), *common, "-f", f.name, "-n", str(n), *draft, *extra]
         p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600)
         Path(f.name).unlink()
         if p.returncode != 0:
