@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 from edgellm.errors import ConfigError
 from edgellm.manifest import Manifest, ModelEntry, check_bundle, read_manifest
 from edgellm.sampling import SamplingConfig
-from edgellm.speculative import DecodeConfig, DecodeStats, Round, check_prompt_fits, decode
+from edgellm.speculative import DecodeConfig, DecodeStats, Round, decode
 from edgellm.tokenizer import StreamDecoder, TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -129,9 +129,8 @@ class LLM:
         if any(not isinstance(s, str) or not s for s in stops):
             raise ConfigError(f"stop={stop!r}; allowed: a non-empty string or a list of them", param="stop")
         for s in stops:
-            check_text(s, "a stop string")
+            check_text(s, "a stop string", param="stop")
         ids = self.prompt_ids(prompt)
-        check_prompt_fits(len(ids), self.target.max_context)
         stats, dec = DecodeStats(), StreamDecoder(self.tokenizer)
         out_ids: list[int] = []
         drafted: list[bool] = []
@@ -254,7 +253,7 @@ def _layout(entry: ModelEntry):
     return KVLayout.from_entry(entry.to_dict())
 
 
-def check_text(text: str, what: str) -> str:
+def check_text(text: str, what: str, *, param: str = "prompt") -> str:
     """``text`` itself, or a ConfigError when it is not valid Unicode.
 
     A lone surrogate (``"\\ud800"`` in JSON, or undecodable bytes in a command line, which
@@ -265,7 +264,7 @@ def check_text(text: str, what: str) -> str:
     except UnicodeEncodeError as e:
         bad = text[e.start:e.end]
         raise ConfigError(f"{what} is not valid Unicode text: {bad!r} at character {e.start} (a lone surrogate, "
-                          "or bytes that are not UTF-8); allowed: UTF-8 text", param="prompt") from None
+                          "or bytes that are not UTF-8); allowed: UTF-8 text", param=param) from None
     return text
 
 

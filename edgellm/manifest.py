@@ -207,8 +207,8 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
     missing = [k for k in _MODEL_KEYS if k not in d]
     if missing:
         raise ManifestError(f"models.{role}: missing {', '.join(missing)}")
-    for k, hi in _SIZE_LIMITS.items():
-        if k in d or k != "hidden_size":
+    for k, hi in _SIZE_LIMITS.items():  # all required but hidden_size (whose presence is optional)
+        if k in d:
             _positive_int(d[k], f"models.{role}.{k}", hi)
     _typed(d["architecture"], str, f"models.{role}.architecture", "a string")
     for k in ("quantization", "source"):
@@ -222,7 +222,7 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
     for k in ("past_key", "past_value", "present_key", "present_value"):
         if io[k].count("%d") != 1 or "%" in io[k].replace("%d", ""):
             raise ManifestError(f"models.{role}.io.{k}={io[k]!r}: expected a name with one '%d' (the layer)")
-    if not isinstance(d["kv_layout"].get("dtype", "float32"), str) or d["kv_layout"].get("dtype", "float32") not in ("float32", "float16"):
+    if d["kv_layout"].get("dtype", "float32") not in ("float32", "float16"):  # a tuple: any value compares
         raise ManifestError(f"models.{role}.kv_layout.dtype={d['kv_layout'].get('dtype')!r}; "
                             "this runtime reads float32, float16")
     if kind == "static_window" and not (_is_int(d["kv_layout"].get("window")) and d["kv_layout"]["window"] > 0

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, AsyncIterator
 
-from edgellm.api import LLM, StreamEvent
+from edgellm.api import LLM, StreamEvent, check_text
 from edgellm.errors import ConfigError, ContextLengthError, EdgeLLMError
 
 try:
@@ -173,11 +173,9 @@ def parse_json(raw: bytes) -> Any:
             stack.extend((v, depth + 1) for v in x)
         elif isinstance(x, str):
             try:
-                x.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ApiError(400, f"the request body holds a string that is not valid Unicode "
-                                    f"({x[e.start:e.end]!r}: a lone surrogate); allowed: UTF-8 text",
-                               code="invalid_json") from None
+                check_text(x, "a string in the request body")
+            except ConfigError as e:
+                raise ApiError(400, str(e), code="invalid_json") from None
     return doc
 
 

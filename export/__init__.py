@@ -156,6 +156,7 @@ def export(
             _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
                          say, npu_window if target_device == "npu" else None,
                          {"target": npu_quant, "draft": npu_draft_quant or npu_quant}, calibration_text)
+            (tmp / PARTIAL_OWNER).unlink()  # it marks a folder being written, not part of the bundle
             _replace(tmp, out)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -329,7 +330,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
 
     files = {}
     for p in sorted(tmp.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p != tmp / PARTIAL_OWNER:
             rel = p.relative_to(tmp).as_posix()
             say(f"hashing {rel}")
             files[rel] = {"sha256": sha256_file(p), "size": p.stat().st_size}

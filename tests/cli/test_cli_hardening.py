@@ -192,6 +192,8 @@ def test_export_removes_stale_partial_folders(tmp_path, tiny_model_dir):
         other.mkdir()
         export(tiny_model_dir, output=tmp_path / "b", quality="none", max_context=64)
         assert sorted(p.name for p in tmp_path.iterdir()) == [".b.partial-busy", ".c.partial-dead", "b"]
+        assert not (tmp_path / "b" / PARTIAL_OWNER).exists()  # the marker is not shipped in the bundle
+        assert PARTIAL_OWNER not in (tmp_path / "b" / "manifest.json").read_text()
     finally:
         running.kill()
 
