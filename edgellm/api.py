@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from edgellm.errors import ConfigError
+from edgellm.errors import BundleError, ConfigError
 from edgellm.manifest import Manifest, ModelEntry, check_bundle, read_manifest
 from edgellm.sampling import SamplingConfig
 from edgellm.speculative import DecodeConfig, DecodeStats, Round, decode
@@ -233,7 +233,22 @@ def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threa
         step = entry.ort_step_graph if graph_format == "ort" else entry.step_graph
         return StaticDecoderSession.from_entry(path, entry.to_dict(), provider, threads,
                                                step_path=bundle / step if step else None)
-    return DecoderSession(path, _layout(entry), provider, threads, min_rows=min_rows)
+    return DecoderSession(path, _layout(entry), provider, threads, min_rows=min_rows,
+                          logits_tokens=_logits_tokens(bundle, entry))
+
+
+def _logits_tokens(bundle: Path, entry: ModelEntry):
+    """The token ids of a reduced draft LM head's columns (``draft_vocab``), or ``None``."""
+    from edgellm.runtimes.session import read_token_ids
+
+    if entry.draft_vocab is None:
+        return None
+    path = bundle / entry.draft_vocab["file"]
+    ids = read_token_ids(path, entry.vocab_size)
+    if len(ids) != entry.draft_vocab["size"]:
+        raise BundleError(f"{path}: {len(ids)} token ids, the manifest says draft_vocab.size="
+                          f"{entry.draft_vocab['size']} (the manifest was edited, or the bundle mixes two exports)")
+    return ids
 
 
 def _graph(entry: ModelEntry, graph_format: str) -> str:

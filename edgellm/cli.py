@@ -80,6 +80,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
               help="Text file to calibrate QDQ graphs on [default: edgellm's sample text].")
 @click.option("--npu-draft-quant", default=None, type=click.Choice(["fp32", "qdq", "qdq-w4"]),
               help="The draft's --npu-quant [default: --npu-quant].")
+@click.option("--draft-vocab", default=None, type=int,
+              help="Tokens the draft's LM head keeps, the most frequent ones: a cheaper draft step, the same "
+                   "output [default: 32768; 0: all].")
+@click.option("--draft-vocab-corpus", type=click.Path(exists=True, dir_okay=False),
+              help="Text file to count token frequencies over [default: Python's standard library source].")
 @click.option("--ort-mobile", is_flag=True,
               help="Also write .ort graphs and required_operators.config (apps with a minimal onnxruntime).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
@@ -123,6 +128,8 @@ def _print_summary(s: dict[str, Any]) -> None:
                    f"max_context {m['max_context']}, {m['device']}, {q.get('quant', '?')}"
                    + (f" (block {q['block_size']})" if q.get("block_size") else "") + f", {m['size_mb']:.0f} MB")
         click.echo(f"    graphs: {', '.join(m['graphs'])}")
+        if m.get("draft_vocab"):
+            click.echo(f"    LM head: the {m['draft_vocab']['size']} most frequent tokens ({m['draft_vocab']['corpus']})")
         if m.get("quality"):
             click.echo(f"    quality vs fp32: top-1 {m['quality']['top1_agreement']:.3f}, "
                        f"mean KL {m['quality']['mean_kl']:.4f}")

@@ -38,6 +38,7 @@ def inspect_bundle(bundle: str | Path, *, hashes: bool = True) -> dict[str, Any]
             "graphs": [g for g in (e.graph, e.step_graph, e.ort_graph, e.ort_step_graph) if g],
             "device": _device(e),
             "quality": _score(quality.get(role)),
+            "draft_vocab": e.draft_vocab,
         }
     return {
         "bundle": str(path),

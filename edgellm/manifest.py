@@ -78,13 +78,15 @@ class ModelEntry:
     ort_graph: str | None = None  # ORT Mobile copy of ``graph`` (export --ort-mobile)
     step_graph: str | None = None  # npu draft: a one-token static graph beside the window graph
     ort_step_graph: str | None = None
+    # a draft whose LM head keeps only frequent tokens: {"size": n, "file": "draft/vocab.i32", "corpus": str}
+    draft_vocab: dict[str, Any] | None = None
 
     OPTIONAL_GRAPHS = ("ort_graph", "step_graph", "ort_step_graph")
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d.pop("role")
-        for k in self.OPTIONAL_GRAPHS:
+        for k in self.OPTIONAL_GRAPHS + ("draft_vocab",):
             if d[k] is None:
                 d.pop(k)
         return d
@@ -239,6 +241,14 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
     for k in ModelEntry.OPTIONAL_GRAPHS:
         if d.get(k) is not None:
             safe_relpath(d[k], f"models.{role}.{k}")
+    dv = d.get("draft_vocab")
+    if dv is not None:
+        if role != "draft" or kind != "shared_buffer":
+            raise ManifestError(f"models.{role}.draft_vocab: only a draft with a shared_buffer cache has one")
+        if not isinstance(dv, dict) or not isinstance(dv.get("file"), str):
+            raise ManifestError(f"models.{role}.draft_vocab: expected {{'size': n, 'file': path, ...}}")
+        _positive_int(dv.get("size"), f"models.{role}.draft_vocab.size", d["vocab_size"])
+        safe_relpath(dv["file"], f"models.{role}.draft_vocab.file")
     known = set(ModelEntry.__dataclass_fields__) - {"role"}
     return ModelEntry(role=role, **{k: v for k, v in d.items() if k in known})
 
@@ -296,6 +306,7 @@ def parse_manifest(doc: Any) -> Manifest:
     named += [("tokenizer.file", tok["file"])] + ([("tokenizer.chat_template", tok["chat_template"])]
                                                   if tok.get("chat_template") else [])
     named += [("quality_report", report)] if report is not None else []
+    named += [(f"models.{r}.draft_vocab.file", m.draft_vocab["file"]) for r, m in entries.items() if m.draft_vocab]
     for what, rel in named:
         if rel not in files:
             raise ManifestError(f"{what} {rel!r} is not listed in 'files' (so its hash cannot be checked)")

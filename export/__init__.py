@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgellm.errors import ConfigError, EdgeLLMError, ExportError
+from edgellm.export.draft_vocab import DEFAULT_SIZE as DEFAULT_DRAFT_VOCAB
+from edgellm.export.draft_vocab import DraftVocabConfig, write_ids
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ def export(
     npu_quant: str = "fp32",
     npu_draft_quant: str | None = None,
     calibration_text: str | os.PathLike | None = None,
+    draft_vocab: int | None = None,
+    draft_vocab_corpus: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export ``target`` (and ``draft``) into a bundle folder at ``output``.
@@ -88,6 +92,11 @@ def export(
         npu_window: tokens per call of the ``npu`` graphs (a verify pass holds up to this many).
         npu_draft_quant: the draft's ``npu_quant`` (``None``: the same); e.g. ``qdq-w4`` for the
             draft (speed) and ``qdq`` for the target (quality).
+        draft_vocab: tokens the draft's LM head keeps, the most frequent ones (FR-Spec; see
+            :mod:`edgellm.export.draft_vocab`); 0 keeps them all; ``None``: 32768 (all for npu graphs).
+            The output stays exactly the target's; the draft step gets cheaper.
+        draft_vocab_corpus: a UTF-8 text file to count token frequencies over (default: the
+            Python standard library's source).
         calibration_text: a UTF-8 text file to calibrate the QDQ graphs on (its first
             16 windows of tokens); default: the sample text shipped with edgellm. Calibrate on text
             like what the model will see (code for a coder model).
@@ -137,6 +146,11 @@ def export(
             raise ConfigError("calibration_text is read by QDQ quantization only; add --target-device npu "
                               "--npu-quant qdq (or qdq-w4)")
         calibration_text = _read_calibration_text(calibration_text)
+    if draft_vocab not in (None, 0) and target_device == "npu":
+        raise ConfigError(f"draft_vocab={draft_vocab!r} with target_device='npu': static npu graphs keep the whole "
+                          "vocabulary; leave --draft-vocab out", param="draft_vocab")
+    vocab_cfg = DraftVocabConfig(0 if target_device == "npu" else DEFAULT_DRAFT_VOCAB if draft_vocab is None
+                                 else draft_vocab, None if draft_vocab_corpus is None else str(draft_vocab_corpus))
     activations = "fp16" if target_device == "gpu" else "fp32"
     if activations == "fp16":
         quant = "int4" if quant == "auto" else quant  # GGUF blocks need fp32 arithmetic (the K-quant minimum)
@@ -155,7 +169,8 @@ def export(
         try:
             _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
                          say, npu_window if target_device == "npu" else None,
-                         {"target": npu_quant, "draft": npu_draft_quant or npu_quant}, calibration_text)
+                         {"target": npu_quant, "draft": npu_draft_quant or npu_quant}, calibration_text,
+                         vocab_cfg)
             (tmp / PARTIAL_OWNER).unlink()  # it marks a folder being written, not part of the bundle
             _replace(tmp, out)
         except BaseException as e:
@@ -281,7 +296,8 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
                  say, npu_window: int | None = None, npu_quant: dict | None = None,
-                 calibration_text: tuple[str, str] | None = None) -> None:
+                 calibration_text: tuple[str, str] | None = None,
+                 vocab_cfg: DraftVocabConfig = DraftVocabConfig(0)) -> None:
     from edgellm import __version__
     from edgellm.export.source import open_source
     from edgellm.export.tokenizer import check_compatible, tokenizer_files, write_tokenizer
@@ -298,13 +314,24 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     tok_entry = write_tokenizer(toks["target"], tmp / "tokenizer")
 
     qcfg = {role: _quant_config(src, **qcfg[role]) for role, src in sources.items()}
+    vocab = None
+    if "draft" in sources:
+        special = set(toks["target"].eos_token_ids) | {t["id"] for t in json.loads(toks["target"].tokenizer_json)
+                                                       .get("added_tokens", [])}
+        vocab = vocab_cfg.choose(tmp / tok_entry["file"], sources["draft"].spec.vocab_size, special)
     models, report = {}, {"models": {}}
     for role, src in sources.items():
         ctx = min(max_context, src.spec.source_context_length)
         if ctx < max_context:
             _warn(f"{role}: max_context={max_context} is more than the model was trained for "
                   f"({src.spec.source_context_length} positions); its bundle uses {ctx}")
-        models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say, npu_window)
+        tokens = vocab[0] if vocab and role == "draft" else None
+        if tokens is not None:
+            say(f"draft: its LM head keeps the {len(tokens)} most frequent tokens ({vocab[1]['corpus']})")
+        models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say, npu_window, tokens)
+        if tokens is not None:
+            write_ids(tmp / vocab[1]["file"], tokens)
+            models[role]["draft_vocab"] = vocab[1]
         if npu_window and npu_quant[role] != "fp32":
             _quantize_npu(tmp, role, models[role], tok_entry, say, 4 if npu_quant[role] == "qdq-w4" else 8,
                           calibration_text)
@@ -315,7 +342,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
             say(f"{role}: the step graph reads {saved / 1e6:.0f} MB of weights from the window graph's file")
         if quality != "none":
             report["models"][role] = _quality(tmp, role, src, qcfg[role], models[role], ctx, quality,
-                                              tok_entry, say)
+                                              tok_entry, say, tokens)
     _judge(report, max_target_kl, say)
     ort_entry = None
     if ort_mobile:
@@ -352,7 +379,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
 
 
 def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
-                  npu_window: int | None = None) -> dict[str, Any]:
+                  npu_window: int | None = None, logits_tokens=None) -> dict[str, Any]:
     from edgellm.export.builder import DecoderBuilder, io_names
     from edgellm.export.static_builder import StaticDecoderBuilder, static_io_names
 
@@ -370,7 +397,7 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
                      "dims": ["batch", "num_kv_heads", "max_context", "head_dim"], "dtype": "float32"}
         io = static_io_names(s.num_layers)
     else:
-        builder = DecoderBuilder(src, qcfg, max_context, progress=progress)
+        builder = DecoderBuilder(src, qcfg, max_context, progress=progress, logits_tokens=logits_tokens)
         kv_layout = {"kind": "shared_buffer", "dims": ["batch", "num_kv_heads", "max_context", "head_dim"],
                      "dtype": "float16" if qcfg.activations == "fp16" else "float32"}
         io = io_names(s.num_layers)
@@ -422,7 +449,8 @@ def _read_calibration_text(path: str | os.PathLike) -> tuple[str, str]:
 
 
 def _quantize_npu(tmp: Path, role: str, entry: dict, tok_entry: dict, say, weight_bits: int,
-                  calibration_text: tuple[str, str] | None = None) -> None:
+                  calibration_text: tuple[str, str] | None = None,
+                 vocab_cfg: DraftVocabConfig = DraftVocabConfig(0)) -> None:
     import numpy as np
     from tokenizers import Tokenizer
 
@@ -445,8 +473,14 @@ def _quantize_npu(tmp: Path, role: str, entry: dict, tok_entry: dict, say, weigh
                              "float_layers": [f"*{s} (fp16 weights)" for s in keep_float]}
 
 
-def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str, tok_entry: dict, say) -> dict:
-    """Measure the exported graph against an fp32 graph (and the source model at level ``full``)."""
+def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str, tok_entry: dict, say,
+             logits_tokens=None) -> dict:
+    """Measure the exported graph against an fp32 graph (and the source model at level ``full``).
+
+    A draft whose head keeps ``logits_tokens`` only is scored on them: KL and logit differences
+    over those columns (renormalized), top-1 agreement over the whole vocabulary, and
+    ``draft_vocab_coverage``, how often the fp32 graph's top token is among them.
+    """
     import numpy as np
     from tokenizers import Tokenizer
 
@@ -465,7 +499,7 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
                               "import": _import_note(src, entry["quantization"])}
     ref_dir = tmp / f"_fp32_{role}"
     try:
-        if qcfg.quant == "fp32" and not static:
+        if qcfg.quant == "fp32" and not static and logits_tokens is None:
             ref = graph_logits(tmp / entry["graph"], layout, ids)
         else:
             say(f"{role}: building an fp32 reference graph for the quality report")
@@ -476,8 +510,15 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
             if static:
                 got = static_graph_logits(tmp / entry["graph"], dict(entry), ids)
             else:
-                got = graph_logits(tmp / entry["graph"], got_layout, ids)
-            result["npu_graph_vs_fp32" if static else "quantized_vs_fp32"] = compare_logits(ref, got, vocab)
+                got = graph_logits(tmp / entry["graph"], got_layout, ids, logits_tokens=logits_tokens)
+            if logits_tokens is not None:
+                top1 = ref[:, :vocab].argmax(-1)
+                result["quantized_vs_fp32"] = compare_logits(ref[:, logits_tokens], got[:, logits_tokens],
+                                                             len(logits_tokens)) | {
+                    "top1_agreement": float((top1 == got[:, :vocab].argmax(-1)).mean()),
+                    "draft_vocab_coverage": float(np.isin(top1, logits_tokens).mean())}
+            else:
+                result["npu_graph_vs_fp32" if static else "quantized_vs_fp32"] = compare_logits(ref, got, vocab)
             del got
             if entry.get("step_graph"):
                 step = entry | {"kv_layout": entry["kv_layout"] | {"window": 1}}
@@ -523,7 +564,14 @@ def _judge(report: dict, max_target_kl: float, say) -> None:
         if q:
             say(f"quality {role}: top-1 agreement {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.4f} "
                 f"over {q['positions']} tokens vs fp32")
-        if role == "draft" and q and q["top1_agreement"] < MIN_DRAFT_TOP1:
+        if q and "draft_vocab_coverage" in q:
+            say(f"quality {role}: its LM head's tokens hold the fp32 graph's top token at "
+                f"{q['draft_vocab_coverage']:.3f} of the positions")
+        if role == "draft" and q and q.get("draft_vocab_coverage", 1.0) < MIN_DRAFT_TOP1:
+            _warn(f"the draft's LM head keeps tokens that hold its fp32 graph's top token at only "
+                  f"{q['draft_vocab_coverage']:.3f} of the sample's positions (< {MIN_DRAFT_TOP1}): raise "
+                  "--draft-vocab, or count over text like yours with --draft-vocab-corpus")
+        elif role == "draft" and q and q["top1_agreement"] < MIN_DRAFT_TOP1:
             _warn(f"the draft's quantization leaves top-1 agreement {q['top1_agreement']:.3f} with its fp32 graph "
                   f"(< {MIN_DRAFT_TOP1}): the target will reject most of its proposals. "
                   + _less_quantized_hint(r.get("quantization", {})))

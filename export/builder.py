@@ -157,8 +157,11 @@ class DecoderBuilder:
     """Turns a :class:`Source` into an ONNX decoder graph (see module docstring)."""
 
     def __init__(self, source: Source, quant: QuantConfig, max_context: int,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, logits_tokens: np.ndarray | None = None) -> None:
+        """``logits_tokens``: int ``(n,)`` ascending token ids whose LM head rows are kept (column j of
+        the logits is token ``logits_tokens[j]``; see :mod:`edgellm.export.draft_vocab`), or all."""
         self.src, self.spec, self.q = source, source.spec, quant
+        self.logits_tokens = logits_tokens
         self.max_context = max_context
         self.progress = progress or (lambda msg: None)
         # quant="gguf": which weights kept their GGUF blocks exactly, and which were re-quantized
@@ -167,18 +170,21 @@ class DecoderBuilder:
         self.act = np.float16 if quant.activations == "fp16" else np.float32  # activation dtype
 
     # ------------------------------------------------------------------ linear layers
-    def _linear(self, g: _GraphWriter, x: str, names: list[str], quant: str, tag: str) -> str:
-        """``x @ concat(W_names).T`` (+ biases when the source has them). Returns the output."""
+    def _linear(self, g: _GraphWriter, x: str, names: list[str], quant: str, tag: str,
+                rows: np.ndarray | None = None) -> str:
+        """``x @ concat(W_names).T`` (+ biases when the source has them), only output ``rows`` if given."""
         if quant == "gguf":
             natives = [self.src.native(n) for n in names]
             if all(w is not None for w in natives):
+                if rows is not None:
+                    natives = [w.permute_rows(rows) for w in natives]
                 y = self._native_linear(g, x, natives, tag)
                 self.kept.update({n: w.source_type for n, w in zip(names, natives)})
-                return self._add_bias(g, y, names, tag)
+                return self._add_bias(g, y, names, tag, rows)
             del natives
             self.requantized += names
             quant = "int8"
-        mats = [self.src.tensor(n) for n in names]
+        mats = [self.src.tensor(n) if rows is None else self.src.tensor(n)[rows] for n in names]
         if quant in ("int4", "int8"):
             bits = 4 if quant == "int4" else 8
             packed = concat_rows([quantize_blockwise(m, bits, self.q.block_size, self.q.symmetric) for m in mats])
@@ -192,12 +198,13 @@ class DecoderBuilder:
             if dtype != self.act:
                 (wname,) = g.node("Cast", [wname], to=self._act_type)
             (y,) = g.node("MatMul", [x, wname])
-        return self._add_bias(g, y, names, tag)
+        return self._add_bias(g, y, names, tag, rows)
 
-    def _add_bias(self, g: _GraphWriter, y: str, names: list[str], tag: str) -> str:
+    def _add_bias(self, g: _GraphWriter, y: str, names: list[str], tag: str, rows: np.ndarray | None = None) -> str:
         biases = [n.replace(".weight", ".bias") for n in names]
         if all(self.src.has(b) for b in biases):
             bias = np.concatenate([self.src.tensor(b) for b in biases]).astype(self.act)
+            bias = bias if rows is None else bias[rows]
             (y,) = g.node("Add", [y, g.const(tag + ".bias", bias)])
         return y
 
@@ -250,7 +257,8 @@ class DecoderBuilder:
             helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
             helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         ]
-        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "num_logits", s.vocab_size])]
+        width = s.vocab_size if self.logits_tokens is None else len(self.logits_tokens)
+        outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "num_logits", width])]
         try:
             cos, sin = self._rope_caches(g)
             x = self._embedding(g)
@@ -269,7 +277,8 @@ class DecoderBuilder:
             (last,) = g.node("Slice", [normed, neg, g.const("int64_max", np.array([2**62], np.int64)),
                                        g.const("axis_1", np.array([1], np.int64))])
             head = LM_HEAD if self.src.has(LM_HEAD) else EMBED
-            logits = self._linear(g, last, [head], self.q.lm_head_quant or self.q.quant, "lm_head")
+            logits = self._linear(g, last, [head], self.q.lm_head_quant or self.q.quant, "lm_head",
+                                  self.logits_tokens)
             if self.act != np.float32:  # the sampler reads fp32 logits whatever the graph computes in
                 (logits,) = g.node("Cast", [logits], to=TensorProto.FLOAT)
             g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))

@@ -26,9 +26,13 @@ def sample_text() -> str:
     return resources.files("edgellm").joinpath("data/quality_sample.txt").read_text(encoding="utf-8")
 
 
-def graph_logits(graph: Path, layout: KVLayout, ids: np.ndarray, threads: int | None = None) -> np.ndarray:
-    """Teacher-forced logits of every position of ``ids`` (int64 ``(n,)``) -> float32 ``(n, V)``."""
-    sess = DecoderSession(graph, layout, resolve_provider("cpu"), threads=threads)
+def graph_logits(graph: Path, layout: KVLayout, ids: np.ndarray, threads: int | None = None,
+                 logits_tokens: np.ndarray | None = None) -> np.ndarray:
+    """Teacher-forced logits of every position of ``ids`` (int64 ``(n,)``) -> float32 ``(n, V)``.
+
+    ``logits_tokens``: the graph's logits columns when its head keeps only those tokens (``-inf`` elsewhere).
+    """
+    sess = DecoderSession(graph, layout, resolve_provider("cpu"), threads=threads, logits_tokens=logits_tokens)
     return sess.forward(ids, num_logits=len(ids))
 
 

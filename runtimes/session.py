@@ -73,8 +73,37 @@ def open_session(model_path: Path, provider: ProviderChoice, threads: int | None
 _ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
 
 
+def read_token_ids(path: Path, vocab_size: int) -> np.ndarray:
+    """The token ids of a draft's logits columns (little-endian int32, ascending, unique) -> int64 ``(n,)``.
+
+    Raises:
+        BundleError: the file is not such a list of ids below ``vocab_size``.
+    """
+    raw = Path(path).read_bytes()
+    ids = np.frombuffer(raw[: len(raw) // 4 * 4], "<i4").astype(np.int64)
+    if len(raw) % 4 or not len(ids) or ids[0] < 0 or ids[-1] >= vocab_size or (np.diff(ids) <= 0).any():
+        raise BundleError(f"{path}: expected ascending unique int32 token ids in [0, {vocab_size}); "
+                          "the file is damaged or from another export")
+    return ids
+
+
+def expand_logits(logits: np.ndarray, token_ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Logits over a vocabulary subset as logits over the whole vocabulary, ``-inf`` elsewhere.
+
+    Args:
+        logits: float32 ``(n, len(token_ids))``; column j is token ``token_ids[j]``.
+        token_ids: int64 ``(k,)``.
+
+    Returns:
+        float32 ``(n, vocab_size)``: softmax gives the other tokens probability zero, argmax never picks them.
+    """
+    full = np.full((logits.shape[0], vocab_size), -np.inf, np.float32)
+    full[:, token_ids] = logits
+    return full
+
+
 def check_graph(session, layout: KVLayout, cache_length: int, path: Path,
-                fixed: dict[str, list[int]] | None = None) -> None:
+                fixed: dict[str, list[int]] | None = None, logits_width: int | None = None) -> None:
     """Refuse a graph whose inputs and outputs disagree with the manifest, before any buffer is made.
 
     Checks the cache inputs (one key and one value per layer, no more; their kv heads, length and
@@ -114,8 +143,9 @@ def check_graph(session, layout: KVLayout, cache_length: int, path: Path,
     logits = outputs.get(io["logits"])
     if logits is None:
         problems.append(f"no output {io['logits']!r}")
-    elif isinstance(logits.shape[-1], int) and logits.shape[-1] != layout.vocab_size:
-        problems.append(f"logits are {logits.shape[-1]} wide, the manifest says vocab_size={layout.vocab_size}")
+    elif isinstance(logits.shape[-1], int) and logits.shape[-1] != (logits_width or layout.vocab_size):
+        problems.append(f"logits are {logits.shape[-1]} wide, the manifest says "
+                        + (f"draft_vocab.size={logits_width}" if logits_width else f"vocab_size={layout.vocab_size}"))
     for name, tail in (fixed or {}).items():
         shape = inputs[name].shape if name in inputs else None
         if shape is None or [d for d in shape[-len(tail):]] != tail:
@@ -156,6 +186,10 @@ class DecoderSession(CachedSession):
 
     Invariant: ``self.length`` is the number of positions whose keys and values are in the cache.
 
+    ``logits_tokens`` (int64 ``(k,)``): the graph's logits cover only these token ids (a draft
+    with a reduced LM head, see :mod:`edgellm.export.draft_vocab`); ``forward`` still returns
+    logits over the whole vocabulary, ``-inf`` for the other tokens.
+
     ``min_rows=2`` makes every pass at least two tokens long (a single token is followed by a
     copy of itself, whose logits and cache entry are dropped). onnxruntime's attention computes
     a one-row pass with other kernels than a k-row pass and rounds differently in the last bits,
@@ -166,12 +200,14 @@ class DecoderSession(CachedSession):
     """
 
     def __init__(self, model_path: Path, layout: KVLayout, provider: ProviderChoice,
-                 threads: int | None = None, min_rows: int = 1) -> None:
+                 threads: int | None = None, min_rows: int = 1, profile_prefix: str | None = None,
+                 logits_tokens: np.ndarray | None = None) -> None:
         import onnxruntime as ort
 
-        self.layout, self.min_rows = layout, min_rows
-        self.session, self.load_seconds = open_session(model_path, provider, threads)
-        check_graph(self.session, layout, layout.max_context, model_path)
+        self.layout, self.min_rows, self.logits_tokens = layout, min_rows, logits_tokens
+        self.session, self.load_seconds = open_session(model_path, provider, threads, profile_prefix)
+        check_graph(self.session, layout, layout.max_context, model_path,
+                    logits_width=None if logits_tokens is None else len(logits_tokens))
         self.providers = self.session.get_providers()
         self._ort = ort
         self.length = 0
@@ -200,6 +236,12 @@ class DecoderSession(CachedSession):
         Returns:
             float32 ``(num_logits, vocab_size)``.
         """
+        logits = self._forward(token_ids, num_logits)
+        if self.logits_tokens is not None:
+            return expand_logits(logits, self.logits_tokens, self.layout.vocab_size)
+        return logits
+
+    def _forward(self, token_ids: np.ndarray, num_logits: int) -> np.ndarray:
         s = len(token_ids)
         total = self.length + s
         if total > self.layout.max_context:

@@ -365,3 +365,45 @@ def test_qdq_graph_gives_a_token_the_same_logits_in_any_window(model_dir, tmp_pa
     sess.rollback(2)
     one_by_one = np.concatenate([sess.forward(ids[i : i + 1], 1) for i in range(2, 6)])
     np.testing.assert_array_equal(together, one_by_one)
+
+
+def test_draft_vocab_keeps_frequent_tokens_and_the_output_exact(model_dir, tmp_path):
+    """--draft-vocab N: the draft's head keeps N frequent tokens (+ special ones); output still the target's."""
+    import onnx
+
+    import edgellm
+    from edgellm.runtimes.session import read_token_ids
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def foo(x): return x + 1\n" * 20)  # few distinct tokens: low coverage, a warning
+    with pytest.warns(RuntimeWarning, match="raise --draft-vocab"):
+        out = export(model_dir, draft=model_dir, output=tmp_path / "b", max_context=96, draft_quant="fp32",
+                     draft_vocab=40, draft_vocab_corpus=corpus)
+    m = read_manifest(out)
+    dv = m.draft.draft_vocab
+    ids = read_token_ids(out / dv["file"], m.draft.vocab_size)
+    assert dv["file"] in m.files and dv["size"] == len(ids) >= 40 and "corpus.txt" in dv["corpus"]
+    assert set(m.tokenizer["eos_token_ids"]) <= set(ids.tolist())
+    logits = onnx.load(str(out / m.draft.graph), load_external_data=False).graph.output[0]
+    assert logits.type.tensor_type.shape.dim[-1].dim_value == len(ids)
+    q = json.loads((out / "quality.json").read_text())["models"]["draft"]["quantized_vs_fp32"]
+    assert 0 < q["draft_vocab_coverage"] <= 1 and q["top1_agreement"] <= q["draft_vocab_coverage"] + 1e-9
+    llm = edgellm.load(out, threads=1)
+    row = llm.draft.forward(np.array([5, 6, 7]), 1)[0]
+    assert row.shape == (m.draft.vocab_size,) and np.isfinite(row[ids]).all()
+    assert np.isneginf(np.delete(row, ids)).all()
+    prompt = "def foo(x): return"
+    ref = llm.generate(prompt, mode="target", max_new_tokens=16).token_ids
+    for kw in ({}, {"num_draft_tokens": 3}):
+        assert llm.generate(prompt, mode="speculative", max_new_tokens=16, **kw).token_ids == ref
+    sampled = [llm.generate(prompt, mode="speculative", max_new_tokens=8, temperature=1.0, seed=s).token_ids
+               for s in range(3)]
+    assert all(len(t) > 0 for t in sampled)
+    # the default keeps every token of a vocabulary smaller than 32768; npu graphs refuse a subset
+    assert read_manifest(export(model_dir, draft=model_dir, output=tmp_path / "d", max_context=96,
+                                quality="none")).draft.draft_vocab is None
+    with pytest.raises(ConfigError, match="draft_vocab=40 with target_device='npu'"):
+        export(model_dir, draft=model_dir, output=tmp_path / "n", target_device="npu", draft_vocab=40)
+    with pytest.raises(ConfigError, match="draft_vocab=-3"):
+        export(model_dir, draft=model_dir, output=tmp_path / "x", draft_vocab=-3)
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,130 @@
+"""How many tokens should the draft's LM head keep? Acceptance and draft cost per subset size, in one run.
+
+    python benchmarks/draft_vocab.py BUNDLE DRAFT_MODEL [--sizes 0 16384 32768 65536] [--head int8 int4]
+
+For each (size, head storage) it builds the draft graph as ``edgellm export --draft-vocab SIZE``
+would (0: the whole vocabulary) and swaps it into the loaded bundle, then runs the same prompts
+(benchmarks/prompts: code, edit, chat) in speculative mode with every variant in turn, interleaved,
+after one target-only run per prompt. Reports per variant: acceptance, tokens per round, draft
+milliseconds per drafted token, ``c`` = that over the target's milliseconds per step, decode
+tok/s, and whether every output equals the target's. The last line is the JSON of it all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+def build_draft(llm, model: str, size: int, head: str, out: Path):
+    """A draft session for ``size`` kept tokens (0: all) with its head stored as ``head``; (session, seconds)."""
+    from edgellm.api import _Bound
+    from edgellm.export import _quant_config
+    from edgellm.export.builder import DecoderBuilder
+    from edgellm.export.draft_vocab import DraftVocabConfig
+    from edgellm.export.source import open_source
+    from edgellm.runtimes.providers import resolve_provider
+    from edgellm.runtimes.session import DecoderSession, KVLayout
+
+    entry = llm.manifest.draft
+    src = open_source(model)
+    q = entry.quantization
+    qcfg = _quant_config(src, quant=q["quant"], block_size=q["block_size"], lm_head_quant=head)
+    special = set(llm.tokenizer.eos_token_ids) | {t["id"] for t in json.loads(
+        (llm.bundle / llm.manifest.tokenizer["file"]).read_text()).get("added_tokens", [])}
+    chosen = DraftVocabConfig(size).choose(llm.bundle / llm.manifest.tokenizer["file"], src.spec.vocab_size, special)
+    tokens = chosen[0].astype(np.int64) if chosen else None
+    out.mkdir(parents=True)
+    t0 = time.perf_counter()
+    graph = DecoderBuilder(src, qcfg, entry.max_context, logits_tokens=tokens).build(out)
+    build_s = time.perf_counter() - t0
+    session = DecoderSession(graph, KVLayout.from_entry(entry.to_dict()), resolve_provider("cpu"),
+                             llm.target.session.session.get_session_options().intra_op_num_threads,
+                             logits_tokens=tokens)
+    return _Bound(session, entry), build_s, (out / "model.onnx.data").stat().st_size
+
+
+def prompts(per_category: int) -> list[dict]:
+    out = []
+    for cat in ("code", "edit", "chat"):
+        for line in [x for x in (HERE / "prompts" / f"{cat}.jsonl").read_text().splitlines() if x.strip()][:per_category]:
+            doc = json.loads(line)
+            out.append({"id": doc["id"], "category": cat, "prompt": doc.get("prompt") or doc["messages"]})
+    return out
+
+
+def main() -> None:
+    import edgellm
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("draft_model", help="the draft's source (the GGUF file or HF folder it was exported from)")
+    ap.add_argument("--sizes", nargs="*", type=int, default=[0, 16384, 32768, 65536])
+    ap.add_argument("--head", nargs="*", default=["int8"], help="draft LM head storage(s) to try")
+    ap.add_argument("--per-category", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("EDGELLM_THREADS", "2")))
+    a = ap.parse_args()
+    llm = edgellm.load(a.bundle, threads=a.threads)
+    variants = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in a.sizes:
+            for head in a.head:
+                name = f"{size or 'all'}/{head}"
+                variants[name], build_s, nbytes = build_draft(llm, a.draft_model, size, head, Path(tmp) / name.replace("/", "-"))
+                print(f"built draft {name}: {nbytes / 1e6:.0f} MB in {build_s:.0f} s", file=sys.stderr)
+        runs = []
+        ps = prompts(a.per_category)
+        for pr in ps:
+            ref = llm.generate(pr["prompt"], mode="target", max_new_tokens=a.max_new_tokens)
+            t_step = ref.stats["target_ms_per_step"]
+            for name, draft in variants.items():
+                llm.draft = draft
+                res = llm.generate(pr["prompt"], mode="speculative", max_new_tokens=a.max_new_tokens,
+                                   temperature=a.temperature, seed=0)
+                s = res.stats
+                ms_per_draft = s["draft_ms_per_round"] * s["rounds"] / max(s["drafted_tokens"], 1)
+                runs.append({"variant": name, "prompt": pr["id"], "category": pr["category"],
+                             "acceptance": s["acceptance_rate"], "tokens_per_round": s["mean_tokens_per_round"],
+                             "draft_ms_per_token": ms_per_draft, "c": ms_per_draft / t_step,
+                             "tokens_per_second": s["tokens_per_second"],
+                             "target_tokens_per_second": ref.stats["tokens_per_second"],
+                             "exact": a.temperature > 0 or res.token_ids == ref.token_ids})
+                print(f"{pr['id']:>16} {name:>12} acc {s['acceptance_rate'] or 0:.2f} c {ms_per_draft / t_step:.3f} "
+                      f"{s['tokens_per_second'] or 0:5.1f} tok/s (target {ref.stats['tokens_per_second']:.1f})",
+                      file=sys.stderr)
+    med = lambda xs: statistics.median([x for x in xs if x is not None]) if any(x is not None for x in xs) else None  # noqa: E731
+    summary = []
+    for name in variants:
+        for cat in sorted({p["category"] for p in ps}) + ["all"]:
+            rs = [r for r in runs if r["variant"] == name and (cat == "all" or r["category"] == cat)]
+            summary.append({"variant": name, "category": cat, "n": len(rs),
+                            **{k: med([r[k] for r in rs]) for k in ("acceptance", "tokens_per_round",
+                                                                    "draft_ms_per_token", "c", "tokens_per_second")},
+                            "speedup": med([r["tokens_per_second"] / r["target_tokens_per_second"] for r in rs
+                                            if r["tokens_per_second"]]),
+                            "exact": all(r["exact"] for r in rs)})
+    print("| draft head | category | acceptance | tokens/round | draft ms/token | c | tok/s | speedup | exact |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in summary:
+        print(f"| {r['variant']} | {r['category']} | {r['acceptance']:.3f} | {r['tokens_per_round']:.2f} | "
+              f"{r['draft_ms_per_token']:.1f} | {r['c']:.3f} | {r['tokens_per_second']:.1f} | {r['speedup']:.2f}x | "
+              f"{'yes' if r['exact'] else 'NO'} |")
+    print(json.dumps({"threads": a.threads, "max_new_tokens": a.max_new_tokens, "temperature": a.temperature,
+                      "summary": summary, "runs": runs}))
+
+
+if __name__ == "__main__":
+    main()
