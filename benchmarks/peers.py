@@ -173,7 +173,7 @@ def llamacpp_bin_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable
                 "total_s": None, "acceptance": st.get("acceptance")}
 
     version = subprocess.run([str(bins / "llama-completion"), "--version"], capture_output=True, text=True)
-    info = {"engine": "llama.cpp-bin", "modes": list(LLAMA_BIN_MODES),
+    info = {"engine": "llama.cpp-bin", "modes": list(LLAMA_BIN_MODES), "retokenized": True,
             "version": "llama.cpp binaries " + ((version.stdout + version.stderr).strip().splitlines() or ["?"])[0]}
     return info, run
 

@@ -257,6 +257,8 @@ def _fit_conversation(llm, messages: list[dict[str, str]]) -> int:
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
 @click.option("--repeats", default=3, show_default=True, type=int)
 @click.option("--num-draft-tokens", default=None, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float,
+              help="Sample at this temperature (seeded per run): speed and acceptance; outputs then differ by design.")
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--draft-provider", default=None)
 @click.option("--threads", default=None, type=int)

@@ -88,3 +88,22 @@ def test_serve_bad_bundle_and_port(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--port", "70000"]) == 1
     assert "port=70000" in capsys.readouterr().err
+
+
+def test_bench_sampled_reports_speed_and_acceptance_not_exactness(tiny_bundle, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "def foo(x): return", "category": "code"}\n')
+    args = ["bench", str(tiny_bundle), "--prompts", str(prompts), "--repeats", "1", "--max-new-tokens", "8",
+            "--threads", "1", "--temperature", "0.7"]
+    r = run(args)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output.strip().splitlines()[-1])
+    assert doc["temperature"] == 0.7
+    spec = next(s for s in doc["summary"] if s["category"] == "all" and s["mode"] == "speculative")
+    assert spec["exact"] is None and spec["acceptance_rate"] is not None and spec["tokens_per_second"] > 0
+    assert "sampled" in r.output
+    again = json.loads(run(args).output.strip().splitlines()[-1])  # seeded: the same tokens again
+    assert [x["generated_tokens"] for x in again["runs"]] == [x["generated_tokens"] for x in doc["runs"]]
+    bad = run(args[:-1] + ["-1"])
+    assert bad.exit_code != 0 and "temperature=-1.0" in bad.output + str(bad.exception)
+    assert "warm-up" not in bad.output  # refused before the bundle loads
