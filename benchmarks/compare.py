@@ -103,7 +103,7 @@ def load_prompts(tokenizer, per_category: int) -> list[dict[str, Any]]:
 def start_workers(a: argparse.Namespace) -> list[Worker]:
     main_py = Path(sys.executable)
     specs = [  # (name in the table, engine, python, arguments)
-        ("edgellm", "edgellm", main_py, ["--bundle", str(a.bundle)]),
+        ("edgellm", "edgellm", main_py, ["--bundle", str(a.bundle)] + (["--no-sweep"] if a.no_sweep else [])),
         ("llama.cpp", "llama.cpp-bin", main_py, ["--llama-bin", str(a.llama_bin), "--target-gguf", str(a.target_gguf),
                                                  "--draft-gguf", str(a.draft_gguf), "--bundle", str(a.bundle)]),
         ("llama-cpp-python", "llama.cpp", PEERS / "llamacpp/bin/python", ["--target-gguf", str(a.target_gguf)]),
@@ -191,7 +191,29 @@ def summarize(runs: list[dict[str, Any]], workers: list[Worker]) -> dict[str, An
     engines = {w.name: {"version": w.info.get("version"), "skipped": w.info.get("skipped") or w.info.get("failed"),
                         "skipped_modes": w.info.get("skipped_modes", {}), "peak_rss_mb": w.peak_rss_mb}
                for w in workers}
-    return {"table": table, "engines": engines}
+    return {"table": table, "best": best_modes(table), "engines": engines}
+
+
+def best_modes(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per category, each engine's fastest mode among those whose every output equals its own target's
+    (a peer mode that changes the output does not count as its best), and every edgellm engine's best
+    over each peer's best."""
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in table:
+        if r["equals_own_target"] < 1.0 and not r["engine"].startswith("edgellm"):
+            continue
+        key = (r["category"], r["engine"])
+        if key not in best or r["decode_tps"] > best[key]["decode_tps"]:
+            best[key] = r
+    out = []
+    for (cat, engine), r in sorted(best.items()):
+        row = {"category": cat, "engine": engine, "best_mode": r["mode"], "decode_tps": r["decode_tps"],
+               "equals_own_target": r["equals_own_target"]}
+        if engine.startswith("edgellm"):
+            row["over_peers"] = {peer: r["decode_tps"] / b["decode_tps"] for (c, peer), b in best.items()
+                                 if c == cat and not peer.startswith("edgellm")}
+        out.append(row)
+    return out
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -201,6 +223,11 @@ def render(summary: dict[str, Any]) -> str:
         acc = f"{r['acceptance']:.2f}" if r["acceptance"] is not None else "-"
         lines.append(f"{r['engine']:18} {r['mode']:15} {r['category']:8} {r['decode_tps']:6.1f} {sp:>6} "
                      f"{r['ttft_s']:7.2f} {r['equals_own_target']:5.2f} {acc:>5}")
+    lines.append("best modes (outputs equal to the own target's):")
+    for r in summary.get("best", []):
+        over = ", ".join(f"{v:.2f}x {k}" for k, v in r.get("over_peers", {}).items())
+        lines.append(f"  {r['category']:6} {r['engine']:18} {r['best_mode']:15} {r['decode_tps']:6.1f}"
+                     + (f"  ({over})" if over else ""))
     for name, e in summary["engines"].items():
         if e["skipped"]:
             lines.append(f"skipped {name}: {e['skipped']}")
@@ -272,6 +299,7 @@ def main() -> None:
     p.add_argument("--engines", default="edgellm,llama.cpp-bin,llama.cpp,onnxruntime-genai,transformers",
                    help="Engines (peers.py names) to run; llama.cpp = the Python binding, llama.cpp-bin = the binaries.")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-sweep", action="store_true", help="Skip edgellm's fixed draft lengths (speculative@k).")
     p.add_argument("--per-category", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
@@ -305,7 +333,7 @@ def main() -> None:
            **summary, "plots": plot(summary, a.out_dir, stamp), "runs": runs}
     (a.out_dir / f"{stamp}-peers.json").write_text(json.dumps(doc, indent=1))
     say(render(summary))
-    print(json.dumps({k: doc[k] for k in ("date", "machine", "settings", "table", "engines", "plots")}))
+    print(json.dumps({k: doc[k] for k in ("date", "machine", "settings", "table", "best", "engines", "plots")}))
 
 
 if __name__ == "__main__":

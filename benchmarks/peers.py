@@ -197,7 +197,7 @@ def _genai_folder(target: str, draft: str | None, threads: int, out: str) -> str
             shutil.copytree(draft, os.path.join(out, "draft"), symlinks=True,
                             copy_function=lambda s, d: os.symlink(os.path.abspath(s), d))
         dcfg["filename"] = os.path.join("draft", dcfg["filename"])
-        cfg["model"]["draft"] = {"decoder": dcfg}
+        cfg["model"]["draft"] = dcfg  # the draft's decoder block itself (0.18 knows no "decoder" key here)
         cfg["speculative"] = {"max_draft_tokens": 4}
     json.dump(cfg, open(os.path.join(out, "genai_config.json"), "w"), indent=2)
     return out
