@@ -55,6 +55,21 @@ def build_draft(llm, model: str, size: int, head: str, out: Path):
     return _Bound(session, entry), build_s, (out / "model.onnx.data").stat().st_size
 
 
+def time_steps(variants: dict, past: int = 160, rounds: int = 30) -> dict:
+    """Median milliseconds of a one-token step of each draft variant, interleaved, over ``past`` cached positions."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, d in variants.items():
+            d.session.length = past
+            t0 = time.perf_counter()
+            d.forward(np.ones(1, np.int64), 1)
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    out = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, ms in out.items():
+        print(f"draft {name}: {ms:.2f} ms a step", file=sys.stderr)
+    return {"past": past, "rounds": rounds, "step_ms": out}
+
+
 def prompts(per_category: int) -> list[dict]:
     out = []
     for cat in ("code", "edit", "chat"):
@@ -76,6 +91,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("EDGELLM_THREADS", "2")))
+    ap.add_argument("--steps-only", action="store_true",
+                    help="only time one-token draft steps of each variant (interleaved), no generation")
     a = ap.parse_args()
     llm = edgellm.load(a.bundle, threads=a.threads)
     variants = {}
@@ -85,6 +102,9 @@ def main() -> None:
                 name = f"{size or 'all'}/{head}"
                 variants[name], build_s, nbytes = build_draft(llm, a.draft_model, size, head, Path(tmp) / name.replace("/", "-"))
                 print(f"built draft {name}: {nbytes / 1e6:.0f} MB in {build_s:.0f} s", file=sys.stderr)
+        if a.steps_only:
+            print(json.dumps(time_steps(variants)))
+            return
         runs = []
         ps = prompts(a.per_category)
         for pr in ps:
