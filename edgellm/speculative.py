@@ -5,6 +5,8 @@ It knows token ids and positions only; a model is anything with ``length``,
 :class:`edgellm.runtimes.session.DecoderSession`; tests use pure-numpy fakes).
 
 Names as in Leviathan et al.: ``p`` target, ``q`` draft, ``gamma`` drafted tokens per round.
+All three modes run the same round; ``target`` mode's proposals are at most one free lookup
+token, carried by the row every lone pass has anyway (see :func:`_plan_round`).
 
 Invariants (tested in tests/unit/test_speculative.py):
 
@@ -284,9 +286,6 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
     if done.finish_reason:
         return
 
-    if cfg.mode == "target":
-        yield from _target_loop(target, seq, cfg, stats, rng, len(prompt))
-        return
     ctl = DraftLengthController(cfg.max_draft_tokens, max_lookup=cfg.max_lookup_tokens)
     while True:
         left = cfg.max_new_tokens - (len(seq) - len(prompt))
@@ -295,21 +294,6 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
         proposals, source = _plan_round(seq, cfg, ctl, limit, max(0, min(limit, draft_room)))
         rnd = _speculative_round(target, draft, seq, proposals, source, cfg, rng, stats, ctl)
         done = _commit(seq, rnd.tokens, rnd.drafted, eos, cfg, stats, len(prompt), target.max_context)
-        yield done
-        if done.finish_reason:
-            return
-
-
-def _target_loop(target: Model, seq: list[int], cfg: DecodeConfig, stats: DecodeStats,
-                 rng: np.random.Generator, prompt_len: int) -> Iterator[Round]:
-    while True:
-        _check_fits(target, 1, "target")
-        t0 = time.perf_counter()
-        logits = target.forward(np.asarray(seq[-1:], np.int64), 1)[-1, : cfg.vocab_size]
-        stats.verify_seconds += time.perf_counter() - t0
-        stats.verify_calls += 1
-        done = _commit(seq, [choose(logits, cfg.sampling, rng)], [False], set(cfg.eos_token_ids), cfg, stats,
-                       prompt_len, target.max_context)
         yield done
         if done.finish_reason:
             return
@@ -324,16 +308,26 @@ def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, l
 
     Returns ``(lookup_tokens, "lookup")`` or ``(gamma, "draft")``. In ``lookup`` mode only
     lookup is used; in ``speculative`` mode lookup wins when its expected rate is higher.
+
+    ``target`` mode, and a speculative round whose draft length comes out 0, propose at most one
+    lookup token: a lone token's pass is two rows long anyway (``DecoderSession.min_rows``, for
+    exactness), so its second row carries a free proposal instead of a copy of the first; when
+    the target agrees, the pass yields two tokens. The proposal is verified like any other, so
+    the output is the target's own.
     """
+    if cfg.mode == "target":
+        return propose_lookup(seq, min(limit, 1)), "lookup"
     fixed = cfg.num_draft_tokens
     look = propose_lookup(seq, min(limit, fixed if fixed is not None else ctl.max_lookup))
     if cfg.mode == "lookup":
-        return (look if fixed is not None else look[: ctl.choose(len(look), "lookup")]), "lookup"
+        return (look if fixed is not None else look[: max(1, ctl.choose(len(look), "lookup"))]), "lookup"
     gamma = min(fixed, draft_limit) if fixed is not None else ctl.choose(draft_limit)
     if look and fixed is None:
         g_look = ctl.choose(len(look), "lookup")
         if g_look and ctl.rate(g_look, "lookup") > ctl.rate(gamma, "draft"):
             return look[:g_look], "lookup"
+    if gamma == 0:
+        return look[:1], "lookup"
     return gamma, "draft"
 
 

@@ -222,3 +222,35 @@ def test_errors():
         DecodeConfig(mode="fast")
     with pytest.raises(ConfigError, match="max_new_tokens"):
         DecodeConfig(max_new_tokens=0)
+
+
+def test_target_mode_fills_its_second_row_with_a_free_lookup_token():
+    """A lone pass is two rows anyway: the second carries a lookup proposal, so repeats cost fewer passes."""
+    target = FakeLM(vocab=8, seed=3, temperature=0.5)  # few tokens: its greedy output soon repeats itself
+    prompt = [1, 2, 3, 1, 2, 3]
+    stats = DecodeStats()
+    cfg = DecodeConfig(mode="target", max_new_tokens=40, vocab_size=8)
+    tokens = [t for r in decode(target, prompt, cfg, stats=stats) for t in r.tokens]
+    assert tokens == greedy_reference(target, prompt, 40)
+    assert stats.accepted_tokens > 0 and stats.rounds < 39
+    assert all(n <= 2 for _, n in target.calls[1:])  # the prompt, then passes of one or two new tokens
+    # sampled: still the target's law (a one-hot proposal through rejection sampling), reproducible by seed
+    kw = dict(mode="target", max_new_tokens=12, vocab_size=8, sampling=SamplingConfig(temperature=1.0), seed=7)
+    a = [t for r in decode(target, prompt, DecodeConfig(**kw)) for t in r.tokens]
+    assert a == [t for r in decode(target, prompt, DecodeConfig(**kw)) for t in r.tokens] and len(a) == 12
+
+
+def test_sampled_target_mode_with_free_proposals_keeps_the_target_distribution():
+    v, prompt = 5, [1, 2, 1, 2]  # the suffix [1, 2] occurred before: the first pass carries the proposal 1
+    target = FakeLM(vocab=v, seed=4, temperature=1.0)
+    counts = np.zeros((v, v))
+    n = 6000
+    for s in range(n):
+        cfg = DecodeConfig(mode="target", max_new_tokens=2, sampling=SamplingConfig(temperature=1.0), seed=s,
+                           vocab_size=v)
+        toks = [t for r in decode(target, prompt, cfg) for t in r.tokens]
+        counts[toks[0], toks[1]] += 1
+    probs = lambda x: np.exp(x - x.max()) / np.exp(x - x.max()).sum()  # noqa: E731
+    p1 = probs(target.logits_after(prompt))
+    joint = np.array([p1[a] * probs(target.logits_after(prompt + [a])) for a in range(v)])
+    assert 0.5 * np.abs(counts / n - joint).sum() < 0.04
