@@ -60,13 +60,14 @@ def op_times(profile: Path, first_run: int = 0) -> tuple[dict[str, list[float]],
 
 def bundle_runner(bundle: Path, role: str, threads: int, prefix: str) -> tuple[Any, Callable[[int, int], None]]:
     """A profiled session of a bundle's ``role`` graph and a function running one k-row pass at ``past``."""
+    from edgellm.api import _logits_tokens
     from edgellm.manifest import read_manifest
     from edgellm.runtimes.providers import resolve_provider
     from edgellm.runtimes.session import DecoderSession, KVLayout
 
     entry = getattr(read_manifest(bundle), role)
     s = DecoderSession(bundle / entry.graph, KVLayout.from_entry(entry.to_dict()), resolve_provider("cpu"), threads,
-                       profile_prefix=prefix)
+                       profile_prefix=prefix, logits_tokens=_logits_tokens(bundle, entry))
 
     def run(k: int, past: int) -> None:
         s.length = past
