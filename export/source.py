@@ -139,6 +139,13 @@ def spec_from_hf_config(cfg: dict[str, Any], where: str) -> DecoderSpec:
         raise ExportError(
             f"{where}: sliding-window attention cannot be rolled back exactly; not supported"
         )
+    # what the graph builder hard-codes: a config that says otherwise would export a wrong graph
+    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+    if act not in ("silu", "swish"):
+        raise ExportError(f"{where}: hidden_act {act!r} is not supported; allowed: silu (the builder's MLP is SwiGLU)")
+    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ExportError(f"{where}: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not supported; "
+                          "allowed: 1.0 (rotary over the whole head)")
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     return DecoderSpec(
