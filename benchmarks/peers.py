@@ -134,13 +134,12 @@ def _llama_stats(text: str) -> dict[str, float]:
 def llamacpp_bin_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable]:
     """llama.cpp's own binaries (built from the source vendored in the llama-cpp-python sdist).
 
-    Each generation is one process on a prompt file (the prompt token ids rendered back to text,
-    special tokens included: llama.cpp tokenizes it to the same ids). Speeds are the binaries' own
+    Each generation is one process given the prompt as text (``-p``: the prompt token ids rendered
+    back to text, special tokens included; llama.cpp tokenizes it to the same ids). Speeds are the binaries' own
     decode timings; the output text is re-tokenized with the bundle's tokenizer for the
     equal-to-own-target check.
     """
     import subprocess
-    import tempfile
     from pathlib import Path
 
     from edgellm.manifest import read_manifest
@@ -156,18 +155,16 @@ def llamacpp_bin_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable
     def run(ids: list[int], mode: str, max_new: int) -> dict[str, Any]:
         binary, extra = LLAMA_BIN_MODES[mode]
         prompt = tok.tok.decode(ids, skip_special_tokens=False)
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-            f.write(prompt)
         draft = ["-md", a.draft_gguf, "-td", str(a.threads), "-tbd", str(a.threads)] if "draft-simple" in extra else []
         n = max_new - 1 if binary == "llama-speculative-simple" else max_new  # it runs one token past -n
-        cmd = [str(bins / binary), *common, "-f", f.name, "-n", str(n), *draft, *extra]
+        # -p, not -f: llama.cpp drops a prompt file's trailing newline, which changes the prompt's ids
+        cmd = [str(bins / binary), *common, "-p", prompt, "-n", str(n), *draft, *extra]
         p = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600)
-        Path(f.name).unlink()
         if p.returncode != 0:
             raise RuntimeError(f"{binary} exited {p.returncode}: {p.stderr[-800:]}")
-        # the binaries echo a chat-template prompt each in its own form (special tokens dropped or
-        # kept, newlines lost), so for such prompts this cut is unreliable: compare.py does not check them
-        text = p.stdout.split(prompt, 1)[1] if prompt in p.stdout else p.stdout
+        # the echo of the prompt: llama-completion drops special tokens, the speculative binaries keep them
+        shown = next((c for c in (prompt, tok.tok.decode(ids, skip_special_tokens=True)) if c in p.stdout), None)
+        text = p.stdout.split(shown, 1)[1] if shown else p.stdout
         text = text.replace("[end of text]", "").rstrip("\n")
         tokens = [t for t in tok.encode(text, add_special_tokens=False) if t not in EOS][:max_new]
         st = _llama_stats(p.stdout + p.stderr)
