@@ -41,9 +41,8 @@ def build_draft(llm, model: str, size: int, head: str, out: Path):
     src = open_source(model)
     q = entry.quantization
     qcfg = _quant_config(src, quant=q["quant"], block_size=q["block_size"], lm_head_quant=head)
-    special = set(llm.tokenizer.eos_token_ids) | {t["id"] for t in json.loads(
-        (llm.bundle / llm.manifest.tokenizer["file"]).read_text()).get("added_tokens", [])}
-    chosen = DraftVocabConfig(size).choose(llm.bundle / llm.manifest.tokenizer["file"], src.spec.vocab_size, special)
+    chosen = DraftVocabConfig(size).choose(llm.bundle / llm.manifest.tokenizer["file"], src.spec.vocab_size,
+                                           llm.tokenizer.eos_token_ids)
     tokens = chosen[0].astype(np.int64) if chosen else None
     out.mkdir(parents=True)
     t0 = time.perf_counter()

@@ -34,28 +34,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def op_times(profile: Path, first_run: int = 0) -> tuple[dict[str, list[float]], list[float]]:
+def op_times(profile: Path) -> tuple[dict[str, list[float]], list[float]]:
     """Kernel microseconds per operator type per run, and each run's microseconds.
 
     Args:
         profile: onnxruntime's profile JSON.
-        first_run: runs before this index (warm-up) are left out.
 
     Returns:
-        ``({op_type: [us of run i, ...]}, [us of run i, ...])`` for the kept runs, in order.
+        ``({op_type: [us of run i, ...]}, [us of run i, ...])`` for every run, in order.
     """
     events = json.loads(profile.read_text())
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run")
-    kept = runs[first_run:]
-    per_op: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(kept))
+    per_op: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(runs))
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
-        for i, (start, end) in enumerate(kept):
+        for i, (start, end) in enumerate(runs):
             if start <= e["ts"] <= end:
                 per_op[e["args"]["op_name"]][i] += e["dur"]
                 break
-    return dict(per_op), [end - start for start, end in kept]
+    return dict(per_op), [end - start for start, end in runs]
 
 
 def bundle_runner(bundle: Path, role: str, threads: int, prefix: str) -> tuple[Any, Callable[[int, int], None]]:
@@ -114,7 +112,7 @@ def profile(name: str, make: Callable[[str], tuple[Any, Callable[[int, int], Non
                 run(k, past)
                 walls[k].append(1e3 * (time.perf_counter() - t0))
         path = Path(session.end_profiling())
-        all_ops, all_totals = op_times(path, 0)
+        all_ops, all_totals = op_times(path)
         out: dict[str, Any] = {}
         for j, k in enumerate(rows):
             start = j * (passes + 2) + 2  # two warm-up passes before each k

@@ -316,9 +316,8 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     qcfg = {role: _quant_config(src, **qcfg[role]) for role, src in sources.items()}
     vocab = None
     if "draft" in sources:
-        special = set(toks["target"].eos_token_ids) | {t["id"] for t in json.loads(toks["target"].tokenizer_json)
-                                                       .get("added_tokens", [])}
-        vocab = vocab_cfg.choose(tmp / tok_entry["file"], sources["draft"].spec.vocab_size, special)
+        vocab = vocab_cfg.choose(tmp / tok_entry["file"], sources["draft"].spec.vocab_size,
+                                 toks["target"].eos_token_ids)
     models, report = {}, {"models": {}}
     for role, src in sources.items():
         ctx = min(max_context, src.spec.source_context_length)
@@ -449,8 +448,7 @@ def _read_calibration_text(path: str | os.PathLike) -> tuple[str, str]:
 
 
 def _quantize_npu(tmp: Path, role: str, entry: dict, tok_entry: dict, say, weight_bits: int,
-                  calibration_text: tuple[str, str] | None = None,
-                 vocab_cfg: DraftVocabConfig = DraftVocabConfig(0)) -> None:
+                  calibration_text: tuple[str, str] | None = None) -> None:
     import numpy as np
     from tokenizers import Tokenizer
 

@@ -29,7 +29,6 @@ import numpy as np
 from edgellm.errors import ConfigError
 
 CORPUS_CHARS = 8_000_000
-MIN_SIZE = 1
 FILE_NAME = "vocab.i32"  # little-endian int32 token ids, ascending: column j of the logits is token ids[j]
 
 
@@ -106,7 +105,7 @@ class DraftVocabConfig:
     corpus: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or not (self.size == 0 or self.size >= MIN_SIZE):
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 0:
             raise ConfigError(f"draft_vocab={self.size!r}; allowed: 0 (the whole vocabulary) or a positive integer",
                               param="draft_vocab")
         if self.corpus is not None and not Path(self.corpus).expanduser().is_file():
@@ -124,19 +123,20 @@ class DraftVocabConfig:
             raise ConfigError(f"draft_vocab_corpus={str(p)!r} is not UTF-8 text ({e})", param="draft_vocab_corpus") from None
         return [text[i:i + 100_000] for i in range(0, len(text), 100_000)], f"{p.name}, {len(text)} characters"
 
-    def choose(self, tokenizer_path: Path, vocab_size: int, special: Iterable[int]) -> tuple[np.ndarray, dict] | None:
+    def choose(self, tokenizer_path: Path, vocab_size: int, eos: Iterable[int]) -> tuple[np.ndarray, dict] | None:
         """The kept token ids (ascending int32) and the manifest's description, or ``None`` for all.
 
         Args:
             tokenizer_path: the bundle's ``tokenizer.json``.
             vocab_size: the draft's logits width (rows of its LM head).
-            special: ids always kept (eos and the tokenizer's added tokens).
+            eos: end-of-sequence ids; kept, like every token the tokenizer adds (chat markers).
         """
         if self.size == 0 or self.size >= vocab_size:
             return None
         from tokenizers import Tokenizer
 
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
         texts, described = self.texts()
-        ids = frequent_tokens(token_counts(Tokenizer.from_file(str(tokenizer_path)), texts, vocab_size),
-                              self.size, special)
+        ids = frequent_tokens(token_counts(tokenizer, texts, vocab_size), self.size,
+                              set(eos) | set(tokenizer.get_added_tokens_decoder()))
         return ids, {"size": int(len(ids)), "file": f"draft/{FILE_NAME}", "corpus": described}

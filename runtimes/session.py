@@ -191,12 +191,13 @@ class DecoderSession(CachedSession):
     logits over the whole vocabulary, ``-inf`` for the other tokens.
 
     ``min_rows=2`` makes every pass at least two tokens long (a single token is followed by a
-    copy of itself, whose logits and cache entry are dropped). onnxruntime's attention computes
-    a one-row pass with other kernels than a k-row pass and rounds differently in the last bits,
-    while passes of two or more rows give every row bit-identical results. A target that decodes
-    alone and one that verifies drafts then compute every position the same way, so greedy
-    speculative output equals target-mode output even where two tokens nearly tie. It costs ~3%
-    of a one-token step.
+    copy of itself, whose logits and cache entry are dropped). onnxruntime computes a one-row
+    pass with other kernels than a k-row pass (attention, and MatMulNBits at accuracy level 4:
+    0.3-0.5 logits apart on the real pair), while passes of two or more rows give every row
+    bit-identical results. A target that decodes alone and one that verifies drafts then compute
+    every position the same way, so greedy speculative output equals target-mode output even
+    where two tokens nearly tie. It costs 6-10 % of a one-token step, which is why the decoding
+    loop fills that row with a lookup proposal when it has one (``speculative._plan_round``).
     """
 
     def __init__(self, model_path: Path, layout: KVLayout, provider: ProviderChoice,
