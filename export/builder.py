@@ -29,7 +29,8 @@ import numpy as np
 
 from edgellm.errors import ConfigError
 from edgellm.export.quantize import PackedWeight, concat_rows, quantize_blockwise
-from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, DecoderSpec, Source, layer_names
+from edgellm.export.families import Rope, rope_tables
+from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, Source, block_names
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class DecoderBuilder:
         """``logits_tokens``: int ``(n,)`` ascending token ids whose LM head rows are kept (column j of
         the logits is token ``logits_tokens[j]``; see :mod:`edgellm.export.draft_vocab`), or all."""
         self.src, self.spec, self.q = source, source.spec, quant
+        self.features = source.spec.features
         self.logits_tokens = logits_tokens
         self.max_context = max_context
         self.progress = progress or (lambda msg: None)
@@ -260,7 +262,7 @@ class DecoderBuilder:
         width = s.vocab_size if self.logits_tokens is None else len(self.logits_tokens)
         outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "num_logits", width])]
         try:
-            cos, sin = self._rope_caches(g)
+            ropes = self._rope_caches(g)
             x = self._embedding(g)
             resid = None
             for i in range(s.num_layers):
@@ -268,10 +270,10 @@ class DecoderBuilder:
                 for kind in ("key", "value"):
                     inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, kv_shape))
                     outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, kv_shape))
-                x, resid = self._layer(g, i, x, resid, cos, sin)
+                x, resid = self._layer(g, i, x, resid, ropes)
             self.progress("lm_head")
             normed = g.node("SkipSimplifiedLayerNormalization",
-                            [x, resid, g.const("final_norm", self.src.tensor(FINAL_NORM).astype(self.act))],
+                            [x, resid, self._norm_weight(g, FINAL_NORM, "final_norm")],
                             n_out=1, domain=MS_DOMAIN, epsilon=s.rms_norm_eps)[0]
             (neg,) = g.node("Neg", ["num_logits"])
             (last,) = g.node("Slice", [normed, neg, g.const("int64_max", np.array([2**62], np.int64)),
@@ -281,6 +283,11 @@ class DecoderBuilder:
                                   self.logits_tokens)
             if self.act != np.float32:  # the sampler reads fp32 logits whatever the graph computes in
                 (logits,) = g.node("Cast", [logits], to=TensorProto.FLOAT)
+            if self.features.final_softcap:  # cap * tanh(logits / cap), Gemma 2
+                cap = g.const("final_softcap", np.array(self.features.final_softcap, np.float32))
+                (logits,) = g.node("Div", [logits, cap])
+                (logits,) = g.node("Tanh", [logits])
+                (logits,) = g.node("Mul", [logits, cap])
             g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
         finally:
             g.close()
@@ -292,56 +299,109 @@ class DecoderBuilder:
         onnx.save(model, str(path))
         return path
 
-    def _rope_caches(self, g: _GraphWriter) -> tuple[str, str]:
-        d = self.spec.head_dim
-        inv_freq = 1.0 / (self.spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-        freqs = np.outer(np.arange(self.max_context, dtype=np.float64), inv_freq)
-        return (g.const("cos_cache", np.cos(freqs).astype(self.act)),
-                g.const("sin_cache", np.sin(freqs).astype(self.act)))
+    def _rope_caches(self, g: _GraphWriter) -> dict[Rope, tuple[str, str]]:
+        """cos/sin caches ``(max_context, rotary_dim / 2)`` per kind of rotary layer.
+
+        longrope switches to its long factors once the text passes ``original_max_position_embeddings``
+        (as transformers does for the tokens of that forward pass): both tables are kept and the
+        graph picks one by ``total_sequence_length``.
+        """
+        f = self.features
+        caches = {}
+        for j, rope in enumerate(r for r in (f.rope, f.local_rope) if r is not None):
+            short = [g.const(f"{k}_cache{'_local' if j else ''}", t.astype(self.act))
+                     for k, t in zip(("cos", "sin"), rope_tables(rope, self.max_context))]
+            switch = rope.switch_length()
+            if switch is not None and self.max_context > switch:
+                longer = [g.const(f"{k}_cache_long", t.astype(self.act))
+                          for k, t in zip(("cos", "sin"), rope_tables(rope, self.max_context, long=True))]
+                (past,) = g.node("Greater", ["total_sequence_length", g.const("rope_switch", np.array(switch, np.int32))])
+                short = [g.node("Where", [past, lo, sh])[0] for lo, sh in zip(longer, short)]
+            caches[rope] = tuple(short)
+        return caches
 
     def _embedding(self, g: _GraphWriter) -> str:
         table = self.src.tensor(EMBED)
         if self.q.quant == "fp32":
             (x,) = g.node("Gather", [g.const("embed_tokens", table), "input_ids"])
-            return x
-        (x,) = g.node("Gather", [g.const("embed_tokens", table.astype(np.float16)), "input_ids"])
-        if self.act != np.float16:
-            (x,) = g.node("Cast", [x], to=self.TensorProto.FLOAT)
+        else:
+            (x,) = g.node("Gather", [g.const("embed_tokens", table.astype(np.float16)), "input_ids"])
+            if self.act != np.float16:
+                (x,) = g.node("Cast", [x], to=self.TensorProto.FLOAT)
+        if self.features.family.embed_scale:  # Gemma: embedding * sqrt(hidden), rounded to the activation type
+            (x,) = g.node("Mul", [x, g.const("embed_scale", np.array(self.spec.hidden_size ** 0.5, self.act))])
         return x
 
-    def _layer(self, g: _GraphWriter, i: int, x: str, resid: str | None, cos: str, sin: str) -> tuple[str, str]:
+    def _norm_weight(self, g: _GraphWriter, name: str, tag: str) -> str:
+        """An RMSNorm's multiplier: ``offset + weight`` (Gemma's offset 1 is added in fp32, as transformers does)."""
+        w = self.src.tensor(name).astype(np.float32) + np.float32(self.features.family.norm_offset)
+        return g.const(tag, w.astype(self.act))
+
+    def _layer(self, g: _GraphWriter, i: int, x: str, resid: str | None, ropes: dict) -> tuple[str, str]:
         """One decoder block. ``x`` is the previous block's output delta (or the embedding)."""
-        s, n, ms = self.spec, layer_names(i), MS_DOMAIN
-        eps = s.rms_norm_eps
-        w_in = g.const(f"l{i}.input_norm", self.src.tensor(n["input_norm"]).astype(self.act))
+        n, ms, eps = block_names(i, self.features.family), MS_DOMAIN, self.spec.rms_norm_eps
+        w_in = self._norm_weight(g, n["input_norm"], f"l{i}.input_norm")
         if resid is None:  # first block: plain RMSNorm of the embedding
             (h,) = g.node("SimplifiedLayerNormalization", [x, w_in], axis=-1, epsilon=eps)
             resid = x
         else:
             h, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [x, resid, w_in], n_out=4, domain=ms, epsilon=eps)
-        qkv = self._linear(g, h, [n["q"], n["k"], n["v"]], self.q.quant, f"l{i}.qkv")
+        o = self._linear(g, self._attention(g, i, h, n, ropes), [n["o"]], self.q.quant, f"l{i}.o")
+        if "attn_out_norm" in n:  # Gemma 2/3: the branch is normalized before the residual add
+            (o,) = g.node("SimplifiedLayerNormalization", [o, self._norm_weight(g, n["attn_out_norm"], f"l{i}.attn_out_norm")],
+                          axis=-1, epsilon=eps)
+        w_mlp = self._norm_weight(g, n["mlp_norm"], f"l{i}.mlp_norm")
+        h2, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [o, resid, w_mlp], n_out=4, domain=ms, epsilon=eps)
+        gu = self._linear(g, h2, n["gate_up"], self.q.quant, f"l{i}.gate_up")
+        gate, up = g.node("Split", [gu, g.const(f"l{i}.gu_split", np.array([self.spec.intermediate_size] * 2, np.int64))],
+                          n_out=2, axis=-1)
+        (act,) = g.node("Mul", [self._activation(g, gate), up])
+        y = self._linear(g, act, [n["down"]], self.q.quant, f"l{i}.down")
+        if "mlp_out_norm" in n:
+            (y,) = g.node("SimplifiedLayerNormalization", [y, self._norm_weight(g, n["mlp_out_norm"], f"l{i}.mlp_out_norm")],
+                          axis=-1, epsilon=eps)
+        return y, resid
+
+    def _attention(self, g: _GraphWriter, i: int, h: str, n: dict, ropes: dict) -> str:
+        """Grouped-query attention of block ``i`` over the shared KV buffer; returns ``(B, S, heads * head_dim)``."""
+        s, f = self.spec, self.features
+        qkv = self._linear(g, h, n["qkv"], self.q.quant, f"l{i}.qkv")
         q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = g.node("Split", [qkv, g.const(f"l{i}.qkv_split", np.array([q_dim, kv_dim, kv_dim], np.int64))],
                          n_out=3, axis=-1)
+        if "q_norm" in n:  # per-head RMSNorm before rotary (Qwen3, Gemma 3)
+            q = self._head_norm(g, q, n["q_norm"], s.num_heads, f"l{i}.q_norm")
+            k = self._head_norm(g, k, n["k_norm"], s.num_kv_heads, f"l{i}.k_norm")
+        window = f.windows[i] if f.windows else -1
+        rope = f.local_rope if window > 0 and f.local_rope is not None else f.rope
+        cos, sin = ropes[rope]
         attn = g.name("gqa")
+        extra = {"softcap": f.attn_softcap} if f.attn_softcap else {}
         g.nodes.append(self.helper_node(
             "GroupQueryAttention",
             [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
              "total_sequence_length", cos, sin],
             [attn, f"present.{i}.key", f"present.{i}.value"],
-            num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=1, rotary_interleaved=0,
-            scale=float(1.0 / np.sqrt(s.head_dim)), local_window_size=-1,
+            num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=int(f.rotary[i]) if f.rotary else 1,
+            rotary_interleaved=0, scale=float(f.attention_scale), local_window_size=int(window), **extra,
         ))
-        o = self._linear(g, attn, [n["o"]], self.q.quant, f"l{i}.o")
-        w_post = g.const(f"l{i}.post_norm", self.src.tensor(n["post_norm"]).astype(self.act))
-        h2, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [o, resid, w_post], n_out=4, domain=ms, epsilon=eps)
-        gu = self._linear(g, h2, [n["gate"], n["up"]], self.q.quant, f"l{i}.gate_up")
-        gate, up = g.node("Split", [gu, g.const(f"l{i}.gu_split", np.array([s.intermediate_size] * 2, np.int64))],
-                          n_out=2, axis=-1)
-        (sig,) = g.node("Sigmoid", [gate])
-        (silu,) = g.node("Mul", [gate, sig])
-        (act,) = g.node("Mul", [silu, up])
-        return self._linear(g, act, [n["down"]], self.q.quant, f"l{i}.down"), resid
+        return attn
+
+    def _head_norm(self, g: _GraphWriter, x: str, name: str, heads: int, tag: str) -> str:
+        """RMSNorm over each head's ``head_dim`` values of ``x`` ``(B, S, heads * head_dim)``."""
+        (xh,) = g.node("Reshape", [x, g.const(tag + ".heads", np.array([0, 0, heads, self.spec.head_dim], np.int64))])
+        (y,) = g.node("SimplifiedLayerNormalization", [xh, self._norm_weight(g, name, tag)], axis=-1,
+                      epsilon=self.spec.rms_norm_eps)
+        (y,) = g.node("Reshape", [y, g.const(tag + ".flat", np.array([0, 0, heads * self.spec.head_dim], np.int64))])
+        return y
+
+    def _activation(self, g: _GraphWriter, x: str) -> str:
+        """The MLP's gate activation: SiLU, tanh-approximated GELU (FastGelu) or exact GELU."""
+        kind = self.features.activation
+        if kind == "silu":
+            (sig,) = g.node("Sigmoid", [x])
+            return g.node("Mul", [x, sig])[0]
+        return g.node("FastGelu" if kind == "gelu_tanh" else "Gelu", [x], domain=MS_DOMAIN)[0]
 
     @staticmethod
     def helper_node(op: str, inputs: list[str], outputs: list[str], **attrs):

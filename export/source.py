@@ -18,23 +18,24 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from edgellm.errors import ConfigError, ExportError
+from edgellm.export.families import FAMILIES, GGUF_FAMILIES, Family, Features, Rope, read_features
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("qwen2", "llama", "mistral")
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    """Shape of a Llama-family decoder (RMSNorm, rotary attention with GQA, SwiGLU MLP).
+    """Shape of a Llama-family decoder (RMSNorm, rotary attention with GQA, gated MLP).
 
     Attributes:
-        architecture: ``qwen2``, ``llama`` or ``mistral``.
+        architecture: the Hugging Face ``model_type`` (a key of :data:`FAMILIES`).
         hidden_size: width of the residual stream.
         intermediate_size: width of the MLP.
         num_layers: decoder blocks.
@@ -47,6 +48,8 @@ class DecoderSpec:
         attention_bias: whether q/k/v projections have a bias (Qwen2 does).
         tie_word_embeddings: lm_head shares the embedding matrix.
         source_context_length: context length the source model was trained for.
+        features: what the family changes in the Llama block (:class:`~edgellm.export.families.Features`);
+            ``None`` means plain Llama with default rope.
     """
 
     architecture: str
@@ -62,6 +65,7 @@ class DecoderSpec:
     attention_bias: bool
     tie_word_embeddings: bool
     source_context_length: int
+    features: Features | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -73,6 +77,14 @@ class DecoderSpec:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.head_dim % 16:
+            raise ConfigError(f"head_dim={self.head_dim}: onnxruntime's GroupQueryAttention needs a multiple of 16")
+        if self.features is None:
+            rope = Rope(self.rope_theta, self.head_dim, (), self.source_context_length)
+            object.__setattr__(self, "features", Features(FAMILIES[self.architecture], "silu", rope,
+                                                          windows=(-1,) * self.num_layers,
+                                                          rotary=(True,) * self.num_layers,
+                                                          attention_scale=self.head_dim ** -0.5))
 
 
 def layer_names(i: int) -> dict[str, str]:
@@ -92,6 +104,25 @@ def layer_names(i: int) -> dict[str, str]:
         "up": p + "mlp.up_proj.weight",
         "down": p + "mlp.down_proj.weight",
     }
+
+
+def block_names(i: int, family: Family) -> dict[str, list[str] | str]:
+    """Weight names of block ``i`` by role for ``family``: ``qkv`` and ``gate_up`` are lists
+    whose matrices are stacked along the output dimension; the norms of roles a family lacks
+    are absent."""
+    p, n = f"model.layers.{i}.", layer_names(i)
+    names: dict[str, list[str] | str] = {
+        "input_norm": n["input_norm"], "o": n["o"], "down": n["down"],
+        "qkv": [p + "self_attn.qkv_proj.weight"] if family.fused else [n["q"], n["k"], n["v"]],
+        "gate_up": [p + "mlp.gate_up_proj.weight"] if family.fused else [n["gate"], n["up"]],
+        "mlp_norm": p + ("pre_feedforward_layernorm.weight" if family.sandwich_norm else "post_attention_layernorm.weight"),
+    }
+    if family.sandwich_norm:
+        names["attn_out_norm"] = p + "post_attention_layernorm.weight"
+        names["mlp_out_norm"] = p + "post_feedforward_layernorm.weight"
+    if family.qk_norm:
+        names["q_norm"], names["k_norm"] = p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"
+    return names
 
 
 EMBED = "model.embed_tokens.weight"
@@ -125,43 +156,32 @@ class Source:
 
 
 def spec_from_hf_config(cfg: dict[str, Any], where: str) -> DecoderSpec:
-    """Build a :class:`DecoderSpec` from a ``config.json`` dict, refusing what we cannot run."""
+    """Build a :class:`DecoderSpec` from a ``config.json`` dict, refusing what we cannot run exactly."""
     arch = cfg.get("model_type")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ExportError(
             f"{where}: model_type {arch!r} is not supported; allowed: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    rope_scaling = cfg.get("rope_scaling")
-    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-        raise ExportError(f"{where}: rope_scaling {rope_scaling!r} is not supported (only default rope)")
-    if cfg.get("use_sliding_window") or (arch == "mistral" and cfg.get("sliding_window")):
-        raise ExportError(
-            f"{where}: sliding-window attention cannot be rolled back exactly; not supported"
-        )
-    # what the graph builder hard-codes: a config that says otherwise would export a wrong graph
-    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
-    if act not in ("silu", "swish"):
-        raise ExportError(f"{where}: hidden_act {act!r} is not supported; allowed: silu (the builder's MLP is SwiGLU)")
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ExportError(f"{where}: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not supported; "
-                          "allowed: 1.0 (rotary over the whole head)")
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    layers = int(cfg["num_hidden_layers"])
     return DecoderSpec(
         architecture=arch,
         hidden_size=hidden,
         intermediate_size=int(cfg["intermediate_size"]),
-        num_layers=int(cfg["num_hidden_layers"]),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        head_dim=head_dim,
         vocab_size=int(cfg["vocab_size"]),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+        attention_bias=bool(cfg.get("attention_bias", FAMILIES[arch].attention_bias)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         source_context_length=int(cfg.get("max_position_embeddings", 4096)),
+        features=read_features(cfg, arch, head_dim, layers, where),
     )
 
 
@@ -227,16 +247,23 @@ _GGUF_LAYER = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
+# families whose attention output has its own norm call the MLP's input norm pre_feedforward_layernorm
+_GGUF_SANDWICH = {"ffn_norm.weight": "pre_feedforward_layernorm.weight"}
 _GGUF_GLOBAL = {"token_embd.weight": EMBED, "output_norm.weight": FINAL_NORM, "output.weight": LM_HEAD}
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, family: Family) -> str | None:
     if gguf_name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[gguf_name]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    if m and m.group(2) in _GGUF_LAYER:
-        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}"
+    names = _GGUF_LAYER | (_GGUF_SANDWICH if family.sandwich_norm else {})
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     return None
 
 
@@ -262,12 +289,17 @@ class GGUFSource(Source):
         self._gguf = gguf
         self.fields = {k: self._field(k) for k in self.reader.fields}
         arch = self.fields.get("general.architecture")
+        if arch not in GGUF_FAMILIES:
+            raise ExportError(
+                f"{path}: GGUF architecture {arch!r} is not supported; allowed: {', '.join(GGUF_FAMILIES)}"
+            )
+        self.family = FAMILIES[GGUF_FAMILIES[arch]]
         self._tensors = {}
         for t in self.reader.tensors:
-            hf = _hf_name(t.name)
+            hf = _hf_name(t.name, self.family)
             if hf:
                 self._tensors[hf] = t
-        self.spec = self._spec(arch)
+        self.spec = spec_from_hf_config(self._config(arch), str(path))
 
     def _field(self, key: str) -> Any:
         f = self.reader.fields[key]
@@ -279,37 +311,38 @@ class GGUFSource(Source):
         except Exception:  # noqa: BLE001 - exotic field types are not needed
             return None
 
-    def _spec(self, arch: str | None) -> DecoderSpec:
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ExportError(
-                f"{self.path}: GGUF architecture {arch!r} is not supported; allowed: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        f = self.fields
-        heads = int(f[f"{arch}.attention.head_count"])
-        hidden = int(f[f"{arch}.embedding_length"])
-        embed = self._tensors[EMBED]
-        return DecoderSpec(
-            architecture=arch,
-            hidden_size=hidden,
-            intermediate_size=int(f[f"{arch}.feed_forward_length"]),
-            num_layers=int(f[f"{arch}.block_count"]),
-            num_heads=heads,
-            num_kv_heads=int(f.get(f"{arch}.attention.head_count_kv") or heads),
-            head_dim=int(f.get(f"{arch}.attention.key_length") or hidden // heads),
-            vocab_size=int(embed.shape[1]),
-            rms_norm_eps=float(f.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(f.get(f"{arch}.rope.freq_base", 10000.0)),
-            attention_bias=f"model.layers.0.self_attn.q_proj.bias" in self._tensors,
-            tie_word_embeddings=LM_HEAD not in self._tensors,
-            source_context_length=int(f.get(f"{arch}.context_length", 4096)),
-        )
+    def _config(self, arch: str) -> dict[str, Any]:
+        """The GGUF metadata as a Hugging Face ``config.json`` (what transformers' GGUF loader reads)."""
+        f = lambda key, default=None: self.fields.get(f"{arch}.{key}", default)  # noqa: E731
+        heads = int(f("attention.head_count"))
+        hidden = int(f("embedding_length"))
+        head_dim = int(f("attention.key_length") or hidden // heads)
+        cfg = {
+            "model_type": GGUF_FAMILIES[arch], "hidden_size": hidden, "intermediate_size": int(f("feed_forward_length")),
+            "num_hidden_layers": int(f("block_count")), "num_attention_heads": heads,
+            "num_key_value_heads": int(f("attention.head_count_kv") or heads), "head_dim": head_dim,
+            "vocab_size": int(self._tensors[EMBED].shape[1]),
+            "rms_norm_eps": float(f("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": float(f("rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(f("context_length", 4096)),
+            "tie_word_embeddings": LM_HEAD not in self._tensors,
+            "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._tensors,
+            # GGUF files are made for llama.cpp, which scales attention by head_dim ** -0.5 here
+            "query_pre_attn_scalar": head_dim,
+            "attn_logit_softcapping": f("attn_logit_softcapping"),
+            "final_logit_softcapping": f("final_logit_softcapping"),
+        }
+        if f("attention.sliding_window"):
+            cfg["sliding_window"] = int(f("attention.sliding_window"))
+        kind = f("rope.scaling.type")
+        if kind and kind != "none":
+            cfg["rope_scaling"] = {"rope_type": kind, "factor": float(f("rope.scaling.factor", 1.0))}
+            if f("rope.scaling.original_context_length"):
+                cfg["rope_scaling"]["original_max_position_embeddings"] = int(f("rope.scaling.original_context_length"))
+        return cfg
 
     def has(self, name: str) -> bool:
         return name in self._tensors
-
-    def tensor_type(self, name: str) -> str:
-        return self._tensors[name].tensor_type.name
 
     def tensor(self, name: str) -> np.ndarray:
         if name not in self._tensors:
@@ -318,6 +351,8 @@ class GGUFSource(Source):
         arr = self._gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         shape = tuple(int(x) for x in reversed(t.shape))
         arr = arr.reshape(shape)
+        if self.family.norm_offset and name.endswith("norm.weight"):
+            arr = arr - np.float32(self.family.norm_offset)  # llama.cpp stores Gemma's norms as (1 + w)
         if self.spec.architecture == "llama":
             if name.endswith("q_proj.weight"):
                 arr = _unpermute_llama(arr, self.spec.num_heads)
@@ -387,9 +422,3 @@ def _download_hub(repo_id: str) -> Path:
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
             "offline? give a local folder or .gguf file instead"
         ) from e
-
-
-def iter_linear_names(spec: DecoderSpec) -> Iterator[str]:
-    for i in range(spec.num_layers):
-        n = layer_names(i)
-        yield from (n["q"], n["k"], n["v"], n["o"], n["gate"], n["up"], n["down"])

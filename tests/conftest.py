@@ -84,20 +84,25 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def make_tiny_hf_model(folder, arch: str = "qwen2", seed: int = 0, vocab_size: int = 320, tokenizer=None):
-    """A random 2-layer Hugging Face model (+ a small trained BPE tokenizer) saved in ``folder``."""
+def make_tiny_hf_model(folder, arch: str = "qwen2", seed: int = 0, vocab_size: int = 320, tokenizer=None,
+                       model=None):
+    """A random 2-layer Hugging Face model (+ a small trained BPE tokenizer) saved in ``folder``.
+
+    ``model``: save this transformers model instead of a random ``arch`` one.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2)
-    if arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    with torch.no_grad():  # sharper distributions than the default init: greedy text is less flat
-        model.lm_head.weight.mul_(8.0)
+    if model is None:
+        torch.manual_seed(seed)
+        common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2)
+        if arch == "qwen2":
+            model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(**common))
+        with torch.no_grad():  # sharper distributions than the default init: greedy text is less flat
+            model.lm_head.weight.mul_(8.0)
     model.save_pretrained(folder)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer or _train_tokenizer(), eos_token="<|im_end|>")
     fast.chat_template = CHAT_TEMPLATE

@@ -1,0 +1,173 @@
+"""Model families: tiny random models of each family, exported and checked against transformers.
+
+Weights are drawn larger than transformers' init (and norms away from 1) so that a wrong
+activation, norm offset or rope changes the logits far past the tolerance (checked below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_hf_model
+from edgellm.errors import ExportError
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import edgellm  # noqa: E402
+from edgellm.export import export  # noqa: E402
+from edgellm.runtimes.providers import resolve_provider  # noqa: E402
+from edgellm.runtimes.session import DecoderSession, KVLayout  # noqa: E402
+from edgellm.manifest import read_manifest  # noqa: E402
+
+COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2)
+SLIDING = ["sliding_attention", "full_attention"]
+# name -> (config class, its fields beyond COMMON)
+FAMILIES = {
+    "llama3-rope": ("LlamaConfig", dict(rope_theta=10000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "llama-yarn": ("LlamaConfig", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                     "original_max_position_embeddings": 32})),
+    "llama-linear-gelu": ("LlamaConfig", dict(hidden_act="gelu", rope_scaling={"rope_type": "linear", "factor": 3.0})),
+    "mistral-sliding": ("MistralConfig", dict(sliding_window=6, head_dim=16)),
+    "qwen3": ("Qwen3Config", dict(head_dim=16)),
+    "qwen3-sliding": ("Qwen3Config", dict(head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "gemma": ("GemmaConfig", dict(head_dim=16, hidden_act="gelu_pytorch_tanh")),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=6, layer_types=SLIDING, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=4.0, final_logit_softcapping=6.0)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=6, layer_types=SLIDING, query_pre_attn_scalar=12,
+                                        rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "phi3": ("Phi3Config", dict(hidden_size=128, partial_rotary_factor=0.5, max_position_embeddings=64,
+                                original_max_position_embeddings=16, pad_token_id=0, rope_scaling={
+                                    "type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+                                    "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]})),
+    "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0], use_sliding_window=False, pad_token_id=0)),
+}
+PROMPTS = [list(range(5, 25)), [7, 300, 4, 9] * 5, list(range(100, 140, 2))]
+
+
+def make_family_model(folder, name: str, seed: int = 0):
+    """A random 2-layer model of family ``name`` (norm weights and linear weights made to matter)."""
+    cls_name, extra = FAMILIES[name]
+    config = getattr(transformers, cls_name)(**(COMMON | extra))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    offset = "gemma" in config.model_type  # Gemma's norms multiply by (1 + w)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.uniform_(-0.5, 0.5) if offset else p.uniform_(0.5, 1.5)
+            elif p.dim() == 2 and "embed" not in pname:
+                p.normal_(0.0, 0.15)
+            elif "bias" in pname:
+                p.normal_(0.0, 0.1)
+        model.get_output_embeddings().weight.mul_(4.0)
+    return make_tiny_hf_model(folder, model=model)
+
+
+def _torch_model(model_dir):
+    # eager attention: transformers' sdpa path leaves out Gemma 2's attention soft-capping
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+def _torch_logits(model_dir, ids):
+    with torch.no_grad():
+        return _torch_model(model_dir)(torch.tensor(ids)[None]).logits[0].numpy()
+
+
+def _torch_greedy(model, prompt, n, vocab):
+    """Greedy tokens from full forward passes (no cache: the reference does not depend on one),
+    over the ``vocab`` ids the tokenizer has (the logits are padded past them, as Qwen's are)."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor(seq)[None]).logits[0, -1, :vocab].argmax()))
+    return seq[len(prompt):]
+
+
+def _tokens(llm, prompt, mode, n=24):
+    cfg = dataclasses.replace(llm.decode_config(mode=mode, max_new_tokens=n), eos_token_ids=())
+    return [t for r in llm.generate_tokens(prompt, cfg) for t in r.tokens]
+
+
+def _session(bundle):
+    e = read_manifest(bundle).target
+    layout = KVLayout(e.num_layers, e.num_kv_heads, e.head_dim, e.max_context, e.vocab_size, e.io)
+    return DecoderSession(bundle / e.graph, layout, resolve_provider("cpu"), threads=1)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    folder = make_family_model(tmp_path_factory.mktemp(request.param), request.param)
+    bundle = export(folder, draft=folder, output=tmp_path_factory.mktemp("b") / "fp32", quant="fp32",
+                    draft_quant="int4", draft_block_size=32, max_context=64, quality="none")
+    return request.param, folder, bundle
+
+
+def test_fp32_logits_match_transformers(family):
+    name, folder, bundle = family
+    ids = np.random.default_rng(0).integers(3, 300, 24)
+    # a prefill, one step, a 5-token verify pass, a rollback and a re-run must all match torch;
+    # longrope switches factors past 16 positions, as transformers does per forward pass: compare
+    # those passes with transformers run on the same pass lengths
+    ref = _torch_logits(folder, ids)
+    sess = _session(bundle)
+    if name == "phi3":
+        got = sess.forward(ids, 24)
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+        sess.rollback(0)
+        np.testing.assert_allclose(sess.forward(ids[:12], 12), _torch_logits(folder, ids[:12]), atol=1e-4)
+        return
+    got = [sess.forward(ids[:9], 9), sess.forward(ids[9:10], 1), sess.forward(ids[10:15], 5)[:2]]
+    sess.rollback(12)
+    got.append(sess.forward(ids[12:], 12))
+    np.testing.assert_allclose(np.concatenate(got), ref, atol=1e-4)
+
+
+def test_greedy_and_speculative_outputs_match_transformers(family):
+    name, folder, bundle = family
+    model = _torch_model(folder)
+    llm = edgellm.load(bundle, threads=1)
+    for prompt in PROMPTS:
+        ref = _torch_greedy(model, prompt, 24, llm.manifest.tokenizer["vocab_size"])
+        assert _tokens(llm, prompt, "target") == ref, (name, prompt)
+        for mode in ("speculative", "lookup"):
+            assert _tokens(llm, prompt, mode) == ref, (name, mode, prompt)
+
+
+def test_int4_export_is_exact_under_speculation(family, tmp_path):
+    name, folder, _ = family
+    bundle = export(folder, draft=folder, output=tmp_path / "int4", quant="int4", block_size=32,
+                    draft_block_size=32, max_context=64, quality="none")
+    assert read_manifest(bundle).target.quantization["quant"] == "int4"
+    llm = edgellm.load(bundle, threads=1)
+    for prompt in PROMPTS[:2]:
+        ref = _tokens(llm, prompt, "target")
+        assert _tokens(llm, prompt, "speculative") == ref and _tokens(llm, prompt, "lookup") == ref, name
+
+
+def test_the_models_are_sensitive_to_what_the_family_changes(tmp_path, monkeypatch):
+    """The tiny weights have power: a Gemma 3 graph built with Llama's activation or without the
+    norm offset leaves the tolerance far behind — and the full quality check then fails the export."""
+    from edgellm.export import families
+
+    folder = make_family_model(tmp_path / "g3", "gemma3")
+    ids = np.random.default_rng(0).integers(3, 300, 24)
+    ref = _torch_logits(folder, ids)
+    wrongs = {"silu": lambda m: m.setitem(families.ACTIVATIONS, "gelu_pytorch_tanh", "silu"),
+              "no_offset": lambda m: m.setitem(families.FAMILIES, "gemma3_text",
+                                               dataclasses.replace(families.FAMILIES["gemma3_text"], norm_offset=0.0))}
+    for wrong, patch in wrongs.items():
+        with monkeypatch.context() as m:
+            patch(m)
+            b = export(folder, output=tmp_path / wrong, quant="fp32", max_context=64, quality="none")
+            assert np.abs(_session(b).forward(ids, 24) - ref).max() > 0.1, wrong
+            with pytest.raises(ExportError, match="differs from the source model"):
+                export(folder, output=tmp_path / "gated", quant="fp32", max_context=64, quality="full")
+            assert not (tmp_path / "gated").exists()
