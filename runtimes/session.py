@@ -155,6 +155,31 @@ def check_graph(session, layout: KVLayout, cache_length: int, path: Path,
                           + " (the manifest was edited, or the bundle mixes files of two exports)")
 
 
+def attention_boundaries(head_dim: int, provider: ProviderChoice | None = None) -> tuple[int, ...]:
+    """Cache lengths across which onnxruntime's CPU attention sums ``q . k`` in another order.
+
+    GroupQueryAttention on the CPU computes a pass's scores as one SGEMM of the pass's rows by
+    all its keys, and MLAS's SGEMM sums the ``head_dim`` products in slices of ``StrideK``: 128,
+    doubled (with ``StrideN`` halved from 128, down to 16) while the key count ``N <= StrideN / 2``.
+    Up to ``head_dim`` 128 one slice always covers the head: a row's scores do not depend on the
+    pass. Beyond (Gemma's 256), a row attended in a pass of at most 64 keys is summed in one slice
+    and in a longer pass in two, so its last bits differ (bit-identical passes are what keeps
+    speculative output equal to target output). The returned lengths are where the slicing
+    changes; the session never lets one pass hold rows on both sides of one (tested).
+
+    Args:
+        head_dim: width of one attention head.
+        provider: the session's provider; other providers have other kernels (none returned).
+    """
+    if provider is not None and provider.name not in ("cpu",):
+        return ()
+    bounds, stride_n, stride_k = [], 128, 128
+    while stride_k < head_dim and stride_n > 16:
+        stride_n, stride_k = stride_n // 2, stride_k * 2
+        bounds.append(stride_n)
+    return tuple(sorted(bounds))
+
+
 class CachedSession:
     """What every session shares: a cache of ``length`` positions, rolled back by moving ``length``."""
 
@@ -198,6 +223,9 @@ class DecoderSession(CachedSession):
     every position the same way, so greedy speculative output equals target-mode output even
     where two tokens nearly tie. It costs 6-10 % of a one-token step, which is why the decoding
     loop fills that row with a lookup proposal when it has one (``speculative._plan_round``).
+    Heads wider than 128 add one rule (:func:`attention_boundaries`): a pass never holds rows on
+    both sides of a boundary; it is split there, and a lone row just below one is padded with the
+    row before it instead of a copy after it.
     """
 
     def __init__(self, model_path: Path, layout: KVLayout, provider: ProviderChoice,
@@ -212,6 +240,8 @@ class DecoderSession(CachedSession):
         self.providers = self.session.get_providers()
         self._ort = ort
         self.length = 0
+        self._ids = np.zeros(layout.max_context, np.int64)  # the cached positions' tokens
+        self.boundaries = attention_boundaries(layout.head_dim, provider)
         self._bind_cache()
 
     def _bind_cache(self) -> None:
@@ -251,12 +281,23 @@ class DecoderSession(CachedSession):
                 "shorten the prompt, lower max_new_tokens, or re-export with a larger --max-context"
             )
         ids = np.asarray(token_ids, np.int64).reshape(-1)
+        cut = next((b for b in self.boundaries if self.length < b < total), None)
+        if cut is not None:  # rows on both sides of a boundary never share a pass (see attention_boundaries)
+            k = cut - self.length
+            first = self._forward(ids[:k], max(1, num_logits - (s - k)))
+            rest = self._forward(ids[k:], min(num_logits, s - k))
+            return np.concatenate([first[len(first) - max(0, num_logits - (s - k)):], rest])
+        self._ids[self.length:total] = ids
         pad = self.min_rows - s if total + self.min_rows - s <= self.layout.max_context else 0
-        if pad > 0:  # see the class docstring: the copies' logits and cache entries are dropped
-            logits = self._run(np.concatenate([ids, np.repeat(ids[-1:], pad)]), num_logits + pad)
-            self.length = total
-            return logits[:num_logits]
-        logits = self._run(ids, num_logits)
+        if pad > 0 and total in self.boundaries and self.length >= pad:
+            # a copy after the last row would cross the boundary: run the rows before it again
+            # instead (same tokens at the same positions: their cache entries come out the same)
+            start, self.length = self.length, self.length - pad
+            logits = self._run(self._ids[self.length:total], num_logits)
+        elif pad > 0:  # see the class docstring: the copies' logits and cache entries are dropped
+            logits = self._run(np.concatenate([ids, np.repeat(ids[-1:], pad)]), num_logits + pad)[:num_logits]
+        else:
+            logits = self._run(ids, num_logits)
         self.length = total
         return logits
 
