@@ -137,14 +137,8 @@ def check_compatible(target: TokenizerFiles, draft: TokenizerFiles, target_width
         IncompatibleModelsError: different tokenizers, or a logits width below the vocabulary.
     """
     if target.fingerprint != draft.fingerprint:
-        t, d = json.loads(target.tokenizer_json), json.loads(draft.tokenizer_json)
-        tv, dv = t.get("model", {}).get("vocab", {}), d.get("model", {}).get("vocab", {})
-        detail = f"vocab sizes {target.vocab_size} (target) vs {draft.vocab_size} (draft)"
-        if len(tv) == len(dv) and tv != dv:
-            diff = next(k for k in tv if dv.get(k) != tv[k])
-            detail += f"; token {diff!r} is id {tv[diff]} in the target, {dv.get(diff)} in the draft"
         raise IncompatibleModelsError(
-            "the draft's tokenizer differs from the target's (" + detail + "); "
+            "the draft's tokenizer differs from the target's (" + tokenizer_difference(target, draft) + "); "
             "speculative decoding needs the same tokenizer — pick a draft of the same model family"
         )
     for role, width in (("target", target_width), ("draft", draft_width)):
@@ -152,6 +146,32 @@ def check_compatible(target: TokenizerFiles, draft: TokenizerFiles, target_width
             raise IncompatibleModelsError(
                 f"{role} logits width {width} is smaller than the tokenizer's {target.vocab_size} tokens"
             )
+
+
+def tokenizer_difference(target: TokenizerFiles, draft: TokenizerFiles) -> str:
+    """The first thing that makes two tokenizers give different ids, in words (target first)."""
+    t, d = json.loads(target.tokenizer_json), json.loads(draft.tokenizer_json)
+    tm, dm = t.get("model") or {}, d.get("model") or {}
+    if tm.get("type") != dm.get("type"):
+        return f"model types {tm.get('type')!r} (target) vs {dm.get('type')!r} (draft)"
+    tv, dv = tm.get("vocab", {}), dm.get("vocab", {})
+    if isinstance(tv, list):  # Unigram: [piece, score] pairs
+        tv, dv = {p[0]: i for i, p in enumerate(tv)}, {p[0]: i for i, p in enumerate(dv)}
+    diff = next((k for k in tv if dv.get(k) != tv[k]), None) or next((k for k in dv if k not in tv), None)
+    if diff is not None:
+        return (f"vocab sizes {target.vocab_size} (target) vs {draft.vocab_size} (draft); token {diff!r} is id "
+                f"{tv.get(diff)} in the target, {dv.get(diff)} in the draft")
+    tmerges, dmerges = tm.get("merges") or [], dm.get("merges") or []
+    if tmerges != dmerges:
+        i = next((i for i, (a, b) in enumerate(zip(tmerges, dmerges)) if a != b), min(len(tmerges), len(dmerges)))
+        return f"merges differ from rule {i} on ({len(tmerges)} rules in the target, {len(dmerges)} in the draft)"
+    ta = {a["id"]: (a["content"], bool(a.get("special"))) for a in t.get("added_tokens", [])}
+    da = {a["id"]: (a["content"], bool(a.get("special"))) for a in d.get("added_tokens", [])}
+    i = next((i for i in sorted(set(ta) | set(da)) if ta.get(i) != da.get(i)), None)
+    if i is not None:
+        return f"added token {i} is {ta.get(i)} in the target, {da.get(i)} in the draft (content, special)"
+    part = next(k for k in ("normalizer", "pre_tokenizer") if t.get(k) != d.get(k))
+    return f"their {part}s differ"
 
 
 def write_tokenizer(files: TokenizerFiles, folder: Path) -> dict[str, Any]:

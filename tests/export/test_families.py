@@ -202,3 +202,15 @@ def test_wide_heads_give_every_row_the_same_bits_in_any_pass(tmp_path):
     llm = edgellm.load(bundle, threads=1)
     prompt = list(ids[:50])
     assert _tokens(llm, prompt, "lookup", 40) == _tokens(llm, prompt, "target", 40)
+
+
+def test_a_draft_of_another_family_with_the_same_tokenizer(tmp_path):
+    """Families do not have to match, tokenizers do: a Qwen3 draft for a Gemma 3 target."""
+    target = make_family_model(tmp_path / "t", "gemma3")
+    draft = make_family_model(tmp_path / "d", "qwen3", seed=1)
+    bundle = export(target, draft=draft, output=tmp_path / "b", quant="fp32", draft_quant="int4",
+                    draft_block_size=32, max_context=64, quality="none")
+    m = read_manifest(bundle)
+    assert (m.target.architecture, m.draft.architecture) == ("gemma3_text", "qwen3")
+    llm = edgellm.load(bundle, threads=1)
+    assert _tokens(llm, PROMPTS[0], "speculative") == _tokens(llm, PROMPTS[0], "target")
