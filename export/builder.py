@@ -283,6 +283,9 @@ class DecoderBuilder:
                                   self.logits_tokens)
             if self.act != np.float32:  # the sampler reads fp32 logits whatever the graph computes in
                 (logits,) = g.node("Cast", [logits], to=TensorProto.FLOAT)
+            if self.features.logits_scaling != 1.0:  # Granite
+                (logits,) = g.node("Div", [logits, g.const("logits_scaling", np.array(self.features.logits_scaling,
+                                                                                      np.float32))])
             if self.features.final_softcap:  # cap * tanh(logits / cap), Gemma 2
                 cap = g.const("final_softcap", np.array(self.features.final_softcap, np.float32))
                 (logits,) = g.node("Div", [logits, cap])
@@ -328,8 +331,10 @@ class DecoderBuilder:
             (x,) = g.node("Gather", [g.const("embed_tokens", table.astype(np.float16)), "input_ids"])
             if self.act != np.float16:
                 (x,) = g.node("Cast", [x], to=self.TensorProto.FLOAT)
-        if self.features.family.embed_scale:  # Gemma: embedding * sqrt(hidden), rounded to the activation type
-            (x,) = g.node("Mul", [x, g.const("embed_scale", np.array(self.spec.hidden_size ** 0.5, self.act))])
+        scale = self.spec.hidden_size ** 0.5 if self.features.family.embed_scale else 1.0  # Gemma: sqrt(hidden)
+        scale *= self.features.embedding_multiplier  # Granite
+        if scale != 1.0:
+            (x,) = g.node("Mul", [x, g.const("embed_scale", np.array(scale, self.act))])
         return x
 
     def _norm_weight(self, g: _GraphWriter, name: str, tag: str) -> str:
@@ -338,29 +343,43 @@ class DecoderBuilder:
         return g.const(tag, w.astype(self.act))
 
     def _layer(self, g: _GraphWriter, i: int, x: str, resid: str | None, ropes: dict) -> tuple[str, str]:
-        """One decoder block. ``x`` is the previous block's output delta (or the embedding)."""
+        """One decoder block. ``x`` is the previous block's output delta (or the embedding), ``resid``
+        the residual stream before it; returns this block's delta and the stream before it."""
         n, ms, eps = block_names(i, self.features.family), MS_DOMAIN, self.spec.rms_norm_eps
-        w_in = self._norm_weight(g, n["input_norm"], f"l{i}.input_norm")
-        if resid is None:  # first block: plain RMSNorm of the embedding
-            (h,) = g.node("SimplifiedLayerNormalization", [x, w_in], axis=-1, epsilon=eps)
+        if "input_norm" not in n:  # OLMo-2: the attention reads the residual stream itself
+            h = resid = x if resid is None else g.node("Add", [x, resid])[0]
+        elif resid is None:  # first block: plain RMSNorm of the embedding
+            (h,) = g.node("SimplifiedLayerNormalization", [x, self._norm_weight(g, n["input_norm"], f"l{i}.input_norm")],
+                          axis=-1, epsilon=eps)
             resid = x
         else:
-            h, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [x, resid, w_in], n_out=4, domain=ms, epsilon=eps)
+            h, _, _, resid = g.node("SkipSimplifiedLayerNormalization",
+                                    [x, resid, self._norm_weight(g, n["input_norm"], f"l{i}.input_norm")],
+                                    n_out=4, domain=ms, epsilon=eps)
         o = self._linear(g, self._attention(g, i, h, n, ropes), [n["o"]], self.q.quant, f"l{i}.o")
-        if "attn_out_norm" in n:  # Gemma 2/3: the branch is normalized before the residual add
-            (o,) = g.node("SimplifiedLayerNormalization", [o, self._norm_weight(g, n["attn_out_norm"], f"l{i}.attn_out_norm")],
-                          axis=-1, epsilon=eps)
-        w_mlp = self._norm_weight(g, n["mlp_norm"], f"l{i}.mlp_norm")
-        h2, _, _, resid = g.node("SkipSimplifiedLayerNormalization", [o, resid, w_mlp], n_out=4, domain=ms, epsilon=eps)
+        o = self._branch_output(g, o, n.get("attn_out_norm"), f"l{i}.attn_out")
+        if "mlp_norm" in n:
+            h2, _, _, resid = g.node("SkipSimplifiedLayerNormalization",
+                                     [o, resid, self._norm_weight(g, n["mlp_norm"], f"l{i}.mlp_norm")],
+                                     n_out=4, domain=ms, epsilon=eps)
+        else:
+            h2 = resid = g.node("Add", [o, resid])[0]
         gu = self._linear(g, h2, n["gate_up"], self.q.quant, f"l{i}.gate_up")
         gate, up = g.node("Split", [gu, g.const(f"l{i}.gu_split", np.array([self.spec.intermediate_size] * 2, np.int64))],
                           n_out=2, axis=-1)
         (act,) = g.node("Mul", [self._activation(g, gate), up])
         y = self._linear(g, act, [n["down"]], self.q.quant, f"l{i}.down")
-        if "mlp_out_norm" in n:
-            (y,) = g.node("SimplifiedLayerNormalization", [y, self._norm_weight(g, n["mlp_out_norm"], f"l{i}.mlp_out_norm")],
-                          axis=-1, epsilon=eps)
-        return y, resid
+        return self._branch_output(g, y, n.get("mlp_out_norm"), f"l{i}.mlp_out"), resid
+
+    def _branch_output(self, g: _GraphWriter, y: str, norm: str | None, tag: str) -> str:
+        """An attention or MLP output before its residual add: its own norm (Gemma 2/3, OLMo-2)
+        and Granite's ``residual_multiplier``."""
+        if norm:
+            (y,) = g.node("SimplifiedLayerNormalization", [y, self._norm_weight(g, norm, tag + "_norm")], axis=-1,
+                          epsilon=self.spec.rms_norm_eps)
+        if self.features.residual_multiplier != 1.0:
+            (y,) = g.node("Mul", [y, g.const(tag + "_multiplier", np.array(self.features.residual_multiplier, self.act))])
+        return y
 
     def _attention(self, g: _GraphWriter, i: int, h: str, n: dict, ropes: dict) -> str:
         """Grouped-query attention of block ``i`` over the shared KV buffer; returns ``(B, S, heads * head_dim)``."""
@@ -369,9 +388,10 @@ class DecoderBuilder:
         q_dim, kv_dim = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = g.node("Split", [qkv, g.const(f"l{i}.qkv_split", np.array([q_dim, kv_dim, kv_dim], np.int64))],
                          n_out=3, axis=-1)
-        if "q_norm" in n:  # per-head RMSNorm before rotary (Qwen3, Gemma 3)
-            q = self._head_norm(g, q, n["q_norm"], s.num_heads, f"l{i}.q_norm")
-            k = self._head_norm(g, k, n["k_norm"], s.num_kv_heads, f"l{i}.k_norm")
+        if "q_norm" in n:  # RMSNorm before rotary: per head (Qwen3, Gemma 3) or over the projection (OLMo-2)
+            per_head = f.family.qk_norm == "head"
+            q = self._qk_norm(g, q, n["q_norm"], s.num_heads if per_head else 1, f"l{i}.q_norm")
+            k = self._qk_norm(g, k, n["k_norm"], s.num_kv_heads if per_head else 1, f"l{i}.k_norm")
         window = f.windows[i] if f.windows else -1
         rope = f.local_rope if window > 0 and f.local_rope is not None else f.rope
         cos, sin = ropes[rope]
@@ -387,8 +407,11 @@ class DecoderBuilder:
         ))
         return attn
 
-    def _head_norm(self, g: _GraphWriter, x: str, name: str, heads: int, tag: str) -> str:
-        """RMSNorm over each head's ``head_dim`` values of ``x`` ``(B, S, heads * head_dim)``."""
+    def _qk_norm(self, g: _GraphWriter, x: str, name: str, heads: int, tag: str) -> str:
+        """RMSNorm of ``x`` ``(B, S, width)`` over each of ``heads`` equal slices (1: the whole width)."""
+        if heads == 1:
+            return g.node("SimplifiedLayerNormalization", [x, self._norm_weight(g, name, tag)], axis=-1,
+                          epsilon=self.spec.rms_norm_eps)[0]
         (xh,) = g.node("Reshape", [x, g.const(tag + ".heads", np.array([0, 0, heads, self.spec.head_dim], np.int64))])
         (y,) = g.node("SimplifiedLayerNormalization", [xh, self._norm_weight(g, name, tag)], axis=-1,
                       epsilon=self.spec.rms_norm_eps)

@@ -33,9 +33,13 @@ class Family:
     Attributes:
         norm_offset: RMSNorms multiply by ``norm_offset + weight`` (Gemma: 1).
         embed_scale: the embedding is multiplied by ``sqrt(hidden_size)`` (Gemma).
-        qk_norm: per-head RMSNorm of queries and keys before rotary (Qwen3, Gemma 3).
-        sandwich_norm: the attention and MLP outputs are normalized before their residual add,
-            and the MLP's input norm is ``pre_feedforward_layernorm`` (Gemma 2, Gemma 3).
+        qk_norm: RMSNorm of queries and keys before rotary: ``"head"`` over each head (Qwen3,
+            Gemma 3), ``"full"`` over the whole projection (OLMo-2), ``""`` none.
+        norms: where the block's RMSNorms sit: ``"pre"`` (Llama: before attention and MLP),
+            ``"sandwich"`` (Gemma 2/3: also on the attention and MLP outputs, the MLP's input
+            norm named ``pre_feedforward_layernorm``), ``"post"`` (OLMo-2: on the outputs only).
+        multipliers: Granite's ``embedding_multiplier``, ``residual_multiplier``,
+            ``attention_multiplier`` and ``logits_scaling`` are read.
         fused: q/k/v and gate/up are stored as one ``qkv_proj`` and one ``gate_up_proj`` (Phi-3).
         activation_key: the config field naming the MLP activation.
         activation: the activation when the config does not name one.
@@ -54,8 +58,9 @@ class Family:
 
     norm_offset: float = 0.0
     embed_scale: bool = False
-    qk_norm: bool = False
-    sandwich_norm: bool = False
+    qk_norm: str = ""
+    norms: str = "pre"
+    multipliers: bool = False
     fused: bool = False
     activation_key: str = "hidden_act"
     activation: str = "silu"
@@ -75,15 +80,17 @@ FAMILIES: dict[str, Family] = {
     "llama": Family(gguf_arch="llama"),
     "mistral": Family(windows="all"),
     "qwen2": Family(attention_bias=True, windows="layer_types", gguf_arch="qwen2"),
-    "qwen3": Family(qk_norm=True, windows="layer_types", gguf_arch="qwen3"),
+    "qwen3": Family(qk_norm="head", windows="layer_types", gguf_arch="qwen3"),
     "gemma": Family(**_GEMMA, gguf_arch="gemma"),
-    "gemma2": Family(**_GEMMA, sandwich_norm=True, activation_key="hidden_activation", windows="layer_types",
+    "gemma2": Family(**_GEMMA, norms="sandwich", activation_key="hidden_activation", windows="layer_types",
                      query_pre_attn_scalar=True, softcap=True, window_pattern=2, gguf_arch="gemma2"),
-    "gemma3_text": Family(**_GEMMA, sandwich_norm=True, qk_norm=True, activation_key="hidden_activation",
+    "gemma3_text": Family(**_GEMMA, norms="sandwich", qk_norm="head", activation_key="hidden_activation",
                           windows="layer_types", query_pre_attn_scalar=True, softcap=True, local_rope=True,
                           window_pattern=6, gguf_arch="gemma3"),
     "phi3": Family(fused=True, windows="all", partial_rotary=True),
     "smollm3": Family(windows="layer_types", no_rope_layers=True),
+    "granite": Family(multipliers=True),
+    "olmo2": Family(norms="post", qk_norm="full"),
 }
 GGUF_FAMILIES = {f.gguf_arch: name for name, f in FAMILIES.items() if f.gguf_arch}
 
@@ -198,6 +205,9 @@ class Features:
         attention_scale: multiplies ``q . k`` (``head_dim ** -0.5`` unless the family says).
         attn_softcap: ``softcap * tanh(score / softcap)`` on attention scores, 0 = off.
         final_softcap: the same on the logits, 0 = off.
+        embedding_multiplier: multiplies the embedding (Granite; Gemma's sqrt(hidden) is separate).
+        residual_multiplier: multiplies each attention and MLP output before its residual add.
+        logits_scaling: divides the logits.
     """
 
     family: Family
@@ -209,15 +219,19 @@ class Features:
     attention_scale: float = 1.0
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
 
     @property
     def plain(self) -> bool:
         """The Llama block with default rope and full attention (what npu graphs implement)."""
         f = self.family
-        return (f.norm_offset == 0 and not (f.embed_scale or f.qk_norm or f.sandwich_norm or f.fused)
+        return (f.norm_offset == 0 and not (f.embed_scale or f.qk_norm or f.fused or f.multipliers) and f.norms == "pre"
                 and self.activation == "silu" and self.rope.kind == "default" and self.local_rope is None
                 and all(w < 0 for w in self.windows) and all(self.rotary) and not self.attn_softcap
-                and not self.final_softcap)
+                and not self.final_softcap and (self.embedding_multiplier, self.residual_multiplier,
+                                                self.logits_scaling) == (1.0, 1.0, 1.0))
 
 
 def _hashable(scaling: dict) -> tuple:
@@ -270,7 +284,11 @@ def read_features(cfg: dict[str, Any], model_type: str, head_dim: int, num_layer
         if fam.softcap else (0.0, 0.0)
     if cfg.get("use_bidirectional_attention"):
         raise ExportError(f"{where}: use_bidirectional_attention is not supported (a decoder attends to the past only)")
-    return Features(fam, ACTIVATIONS[act_name], rope, local, windows, rotary, scale, *caps)
+    mult = {}
+    if fam.multipliers:
+        mult = {k: float(cfg.get(k) or 1.0) for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling")}
+        scale = float(cfg.get("attention_multiplier") or head_dim ** -0.5)
+    return Features(fam, ACTIVATIONS[act_name], rope, local, windows, rotary, scale, *caps, **mult)
 
 
 def _windows(cfg: dict[str, Any], fam: Family, num_layers: int, where: str) -> tuple[int, ...]:

@@ -108,16 +108,18 @@ def layer_names(i: int) -> dict[str, str]:
 
 def block_names(i: int, family: Family) -> dict[str, list[str] | str]:
     """Weight names of block ``i`` by role for ``family``: ``qkv`` and ``gate_up`` are lists
-    whose matrices are stacked along the output dimension; the norms of roles a family lacks
-    are absent."""
+    whose matrices are stacked along the output dimension; norms a family lacks are absent."""
     p, n = f"model.layers.{i}.", layer_names(i)
     names: dict[str, list[str] | str] = {
-        "input_norm": n["input_norm"], "o": n["o"], "down": n["down"],
+        "o": n["o"], "down": n["down"],
         "qkv": [p + "self_attn.qkv_proj.weight"] if family.fused else [n["q"], n["k"], n["v"]],
         "gate_up": [p + "mlp.gate_up_proj.weight"] if family.fused else [n["gate"], n["up"]],
-        "mlp_norm": p + ("pre_feedforward_layernorm.weight" if family.sandwich_norm else "post_attention_layernorm.weight"),
     }
-    if family.sandwich_norm:
+    if family.norms != "post":  # norms of the attention's and the MLP's inputs
+        names["input_norm"] = n["input_norm"]
+        names["mlp_norm"] = p + ("pre_feedforward_layernorm.weight" if family.norms == "sandwich"
+                                 else "post_attention_layernorm.weight")
+    if family.norms != "pre":  # norms of their outputs
         names["attn_out_norm"] = p + "post_attention_layernorm.weight"
         names["mlp_out_norm"] = p + "post_feedforward_layernorm.weight"
     if family.qk_norm:
@@ -261,7 +263,7 @@ def _hf_name(gguf_name: str, family: Family) -> str | None:
     if gguf_name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[gguf_name]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    names = _GGUF_LAYER | (_GGUF_SANDWICH if family.sandwich_norm else {})
+    names = _GGUF_LAYER | (_GGUF_SANDWICH if family.norms == "sandwich" else {})
     if m and m.group(2) in names:
         return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     return None

@@ -82,7 +82,7 @@ def _restore_gguf_added_tokens(src: GGUFSource, backend: Any) -> None:
         ttype = int(types_field.parts[data_idx][0])
         if ttype in (GGUF_CONTROL, GGUF_USER_DEFINED):
             text = bytes(tokens_field.parts[tokens_field.data[idx]]).decode("utf-8")
-            if ttype == GGUF_USER_DEFINED and backend.token_to_id(text.replace(" ", "\u2581")) == idx:
+            if ttype == GGUF_USER_DEFINED and " " in text and backend.token_to_id(text.replace(" ", "\u2581")) == idx:
                 continue  # SentencePiece vocabularies (Gemma) keep whitespace runs as ordinary "▁" pieces
             if backend.token_to_id(text) != idx:
                 raise ExportError(f"{src.path}: GGUF token {idx} {text!r} is not at its id in the converted vocabulary")

@@ -47,6 +47,9 @@ FAMILIES = {
                                     "type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
                                     "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]})),
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 0], use_sliding_window=False, pad_token_id=0)),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.2,
+                                      logits_scaling=2.5)),
+    "olmo2": ("Olmo2Config", dict(pad_token_id=0)),
 }
 PROMPTS = [list(range(5, 25)), [7, 300, 4, 9] * 5, list(range(100, 140, 2))]
 

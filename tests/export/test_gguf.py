@@ -97,6 +97,8 @@ def test_export_gguf_defaults_to_lossless_and_reports_it(tiny_gguf, tmp_path):
     llm = edgellm.load(out, threads=1)
     text = "def foo(x): return x + 1"
     assert llm.tokenizer.decode(llm.tokenizer.encode(text, add_special_tokens=False)) == text
+    for marker in ("<|im_start|>", "<|im_end|>"):  # USER_DEFINED and CONTROL tokens stay one token each
+        assert len(llm.tokenizer.encode(marker, add_special_tokens=False)) == 1, marker
     t = llm.generate(text, mode="target", max_new_tokens=12)
     assert llm.generate(text, mode="speculative", max_new_tokens=12).token_ids == t.token_ids
 

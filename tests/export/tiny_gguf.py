@@ -60,7 +60,8 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str =
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
-    w.add_token_types([3 if t in special else 1 for t in tokens])
+    # CONTROL (3) specials; <|im_start|> as USER_DEFINED (4), as Qwen's <tool_call> is
+    w.add_token_types([(4 if t == "<|im_start|>" else 3) if t in special else 1 for t in tokens])
     w.add_token_merges(merges)
     w.add_eos_token_id(vocab["<|im_end|>"])
     w.add_bos_token_id(vocab["<|endoftext|>"])
