@@ -223,8 +223,9 @@ GRAPH_FORMATS = ("onnx", "ort")
 
 
 def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threads: int | None, min_rows: int = 1):
-    """The session for one model: dynamic graphs (cpu export) or static window graphs (npu export)."""
-    from edgellm.runtimes.session import DecoderSession
+    """The session for one model: dynamic graphs (cpu export), static window graphs (npu export) or
+    generic graphs (optimum export, separate past and present)."""
+    from edgellm.runtimes.session import ConcatCacheSession, DecoderSession
     from edgellm.runtimes.static_session import StaticDecoderSession
 
     path = bundle / _graph(entry, graph_format)
@@ -233,8 +234,8 @@ def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threa
         step = entry.ort_step_graph if graph_format == "ort" else entry.step_graph
         return StaticDecoderSession.from_entry(path, entry.to_dict(), provider, threads,
                                                step_path=bundle / step if step else None)
-    return DecoderSession(path, _layout(entry), provider, threads, min_rows=min_rows,
-                          logits_tokens=_logits_tokens(bundle, entry))
+    cls = ConcatCacheSession if kv["kind"] == "concat" else DecoderSession
+    return cls(path, _layout(entry), provider, threads, min_rows=min_rows, logits_tokens=_logits_tokens(bundle, entry))
 
 
 def _logits_tokens(bundle: Path, entry: ModelEntry):

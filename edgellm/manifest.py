@@ -54,7 +54,9 @@ _STATIC_IO_KEYS = ("input_ids", "cos", "sin", "attention_mask", "past_key", "pas
                    "present_value", "logits")
 # cache layouts: shared_buffer = dynamic graph, onnxruntime writes the cache in place (cpu);
 # static_window = fixed-shape graph, the runtime writes the cache by position (npu)
-_KV_KINDS = {"shared_buffer": _IO_KEYS, "static_window": _STATIC_IO_KEYS}
+# generic (optimum) graphs: past and present are separate tensors (position_ids optional)
+_CONCAT_IO_KEYS = ("input_ids", "attention_mask", "past_key", "past_value", "present_key", "present_value", "logits")
+_KV_KINDS = {"shared_buffer": _IO_KEYS, "static_window": _STATIC_IO_KEYS, "concat": _CONCAT_IO_KEYS}
 
 
 @dataclass(frozen=True)

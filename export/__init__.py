@@ -318,7 +318,9 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
 
     qcfg = {role: _quant_config(src, **qcfg[role]) for role, src in sources.items()}
     vocab = None
-    if "draft" in sources:
+    if "draft" in sources and sources["draft"].kind == "hf-generic":
+        say("draft: a generic (optimum) graph keeps its whole LM head")
+    elif "draft" in sources:
         vocab = vocab_cfg.choose(tmp / tok_entry["file"], sources["draft"].spec.vocab_size,
                                  toks["target"].eos_token_ids)
     models, report = {}, {"models": {}}
@@ -327,6 +329,12 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
         if ctx < max_context:
             _warn(f"{role}: max_context={max_context} is more than the model was trained for "
                   f"({src.spec.source_context_length} positions); its bundle uses {ctx}")
+        if src.kind == "hf-generic":
+            models[role], result = _export_generic_model(tmp, role, src, qcfg[role], ctx, quality, tok_entry, say,
+                                                         npu_window)
+            if result:
+                report["models"][role] = result
+            continue
         tokens = vocab[0] if vocab and role == "draft" else None
         if tokens is not None:
             say(f"draft: its LM head keeps the {len(tokens)} most frequent tokens ({vocab[1]['corpus']})")
@@ -493,8 +501,7 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
     from edgellm.export.quality import compare_logits, graph_logits, sample_text, source_logits, static_graph_logits
     from edgellm.runtimes.session import KVLayout
 
-    tok = Tokenizer.from_file(str(tmp / tok_entry["file"]))
-    ids = np.array(tok.encode(sample_text()).ids[: min(QUALITY_SAMPLE_TOKENS, ctx)], np.int64)
+    ids = _sample_ids(tmp, tok_entry, ctx)
     layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], ctx, entry["vocab_size"],
                       io_names(entry["num_layers"]))
     got_layout = KVLayout(**{**layout.__dict__, "dtype": entry["kv_layout"]["dtype"]})
@@ -536,6 +543,51 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
     finally:
         shutil.rmtree(ref_dir, ignore_errors=True)
     return result
+
+
+def _sample_ids(tmp: Path, tok_entry: dict, ctx: int):
+    """The quality sample's token ids, int64 ``(n,)``, at most ``ctx`` of them."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from edgellm.export.quality import sample_text
+
+    tok = Tokenizer.from_file(str(tmp / tok_entry["file"]))
+    return np.array(tok.encode(sample_text()).ids[: min(QUALITY_SAMPLE_TOKENS, ctx)], np.int64)
+
+
+def _export_generic_model(tmp: Path, role: str, src, qcfg, ctx: int, quality: str, tok_entry: dict, say,
+                          npu_window: int | None) -> tuple[dict[str, Any], dict | None]:
+    """A model type without a family record, through optimum: its manifest entry and quality report."""
+    from edgellm.export.generic import export_generic, full_logits
+    from edgellm.export.quality import compare_logits, source_logits
+
+    if npu_window:
+        raise ExportError(f"{role}: {src.spec.architecture} goes the generic (optimum) way, which has no npu graph; "
+                          "export it with --target-device cpu")
+    folder = tmp / role
+    folder.mkdir()
+    entry, fp32 = export_generic(src, folder, qcfg.quant, qcfg.block_size, ctx, say)
+    entry = {"graph": f"{role}/model.onnx", **entry,
+             "source": {"kind": src.kind, "name": Path(str(src.path)).name, "export_path": "generic"}}
+    try:
+        if quality == "none":
+            return entry, None
+        ids, vocab = _sample_ids(tmp, tok_entry, ctx), tok_entry["vocab_size"]
+        say(f"{role}: scoring the generic graph")
+        got = full_logits(folder / "model.onnx", ids)
+        ref = full_logits(fp32, ids) if fp32 else got
+        result: dict[str, Any] = {"quantization": entry["quantization"], "sample_tokens": int(len(ids)),
+                                  "import": {"lossless": fp32 is None, "note": "generic path (optimum)"}}
+        if fp32:
+            result["quantized_vs_fp32"] = compare_logits(ref, got, vocab)
+        if quality == "full":
+            say(f"{role}: running the source model in transformers")
+            result["fp32_vs_source"] = compare_logits(source_logits(src, ids), ref, vocab)
+        return entry, result
+    finally:
+        if fp32:
+            shutil.rmtree(fp32.parent, ignore_errors=True)
 
 
 def _import_note(src, quantization: dict) -> dict:

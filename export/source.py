@@ -396,15 +396,23 @@ def open_source(model: str | Path) -> Source:
     if p.is_file() and p.suffix.lower() == ".gguf":
         return GGUFSource(p)
     if p.is_dir():
-        return HFSource(p)
+        return _hf_source(p)
     if p.exists():
         raise ExportError(f"{p} is neither a .gguf file nor a Hugging Face model folder")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)) and not str(model).startswith((".", "/")):
-        return HFSource(_download_hub(str(model)))
+        return _hf_source(_download_hub(str(model)))
     raise ExportError(
         f"model {str(model)!r} not found: give a Hugging Face folder, a .gguf file or a hub id "
         "like Qwen/Qwen2.5-Coder-1.5B-Instruct"
     )
+
+
+def _hf_source(folder: Path) -> Source:
+    """A native :class:`HFSource`, or a generic (optimum) one for a model type without a family record."""
+    from edgellm.export.generic import GenericSource, generic_config
+
+    cfg = generic_config(folder)
+    return GenericSource(folder, cfg) if cfg is not None else HFSource(folder)
 
 
 def _download_hub(repo_id: str) -> Path:

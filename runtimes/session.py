@@ -314,3 +314,37 @@ class DecoderSession(CachedSession):
 
     def _cache_buffer(self, index: int) -> np.ndarray:
         return self._cache[index].numpy()
+
+
+class ConcatCacheSession(DecoderSession):
+    """A generic (optimum) graph: past and present keys/values are separate tensors.
+
+    The graph returns ``present = concat(past, new)``; the session keeps the cache in its own
+    buffer ``(1, kv_heads, max_context, head_dim)`` per layer and K/V, hands the first ``length``
+    positions in as the past and copies the new rows back, so rolling back is still setting
+    ``length``. Each call copies the cache (what makes this path slower than a native graph);
+    padding and boundaries are :class:`DecoderSession`'s, so speculative output stays exact.
+    """
+
+    def _bind_cache(self) -> None:
+        lay = self.layout
+        shape = (1, lay.num_kv_heads, lay.max_context, lay.head_dim)
+        self._cache = [np.zeros(shape, np.dtype(lay.dtype)) for _ in range(2 * lay.num_layers)]
+        self._names = [(lay.io[past] % i, lay.io[present] % i) for i in range(lay.num_layers)
+                       for past, present in (("past_key", "present_key"), ("past_value", "present_value"))]
+
+    def _run(self, token_ids: np.ndarray, num_logits: int) -> np.ndarray:
+        start, s = self.length, len(token_ids)
+        io = self.layout.io
+        feed = {io["input_ids"]: token_ids.reshape(1, s), io["attention_mask"]: np.ones((1, start + s), np.int64)}
+        if io.get("position_ids"):
+            feed[io["position_ids"]] = np.arange(start, start + s, dtype=np.int64)[None]
+        for (past, _), buf in zip(self._names, self._cache):
+            feed[past] = buf[:, :, :start]
+        out = self.session.run([io["logits"]] + [present for _, present in self._names], feed)
+        for buf, present in zip(self._cache, out[1:]):
+            buf[:, :, start:start + s] = present[:, :, start:]
+        return out[0][0, s - num_logits:]
+
+    def _cache_buffer(self, index: int) -> np.ndarray:
+        return self._cache[index]
