@@ -47,7 +47,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 # ---------------------------------------------------------------------------------- export
-@cli.command()
+def _export_help() -> str:
+    from edgellm.export.families import FAMILIES, GGUF_FAMILIES
+
+    return ("Export TARGET (and --draft) into a quantized ONNX bundle.\n\n"
+            f"Native graphs (fused attention, GGUF blocks kept) for model types: {', '.join(FAMILIES)}; "
+            f"from GGUF files of: {', '.join(GGUF_FAMILIES)}. Other decoders that optimum exports (gpt2, "
+            "stablelm, phi, falcon, qwen3_moe, ...) go the generic way: int4/int8/fp32, slower at run time.")
+
+
+@cli.command(help=_export_help())
 @click.argument("target")
 @click.option("--draft", default=None, help="Draft model: HF folder, .gguf file or hub id (same tokenizer).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
@@ -89,7 +98,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
               help="Also write .ort graphs and required_operators.config (apps with a minimal onnxruntime).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def export(target: str, draft: str | None, output: Path, as_json: bool, **opts: Any) -> None:
-    """Export TARGET (and --draft) into a quantized ONNX bundle."""
     try:
         from edgellm.export import export as do_export
     except ImportError as e:
@@ -126,7 +134,8 @@ def _print_summary(s: dict[str, Any]) -> None:
         q = m["quantization"]
         click.echo(f"  {role}: {m['architecture']} {m['num_layers']} layers, vocab {m['vocab_size']}, "
                    f"max_context {m['max_context']}, {m['device']}, {q.get('quant', '?')}"
-                   + (f" (block {q['block_size']})" if q.get("block_size") else "") + f", {m['size_mb']:.0f} MB")
+                   + (f" (block {q['block_size']})" if q.get("block_size") else "") + f", {m['size_mb']:.0f} MB"
+                   + (", generic graph (optimum)" if q.get("export_path") == "generic" else ""))
         click.echo(f"    graphs: {', '.join(m['graphs'])}")
         if m.get("draft_vocab"):
             click.echo(f"    LM head: the {m['draft_vocab']['size']} most frequent tokens ({m['draft_vocab']['corpus']})")

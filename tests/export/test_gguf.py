@@ -110,3 +110,18 @@ def test_gguf_quant_needs_a_gguf_source(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="quant='gguf'"):
         export(tiny_model_dir, output=tmp_path / "b", quant="gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_gguf_qwen3_passes_the_full_quality_check(tmp_path):
+    """A Qwen3 GGUF (per-head q/k norms): the fp32 graph equals transformers' run of the GGUF,
+    checked by the exporter itself (quality='full' fails an export that differs)."""
+    import edgellm
+    from edgellm.export import export
+
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(_train_tokenizer().to_str())
+    path = write_tiny_gguf(tmp_path / "q3.gguf", tok, arch="qwen3")
+    out = export(path, output=tmp_path / "b", quant="fp32", max_context=64, quality="full")
+    src = json.loads((out / "quality.json").read_text())["models"]["target"]["fp32_vs_source"]
+    assert src["top1_agreement"] == 1.0 and src["max_abs_diff"] < 1e-3
+    assert edgellm.load(out).manifest.target.architecture == "qwen3"

@@ -38,10 +38,13 @@ def _blocks(rng: np.random.Generator, type_name: str, shape: tuple[int, int]) ->
 
 
 def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str = "qwen2") -> Path:
-    """Write a 2-layer Qwen2 (or Llama) GGUF, vocab of the given tokenizer, quantized linear weights."""
+    """Write a 2-layer Qwen2 (or Llama, or Qwen3 with q/k norms) GGUF, vocab of the given tokenizer,
+    quantized linear weights."""
     import gguf
 
     rng = np.random.default_rng(seed)
+    # transformers reads a Qwen3 GGUF with head_dim 128 whatever the file says: 2 heads of 128 here
+    heads, kv_heads = (2, 1) if arch == "qwen3" else (HEADS, KV_HEADS)
     tok = json.loads(Path(tokenizer_json).read_text())
     vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
@@ -53,9 +56,10 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str =
     w.add_context_length(512)
     w.add_embedding_length(HIDDEN)
     w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(1e-6)
+
     w.add_rope_freq_base(10000.0)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
@@ -71,7 +75,7 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str =
     f32 = lambda *s: rng.normal(0, 0.05, s).astype(np.float32)  # noqa: E731
     # fp16-representable, so the bundle's fp16 embedding table holds it exactly
     w.add_tensor("token_embd.weight", (f32(len(tokens), HIDDEN) * 10).astype(np.float16).astype(np.float32))
-    kv = HIDDEN // HEADS * KV_HEADS
+    kv = HIDDEN // heads * kv_heads
     dims = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (kv, HIDDEN), "attn_v": (kv, HIDDEN),
             "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN),
             "ffn_down": (HIDDEN, INTER)}
@@ -83,6 +87,8 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str =
             w.add_tensor(f"blk.{i}.{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType[t])
         for name in ("attn_q", "attn_k", "attn_v") if arch == "qwen2" else ():
             w.add_tensor(f"blk.{i}.{name}.bias", f32(dims[name][0]))
+        for name in ("attn_q_norm", "attn_k_norm") if arch == "qwen3" else ():
+            w.add_tensor(f"blk.{i}.{name}.weight", 1 + 5 * f32(HIDDEN // heads))
     w.add_tensor("output_norm.weight", 1 + f32(HIDDEN))
     raw = _blocks(rng, "Q6_K", (len(tokens), HIDDEN))
     w.add_tensor("output.weight", raw, raw_dtype=gguf.GGMLQuantizationType.Q6_K)
