@@ -296,6 +296,9 @@ class GGUFSource(Source):
                 f"{path}: GGUF architecture {arch!r} is not supported; allowed: {', '.join(GGUF_FAMILIES)}"
             )
         self.family = FAMILIES[GGUF_FAMILIES[arch]]
+        if any(t.name == "rope_freqs.weight" for t in self.reader.tensors):
+            raise ExportError(f"{path}: per-frequency rope factors (rope_freqs, llama.cpp's form of Llama 3.1+ "
+                              "rope scaling) are not read from GGUF; export the model's Hugging Face folder instead")
         self._tensors = {}
         for t in self.reader.tensors:
             hf = _hf_name(t.name, self.family)

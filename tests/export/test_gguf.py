@@ -125,3 +125,15 @@ def test_gguf_qwen3_passes_the_full_quality_check(tmp_path):
     src = json.loads((out / "quality.json").read_text())["models"]["target"]["fp32_vs_source"]
     assert src["top1_agreement"] == 1.0 and src["max_abs_diff"] < 1e-3
     assert edgellm.load(out).manifest.target.architecture == "qwen3"
+
+
+def test_gguf_rope_factors_are_refused(tmp_path):
+    from edgellm.errors import ExportError
+    from edgellm.export import export
+
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(_train_tokenizer().to_str())
+    path = write_tiny_gguf(tmp_path / "l31.gguf", tok, arch="llama", rope_freqs=True)
+    with pytest.raises(ExportError, match="rope_freqs"):
+        export(path, output=tmp_path / "b", max_context=64)
+    assert not (tmp_path / "b").exists()
