@@ -567,7 +567,7 @@ def _export_generic_model(tmp: Path, role: str, src, qcfg, ctx: int, quality: st
                           "export it with --target-device cpu")
     folder = tmp / role
     folder.mkdir()
-    entry, fp32 = export_generic(src, folder, qcfg.quant, qcfg.block_size, ctx, say)
+    entry, fp32 = export_generic(src, folder, qcfg.quant, qcfg.block_size, ctx, say, qcfg.lm_head_quant)
     entry = {"graph": f"{role}/model.onnx", **entry,
              "source": {"kind": src.kind, "name": Path(str(src.path)).name, "export_path": "generic"}}
     try:

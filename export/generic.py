@@ -75,7 +75,7 @@ def _optimum_exports(model_type: str | None) -> bool:
 
 
 def export_generic(src: GenericSource, folder: Path, quant: str, block_size: int, max_context: int,
-                   say: Callable[[str], None]) -> tuple[dict[str, Any], Path | None]:
+                   say: Callable[[str], None], lm_head_quant: str | None = None) -> tuple[dict[str, Any], Path | None]:
     """Write ``folder/model.onnx`` (+ ``.data``) for ``src``; return its manifest fields and, when the
     graph is quantized, the path of the fp32 graph it came from (for the quality report; the caller
     deletes it).
@@ -87,9 +87,11 @@ def export_generic(src: GenericSource, folder: Path, quant: str, block_size: int
     import onnx
     from optimum.exporters.onnx import main_export
 
-    if quant not in GENERIC_QUANTS:
-        raise ConfigError(f"quant={quant!r} for {src.spec.architecture}, which goes the generic (optimum) way; "
-                          f"allowed there: {', '.join(GENERIC_QUANTS)}")
+    lm_head_quant = lm_head_quant or quant
+    for name, value in (("quant", quant), ("lm_head_quant", lm_head_quant)):
+        if value not in GENERIC_QUANTS:
+            raise ConfigError(f"{name}={value!r} for {src.spec.architecture}, which goes the generic (optimum) way; "
+                              f"allowed there: {', '.join(GENERIC_QUANTS)}")
     say(f"{src.spec.architecture} has no native graph: exporting it with optimum (slower at run time than the "
         "native families: no fused attention, the cache is copied into every call)")
     traced = folder.parent / f"_optimum_{folder.name}"
@@ -100,20 +102,34 @@ def export_generic(src: GenericSource, folder: Path, quant: str, block_size: int
         shutil.rmtree(traced, ignore_errors=True)
         raise ExportError(f"optimum could not export {src.path} ({type(e).__name__}: {str(e)[:300]})") from e
     model = onnx.load(str(traced / "model.onnx"))
-    if quant != "fp32":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        say(f"quantizing its MatMul weights to {quant} (block {block_size})")
-        q = MatMulNBitsQuantizer(model, bits=4 if quant == "int4" else 8, block_size=block_size, is_symmetric=False,
-                                 accuracy_level=4)
-        q.process()
-        model = q.model.model
+    head = [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and ("logits" in n.output or n.name.startswith("/lm_head/"))]
+    if not head and lm_head_quant != quant:
+        raise ExportError(f"{src.path}: the exported graph has no recognizable LM head MatMul for "
+                          f"lm_head_quant={lm_head_quant!r}; export with lm_head_quant equal to quant")
+    for bits, which in ((lm_head_quant, {"nodes_to_include": head}), (quant, {"nodes_to_exclude": head})):
+        if bits != "fp32" and (head or "nodes_to_exclude" in which):
+            model = _quantize(model, bits, block_size, which, say)
     onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
-    fp32 = traced / "model.onnx" if quant != "fp32" else None
+    fp32 = traced / "model.onnx" if (quant, lm_head_quant) != ("fp32", "fp32") else None
     if fp32 is None:
         shutil.rmtree(traced, ignore_errors=True)
-    return _entry(src, model, quant, block_size, max_context), fp32
+    entry = _entry(src, model, quant, block_size, max_context)
+    entry["quantization"]["lm_head_quant"] = lm_head_quant
+    return entry, fp32
+
+
+def _quantize(model, quant: str, block_size: int, which: dict[str, list[str]], say: Callable[[str], None]):
+    """``model`` with the MatMul weights ``which`` selects as ``quant`` MatMulNBits (accuracy level 4)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    part = "the LM head" if "nodes_to_include" in which else "the other MatMul weights"
+    say(f"quantizing {part} to {quant} (block {block_size})")
+    q = MatMulNBitsQuantizer(model, bits=4 if quant == "int4" else 8, block_size=block_size, is_symmetric=False,
+                             accuracy_level=4, **which)
+    q.process()
+    return q.model.model
 
 
 def _entry(src: GenericSource, model, quant: str, block_size: int, max_context: int) -> dict[str, Any]:

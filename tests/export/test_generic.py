@@ -87,6 +87,13 @@ def test_int4_generic_graph_is_exact_under_speculation(generic, tmp_path):
                     draft_block_size=32, max_context=128, quality="quant")
     q = json.loads((bundle / "quality.json").read_text())["models"]["target"]["quantized_vs_fp32"]
     assert q["positions"] > 50 and q["mean_kl"] >= 0
+    import onnx
+
+    assert read_manifest(bundle).target.quantization["lm_head_quant"] == "int8"  # as native int4 bundles
+    nodes = onnx.load(str(bundle / "target" / "model.onnx"), load_external_data=False).graph.node
+    bits = {next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"}
+    head = next(n for n in nodes if "logits" in n.output)
+    assert bits == {4, 8} and head.op_type == "MatMulNBits"
     llm = edgellm.load(bundle, threads=1)
     for prompt in PROMPTS:
         ref = _tokens(llm, prompt, "target")
