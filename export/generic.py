@@ -107,27 +107,33 @@ def export_generic(src: GenericSource, folder: Path, quant: str, block_size: int
     if not head and lm_head_quant != quant:
         raise ExportError(f"{src.path}: the exported graph has no recognizable LM head MatMul for "
                           f"lm_head_quant={lm_head_quant!r}; export with lm_head_quant equal to quant")
-    for bits, which in ((lm_head_quant, {"nodes_to_include": head}), (quant, {"nodes_to_exclude": head})):
-        if bits != "fp32" and (head or "nodes_to_exclude" in which):
-            model = _quantize(model, bits, block_size, which, say)
+    # the body first, without the head; then whatever MatMul is left, the head (nodes_to_include
+    # does not restrict onnxruntime's quantizer to those nodes)
+    if quant != "fp32":
+        model = _quantize(model, quant, block_size, head, say)
+    if lm_head_quant != "fp32" and head:
+        model = _quantize(model, lm_head_quant, block_size, [], say)
     onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="model.onnx.data", size_threshold=1024)
     fp32 = traced / "model.onnx" if (quant, lm_head_quant) != ("fp32", "fp32") else None
     if fp32 is None:
         shutil.rmtree(traced, ignore_errors=True)
     entry = _entry(src, model, quant, block_size, max_context)
-    entry["quantization"]["lm_head_quant"] = lm_head_quant
+    weights = {t.name for t in model.graph.initializer}
+    left = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    if left and quant != "fp32":  # onnxruntime's quantizer takes MatMul, not Gemm (GPT-2's Conv1D layers)
+        say(f"{len(left)} weight matmuls stay fp32 (the quantizer does not take their form, e.g. Gemm)")
+    entry["quantization"] |= {"lm_head_quant": lm_head_quant, "float_matmuls": len(left)}
     return entry, fp32
 
 
-def _quantize(model, quant: str, block_size: int, which: dict[str, list[str]], say: Callable[[str], None]):
-    """``model`` with the MatMul weights ``which`` selects as ``quant`` MatMulNBits (accuracy level 4)."""
+def _quantize(model, quant: str, block_size: int, exclude: list[str], say: Callable[[str], None]):
+    """``model`` with its float MatMul weights but ``exclude`` as ``quant`` MatMulNBits (accuracy level 4)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    part = "the LM head" if "nodes_to_include" in which else "the other MatMul weights"
-    say(f"quantizing {part} to {quant} (block {block_size})")
+    say(f"quantizing {'the MatMul weights' if exclude else 'the rest'} to {quant} (block {block_size})")
     q = MatMulNBitsQuantizer(model, bits=4 if quant == "int4" else 8, block_size=block_size, is_symmetric=False,
-                             accuracy_level=4, **which)
+                             accuracy_level=4, nodes_to_exclude=exclude)
     q.process()
     return q.model.model
 

@@ -93,7 +93,9 @@ def test_int4_generic_graph_is_exact_under_speculation(generic, tmp_path):
     nodes = onnx.load(str(bundle / "target" / "model.onnx"), load_external_data=False).graph.node
     bits = {next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"}
     head = next(n for n in nodes if "logits" in n.output)
-    assert bits == {4, 8} and head.op_type == "MatMulNBits"
+    assert head.op_type == "MatMulNBits" and bits == ({8} if name == "gpt2" else {4, 8})
+    # GPT-2's Conv1D layers export as Gemm, which the quantizer leaves fp32: the manifest says so
+    assert (read_manifest(bundle).target.quantization["float_matmuls"] > 0) == (name == "gpt2")
     llm = edgellm.load(bundle, threads=1)
     for prompt in PROMPTS:
         ref = _tokens(llm, prompt, "target")
