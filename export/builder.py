@@ -392,7 +392,7 @@ class DecoderBuilder:
             per_head = f.family.qk_norm == "head"
             q = self._qk_norm(g, q, n["q_norm"], s.num_heads if per_head else 1, f"l{i}.q_norm")
             k = self._qk_norm(g, k, n["k_norm"], s.num_kv_heads if per_head else 1, f"l{i}.k_norm")
-        window = f.windows[i] if f.windows else -1
+        window = f.windows[i]
         rope = f.local_rope if window > 0 and f.local_rope is not None else f.rope
         cos, sin = ropes[rope]
         attn = g.name("gqa")
@@ -402,7 +402,7 @@ class DecoderBuilder:
             [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
              "total_sequence_length", cos, sin],
             [attn, f"present.{i}.key", f"present.{i}.value"],
-            num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=int(f.rotary[i]) if f.rotary else 1,
+            num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=int(f.rotary[i]),
             rotary_interleaved=0, scale=float(f.attention_scale), local_window_size=int(window), **extra,
         ))
         return attn

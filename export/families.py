@@ -213,10 +213,10 @@ class Features:
     family: Family
     activation: str
     rope: Rope
-    local_rope: Rope | None = None
-    windows: tuple[int, ...] = ()
-    rotary: tuple[bool, ...] = ()
-    attention_scale: float = 1.0
+    local_rope: Rope | None
+    windows: tuple[int, ...]
+    rotary: tuple[bool, ...]
+    attention_scale: float
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
     embedding_multiplier: float = 1.0

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import ConfigError, ExportError
-from edgellm.export.families import FAMILIES, GGUF_FAMILIES, Family, Features, Rope, read_features
+from edgellm.export.families import FAMILIES, GGUF_FAMILIES, Family, Features, read_features
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,7 @@ class DecoderSpec:
         attention_bias: whether q/k/v projections have a bias (Qwen2 does).
         tie_word_embeddings: lm_head shares the embedding matrix.
         source_context_length: context length the source model was trained for.
-        features: what the family changes in the Llama block (:class:`~edgellm.export.families.Features`);
-            ``None`` means plain Llama with default rope.
+        features: what the family changes in the Llama block (:class:`~edgellm.export.families.Features`).
     """
 
     architecture: str
@@ -65,7 +64,7 @@ class DecoderSpec:
     attention_bias: bool
     tie_word_embeddings: bool
     source_context_length: int
-    features: Features | None = None
+    features: Features
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -79,12 +78,6 @@ class DecoderSpec:
             )
         if self.head_dim % 16:
             raise ConfigError(f"head_dim={self.head_dim}: onnxruntime's GroupQueryAttention needs a multiple of 16")
-        if self.features is None:
-            rope = Rope(self.rope_theta, self.head_dim, (), self.source_context_length)
-            object.__setattr__(self, "features", Features(FAMILIES[self.architecture], "silu", rope,
-                                                          windows=(-1,) * self.num_layers,
-                                                          rotary=(True,) * self.num_layers,
-                                                          attention_scale=self.head_dim ** -0.5))
 
 
 def layer_names(i: int) -> dict[str, str]:

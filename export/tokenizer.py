@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.errors import ExportError, IncompatibleModelsError
-from edgellm.export.source import GGUFSource, HFSource, Source
+from edgellm.export.source import GGUFSource, Source
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _eos_ids(src: Source, tok: Any) -> list[int]:
             i = tok.backend_tokenizer.token_to_id(text)
             if i is not None and i not in ids:
                 ids.append(i)
-    elif isinstance(src, HFSource):
+    else:  # a Hugging Face folder, native or generic
         gen = src.path / "generation_config.json"
         if gen.is_file():
             e = json.loads(gen.read_text()).get("eos_token_id")

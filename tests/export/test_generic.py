@@ -54,6 +54,7 @@ def test_manifest_says_which_path(generic):
     m = read_manifest(bundle)
     assert m.target.architecture == name and m.target.kv_layout["kind"] == "concat"
     assert m.target.quantization["export_path"] == "generic" and m.draft.quantization["quant"] == "int4"
+    assert m.tokenizer["eos_token_ids"] == [2]  # from the folder's generation config, as for native folders
     report = json.loads((bundle / "quality.json").read_text())["models"]
     assert report["target"]["fp32_vs_source"]["max_abs_diff"] < 1e-4
 
