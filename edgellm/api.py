@@ -225,7 +225,7 @@ GRAPH_FORMATS = ("onnx", "ort")
 def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threads: int | None, min_rows: int = 1):
     """The session for one model: dynamic graphs (cpu export), static window graphs (npu export) or
     generic graphs (optimum export, separate past and present)."""
-    from edgellm.runtimes.session import ConcatCacheSession, DecoderSession
+    from edgellm.runtimes.session import ConcatCacheSession, DecoderSession, matmul_row_multiple
     from edgellm.runtimes.static_session import StaticDecoderSession
 
     path = bundle / _graph(entry, graph_format)
@@ -235,7 +235,10 @@ def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threa
         return StaticDecoderSession.from_entry(path, entry.to_dict(), provider, threads,
                                                step_path=bundle / step if step else None)
     cls = ConcatCacheSession if kv["kind"] == "concat" else DecoderSession
-    return cls(path, _layout(entry), provider, threads, min_rows=min_rows, logits_tokens=_logits_tokens(bundle, entry))
+    session = cls(path, _layout(entry), provider, threads, min_rows=min_rows, logits_tokens=_logits_tokens(bundle, entry))
+    if min_rows > 1:  # the target: every row computed alike in any pass (see DecoderSession)
+        session.row_multiple = matmul_row_multiple(entry.quantization)
+    return session
 
 
 def _logits_tokens(bundle: Path, entry: ModelEntry):

@@ -180,6 +180,18 @@ def attention_boundaries(head_dim: int, provider: ProviderChoice | None = None) 
     return tuple(sorted(bounds))
 
 
+def matmul_row_multiple(quantization: dict) -> int:
+    """Rows a target pass is padded to a multiple of, for its ``MatMulNBits`` kernels' sake.
+
+    onnxruntime's int8-activation kernel (accuracy level 4) computes rows in pairs when blocks hold
+    64 or more weights, and the odd row of a pass with another kernel, whose last bits differ (at
+    block 32 every row count agrees; tested in ``tests/export/test_families.py``). With an even
+    number of rows in every pass, each row gets the pair kernel whatever pass it is in.
+    """
+    block = quantization.get("block_size") or 0
+    return 2 if block >= 64 and quantization.get("accuracy_level", 4) == 4 else 1
+
+
 class CachedSession:
     """What every session shares: a cache of ``length`` positions, rolled back by moving ``length``."""
 
@@ -223,7 +235,8 @@ class DecoderSession(CachedSession):
     every position the same way, so greedy speculative output equals target-mode output even
     where two tokens nearly tie. It costs 6-10 % of a one-token step, which is why the decoding
     loop fills that row with a lookup proposal when it has one (``speculative._plan_round``).
-    Heads wider than 128 add one rule (:func:`attention_boundaries`): a pass never holds rows on
+    ``row_multiple`` (:func:`matmul_row_multiple`) pads every pass to an even number of rows
+    where the weights' kernels compute rows in pairs. Heads wider than 128 add one rule (:func:`attention_boundaries`): a pass never holds rows on
     both sides of a boundary; it is split there, and a lone row just below one is padded with the
     row before it instead of a copy after it.
     """
@@ -234,6 +247,7 @@ class DecoderSession(CachedSession):
         import onnxruntime as ort
 
         self.layout, self.min_rows, self.logits_tokens = layout, min_rows, logits_tokens
+        self.row_multiple = 1  # see matmul_row_multiple
         self.session, self.load_seconds = open_session(model_path, provider, threads, profile_prefix)
         check_graph(self.session, layout, layout.max_context, model_path,
                     logits_width=None if logits_tokens is None else len(logits_tokens))
@@ -288,7 +302,9 @@ class DecoderSession(CachedSession):
             rest = self._forward(ids[k:], min(num_logits, s - k))
             return np.concatenate([first[len(first) - max(0, num_logits - (s - k)):], rest])
         self._ids[self.length:total] = ids
-        pad = self.min_rows - s if total + self.min_rows - s <= self.layout.max_context else 0
+        rows = max(s, self.min_rows)
+        rows += -rows % self.row_multiple
+        pad = rows - s if total + rows - s <= self.layout.max_context else 0
         if pad > 0 and total in self.boundaries and self.length >= pad:
             # a copy after the last row would cross the boundary: run the rows before it again
             # instead (same tokens at the same positions: their cache entries come out the same)

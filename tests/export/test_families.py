@@ -217,3 +217,24 @@ def test_a_draft_of_another_family_with_the_same_tokenizer(tmp_path):
     assert (m.target.architecture, m.draft.architecture) == ("gemma3_text", "qwen3")
     llm = edgellm.load(bundle, threads=1)
     assert _tokens(llm, PROMPTS[0], "speculative") == _tokens(llm, PROMPTS[0], "target")
+
+
+def test_blocks_of_64_keep_rows_in_pairs(tmp_path):
+    """int4 blocks of 64+ weights: onnxruntime computes rows in pairs and an odd last row with
+    another kernel, so the target pads every pass to an even row count and a row decoded alone
+    equals the same row verified among others, bit for bit (fails without the padding)."""
+    from edgellm.api import _session
+    from edgellm.runtimes.providers import resolve_provider
+
+    folder = make_family_model(tmp_path / "m", "qwen3")
+    bundle = export(folder, output=tmp_path / "b", quant="int4", block_size=64, max_context=128, quality="none")
+    m = read_manifest(bundle)
+    sess = _session(bundle, m.target, "onnx", resolve_provider("cpu"), 1, min_rows=2)
+    assert sess.row_multiple == 2
+    ids = np.random.default_rng(1).integers(3, 300, 60)
+    sess.forward(ids[:30], 1)
+    alone = np.stack([sess.forward(ids[i:i + 1], 1)[0] for i in range(30, 51)])
+    for k in (3, 5, 7):
+        sess.rollback(30)
+        batched = np.concatenate([sess.forward(ids[j:min(j + k, 51)], min(k, 51 - j)) for j in range(30, 51, k)])
+        assert (batched == alone).all(), k
