@@ -196,11 +196,11 @@ def summarize(runs: list[dict[str, Any]], workers: list[Worker]) -> dict[str, An
 
 def best_modes(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per category, each engine's fastest mode among those whose every output equals its own target's
-    (a peer mode that changes the output does not count as its best), and every edgellm engine's best
-    over each peer's best."""
+    (a mode that changes the output does not count as anyone's best, edgellm's included), and every
+    edgellm engine's best over each peer's best."""
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for r in table:
-        if r["equals_own_target"] < 1.0 and not r["engine"].startswith("edgellm"):
+        if r["equals_own_target"] < 1.0:
             continue
         key = (r["category"], r["engine"])
         if key not in best or r["decode_tps"] > best[key]["decode_tps"]:
