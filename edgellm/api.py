@@ -235,10 +235,9 @@ def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threa
         return StaticDecoderSession.from_entry(path, entry.to_dict(), provider, threads,
                                                step_path=bundle / step if step else None)
     cls = ConcatCacheSession if kv["kind"] == "concat" else DecoderSession
-    session = cls(path, _layout(entry), provider, threads, min_rows=min_rows, logits_tokens=_logits_tokens(bundle, entry))
-    if min_rows > 1:  # the target: every row computed alike in any pass (see DecoderSession)
-        session.row_multiple = matmul_row_multiple(entry.quantization)
-    return session
+    # the target (min_rows > 1) computes every row alike in any pass (see DecoderSession)
+    return cls(path, _layout(entry), provider, threads, min_rows=min_rows, logits_tokens=_logits_tokens(bundle, entry),
+               row_multiple=matmul_row_multiple(entry.quantization) if min_rows > 1 else 1)
 
 
 def _logits_tokens(bundle: Path, entry: ModelEntry):

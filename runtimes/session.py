@@ -171,7 +171,7 @@ def attention_boundaries(head_dim: int, provider: ProviderChoice | None = None) 
         head_dim: width of one attention head.
         provider: the session's provider; other providers have other kernels (none returned).
     """
-    if provider is not None and provider.name not in ("cpu",):
+    if provider is not None and provider.name != "cpu":
         return ()
     bounds, stride_n, stride_k = [], 128, 128
     while stride_k < head_dim and stride_n > 16:
@@ -236,18 +236,19 @@ class DecoderSession(CachedSession):
     where two tokens nearly tie. It costs 6-10 % of a one-token step, which is why the decoding
     loop fills that row with a lookup proposal when it has one (``speculative._plan_round``).
     ``row_multiple`` (:func:`matmul_row_multiple`) pads every pass to an even number of rows
-    where the weights' kernels compute rows in pairs. Heads wider than 128 add one rule (:func:`attention_boundaries`): a pass never holds rows on
-    both sides of a boundary; it is split there, and a lone row just below one is padded with the
-    row before it instead of a copy after it.
+    where the weights' kernels compute rows in pairs. Heads wider than 128 add one rule
+    (:func:`attention_boundaries`): a pass never holds rows on both sides of a boundary; it is
+    split there, and a lone row just below one is padded with the row before it instead of a copy
+    after it.
     """
 
     def __init__(self, model_path: Path, layout: KVLayout, provider: ProviderChoice,
                  threads: int | None = None, min_rows: int = 1, profile_prefix: str | None = None,
-                 logits_tokens: np.ndarray | None = None) -> None:
+                 logits_tokens: np.ndarray | None = None, row_multiple: int = 1) -> None:
         import onnxruntime as ort
 
         self.layout, self.min_rows, self.logits_tokens = layout, min_rows, logits_tokens
-        self.row_multiple = 1  # see matmul_row_multiple
+        self.row_multiple = row_multiple  # see matmul_row_multiple
         self.session, self.load_seconds = open_session(model_path, provider, threads, profile_prefix)
         check_graph(self.session, layout, layout.max_context, model_path,
                     logits_width=None if logits_tokens is None else len(logits_tokens))
@@ -308,7 +309,7 @@ class DecoderSession(CachedSession):
         if pad > 0 and total in self.boundaries and self.length >= pad:
             # a copy after the last row would cross the boundary: run the rows before it again
             # instead (same tokens at the same positions: their cache entries come out the same)
-            start, self.length = self.length, self.length - pad
+            self.length -= pad
             logits = self._run(self._ids[self.length:total], num_logits)
         elif pad > 0:  # see the class docstring: the copies' logits and cache entries are dropped
             logits = self._run(np.concatenate([ids, np.repeat(ids[-1:], pad)]), num_logits + pad)[:num_logits]
