@@ -217,6 +217,11 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
     _typed(d["architecture"], str, f"models.{role}.architecture", "a string")
     for k in ("quantization", "source"):
         _typed(d.get(k, {}), dict, f"models.{role}.{k}", "an object")
+    q = d["quantization"]
+    if q.get("block_size") is not None:  # the runtime pads passes by it (matmul_row_multiple)
+        _positive_int(q["block_size"], f"models.{role}.quantization.block_size", 1 << 16)
+    if q.get("accuracy_level") is not None and (not _is_int(q["accuracy_level"]) or not 0 <= q["accuracy_level"] <= 4):
+        raise ManifestError(f"models.{role}.quantization.accuracy_level={q['accuracy_level']!r}; expected 0-4")
     kind = d["kv_layout"].get("kind") if isinstance(d["kv_layout"], dict) else None
     if not isinstance(kind, str) or kind not in _KV_KINDS:
         raise ManifestError(f"models.{role}.kv_layout.kind={kind!r}; this runtime reads {', '.join(_KV_KINDS)}")
