@@ -84,7 +84,8 @@ class QuantConfig:
     def to_dict(self) -> dict:
         return {
             "quant": self.quant,
-            "block_size": self.block_size if self.quant in ("int4", "int8", "gguf") else None,
+            # any MatMulNBits weight, the LM head's included, has this block (the runtime pads passes by it)
+            "block_size": self.block_size if {self.quant, self.lm_head_quant} & {"int4", "int8", "gguf"} else None,
             "symmetric": self.symmetric,
             "accuracy_level": self.accuracy_level,
             "lm_head_quant": self.lm_head_quant or self.quant,

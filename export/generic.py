@@ -118,7 +118,7 @@ def export_generic(src: GenericSource, folder: Path, quant: str, block_size: int
     fp32 = traced / "model.onnx" if (quant, lm_head_quant) != ("fp32", "fp32") else None
     if fp32 is None:
         shutil.rmtree(traced, ignore_errors=True)
-    entry = _entry(src, model, quant, block_size, max_context)
+    entry = _entry(src, model, quant, block_size if (quant, lm_head_quant) != ("fp32", "fp32") else None, max_context)
     weights = {t.name for t in model.graph.initializer}
     left = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
     if left and quant != "fp32":  # onnxruntime's quantizer takes MatMul, not Gemm (GPT-2's Conv1D layers)
@@ -138,8 +138,9 @@ def _quantize(model, quant: str, block_size: int, exclude: list[str], say: Calla
     return q.model.model
 
 
-def _entry(src: GenericSource, model, quant: str, block_size: int, max_context: int) -> dict[str, Any]:
-    """The manifest fields of a generic graph, read off its inputs."""
+def _entry(src: GenericSource, model, quant: str, block_size: int | None, max_context: int) -> dict[str, Any]:
+    """The manifest fields of a generic graph, read off its inputs (``block_size``: of its
+    MatMulNBits weights, ``None`` when it has none)."""
     inputs = {i.name: i for i in model.graph.input}
     dims = lambda name: [d.dim_value or d.dim_param for d in inputs[name].type.tensor_type.shape.dim]  # noqa: E731
     layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
@@ -159,8 +160,8 @@ def _entry(src: GenericSource, model, quant: str, block_size: int, max_context: 
         "kv_layout": {"kind": "concat", "dims": ["batch", "num_kv_heads", "past_sequence", "head_dim"],
                       "dtype": "float32"},
         "io": io,
-        "quantization": {"quant": quant, "block_size": block_size if quant != "fp32" else None,
-                         "accuracy_level": 4 if quant != "fp32" else None, "export_path": "generic"},
+        "quantization": {"quant": quant, "block_size": block_size,
+                         "accuracy_level": 4 if block_size else None, "export_path": "generic"},
     }
 
 

@@ -231,6 +231,11 @@ def test_blocks_of_64_keep_rows_in_pairs(tmp_path):
     m = read_manifest(bundle)
     sess = _session(bundle, m.target, "onnx", resolve_provider("cpu"), 1, min_rows=2)
     assert sess.row_multiple == 2
+    from edgellm.export.builder import QuantConfig
+    from edgellm.runtimes.session import matmul_row_multiple
+
+    # an fp16 body with an int4 head still has blocks of 64 to pad for
+    assert matmul_row_multiple(QuantConfig("fp16", 64, lm_head_quant="int4").to_dict()) == 2
     ids = np.random.default_rng(1).integers(3, 300, 60)
     sess.forward(ids[:30], 1)
     alone = np.stack([sess.forward(ids[i:i + 1], 1)[0] for i in range(30, 51)])
