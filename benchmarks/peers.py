@@ -61,7 +61,8 @@ def edgellm_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable]:
 
     def run(ids: list[int], mode: str, max_new: int) -> dict[str, Any]:
         name, _, k = mode.partition("@")  # "speculative@3": a fixed number of draft tokens
-        cfg = llm.decode_config(mode=name, max_new_tokens=max_new, num_draft_tokens=int(k) if k else None)
+        cfg = llm.decode_config(mode=name, max_new_tokens=max_new, num_draft_tokens=int(k) if k else None,
+                                cache_prompt=False)  # a cold prompt each time, as the peers' runs
         stats = DecodeStats()
         t0 = time.perf_counter()
         out = timed(stamp(r.tokens for r in llm.generate_tokens(ids, cfg, stats)), t0, max_new)

@@ -9,13 +9,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
+
 from edgellm.errors import BundleError, ConfigError
+from edgellm.lookup import SharedLookup
 from edgellm.manifest import Manifest, ModelEntry, check_bundle, read_manifest
+from edgellm.prompt_cache import Entry, PromptCache, common_prefix
 from edgellm.sampling import SamplingConfig
 from edgellm.speculative import DecodeConfig, DecodeStats, Round, decode
 from edgellm.tokenizer import StreamDecoder, TextTokenizer
 
 logger = logging.getLogger(__name__)
+
+#: live cached tokens a new prompt may overwrite before they are stored in the prompt cache
+#: first (fewer: the same conversation going on, whose re-rendered last turn differs a little)
+KEEP_WHEN_LOSING = 32
 
 @dataclass
 class GenerationResult:
@@ -62,10 +70,13 @@ class LLM:
     """A loaded bundle: target (and draft) sessions, tokenizer, defaults."""
 
     def __init__(self, bundle: Path, manifest: Manifest, *, provider: str = "cpu", draft_provider: str | None = None,
-                 threads: int | None = None, fallback: bool = False, graph_format: str = "onnx") -> None:
+                 threads: int | None = None, fallback: bool = False, graph_format: str = "onnx",
+                 prompt_cache_bytes: int = 0, shared_lookup_tokens: int = 0) -> None:
         from edgellm.runtimes.providers import resolve_provider
 
         self.bundle, self.manifest = bundle, manifest
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self.shared_lookup = SharedLookup(shared_lookup_tokens)
         self.tokenizer = TextTokenizer(bundle, manifest)
         threads = threads or os.cpu_count() or 1
         t0 = time.perf_counter()
@@ -96,7 +107,7 @@ class LLM:
 
     def decode_config(self, *, mode: str | None = None, max_new_tokens: int | None = None, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                      num_draft_tokens: int | None = None) -> DecodeConfig:
+                      num_draft_tokens: int | None = None, cache_prompt: bool = True) -> DecodeConfig:
         gen = self.manifest.generation
         mode = mode or ("speculative" if self.draft else "target")
         return DecodeConfig(
@@ -107,6 +118,7 @@ class LLM:
             eos_token_ids=self.tokenizer.eos_token_ids,
             vocab_size=self.tokenizer.vocab_size,
             seed=seed,
+            cache_prompt=cache_prompt,
         )
 
     # ------------------------------------------------------------------ generation
@@ -116,7 +128,48 @@ class LLM:
         if cfg.mode == "speculative" and self.draft is None:
             raise ConfigError("mode='speculative' needs a draft model, and this bundle has none; "
                               "use mode='lookup' (draft-free) or 'target'")
-        return decode(self.target, list(prompt_ids), cfg, draft=self.draft, stats=stats)
+        if cfg.cache_prompt:
+            self._swap_prompt_cache(np.asarray(prompt_ids, np.int64))
+        # a seeded sampled request must not depend on other requests: its samples follow its proposals
+        seeded = not cfg.sampling.greedy and cfg.seed is not None
+        shared = self.shared_lookup if self.shared_lookup.max_tokens and not seeded else None
+        rounds = decode(self.target, list(prompt_ids), cfg, draft=self.draft, stats=stats, shared=shared)
+        return rounds if shared is None else self._remembered(list(prompt_ids), rounds)
+
+    def _remembered(self, prompt_ids: list[int], rounds: Iterator[Round]) -> Iterator[Round]:
+        """``rounds``, adding the prompt and what was generated to :attr:`shared_lookup` at the end."""
+        out: list[int] = []
+        try:
+            for rnd in rounds:
+                out.extend(rnd.tokens)
+                yield rnd
+        finally:  # also when the consumer stops early (a stop string, a client gone)
+            self.shared_lookup.add(prompt_ids + out)
+
+    def _swap_prompt_cache(self, prompt: np.ndarray) -> None:
+        """Before a generation: bring in the stored caches that share most with ``prompt`` (int64 ``(n,)``).
+
+        The live caches go into :attr:`prompt_cache` when a stored entry shares more with the
+        prompt than they do, or when the prompt would overwrite more than
+        :data:`KEEP_WHEN_LOSING` of their tokens (another conversation); the next turn of the
+        same conversation just goes on in them, copying nothing.
+        """
+        t = self.target.session
+        if not self.prompt_cache.max_bytes or not t.reuses_prefix:
+            return
+        live = common_prefix(t.cached_ids(), prompt)
+        entry = self.prompt_cache.take_best(prompt, better_than=live)
+        if entry is None and t.length - live <= KEEP_WHEN_LOSING:
+            return
+        d = self.draft.session if self.draft is not None and self.draft.session.reuses_prefix else None
+        if t.length:
+            self.prompt_cache.store(Entry(t.snapshot(), d.snapshot() if d is not None else None))
+        if entry is not None:
+            t.restore(entry.target)
+            if d is not None and entry.draft is not None:
+                d.restore(entry.draft)
+            elif self.draft is not None:
+                self.draft.rollback(0)
 
     def stream_events(self, prompt: str | list[dict[str, str]], *, stop: Sequence[str] | str | None = None,
                       **kwargs: Any) -> Iterator[StreamEvent]:
@@ -174,7 +227,8 @@ class LLM:
         Args:
             prompt: text, or ``[{"role": "user", "content": "..."}]`` (rendered with the chat template).
             **kwargs: ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``,
-                ``mode`` (``speculative`` | ``target`` | ``lookup``), ``num_draft_tokens``.
+                ``mode`` (``speculative`` | ``target`` | ``lookup``), ``num_draft_tokens``,
+                ``cache_prompt`` (reuse cached prompt prefixes; default true, same output).
         """
         result = None
         for ev in self.stream_events(prompt, **kwargs):
@@ -217,6 +271,9 @@ class _Bound:
 
     def rollback(self, length: int) -> None:
         self.session.rollback(length)
+
+    def cached_ids(self):
+        return self.session.cached_ids()
 
 
 GRAPH_FORMATS = ("onnx", "ort")
@@ -316,11 +373,14 @@ def stats_dict(stats: DecodeStats, cfg: DecodeConfig, prompt_tokens: int, t0: fl
         "target_ms_per_step": 1e3 * stats.verify_seconds / stats.verify_calls if cfg.mode == "target" and stats.verify_calls else None,
         "mean_gamma": sum(stats.gammas) / len(stats.gammas) if stats.gammas else None,
         "context_full": stats.context_full,
+        "cached_tokens": stats.cached_tokens,
+        "proposals_by_source": {k: {"proposed": v[0], "accepted": v[1]} for k, v in stats.by_source.items()},
     }
 
 
 def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: str | None = None,
-         threads: int | None = None, fallback: bool = False, verify: bool = True, graph_format: str = "onnx") -> LLM:
+         threads: int | None = None, fallback: bool = False, verify: bool = True, graph_format: str = "onnx",
+         prompt_cache_bytes: int = 0, shared_lookup_tokens: int = 0) -> LLM:
     """Load a bundle written by ``edgellm export``.
 
     Args:
@@ -333,6 +393,10 @@ def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: st
         verify: check the sha256 of every file against the manifest before loading.
         graph_format: ``onnx``, or ``ort`` for the ORT Mobile graphs of a bundle exported with
             ``--ort-mobile`` (what an app with a minimal onnxruntime loads).
+        prompt_cache_bytes: memory for the caches of earlier conversations (:mod:`edgellm.prompt_cache`);
+            0 keeps only the live caches, which a prompt continuing the last generation reuses anyway.
+        shared_lookup_tokens: keep this many tokens of earlier prompts and outputs in an n-gram
+            index that proposes for every later generation (:class:`edgellm.lookup.SharedLookup`); 0: off.
 
     Raises:
         BundleError: missing or damaged bundle (the message names each bad file).
@@ -343,4 +407,5 @@ def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: st
     manifest = read_manifest(path)
     check_bundle(path, manifest, hashes=verify)
     return LLM(path, manifest, provider=provider, draft_provider=draft_provider, threads=threads, fallback=fallback,
-               graph_format=graph_format)
+               graph_format=graph_format, prompt_cache_bytes=prompt_cache_bytes,
+               shared_lookup_tokens=shared_lookup_tokens)

@@ -112,8 +112,10 @@ def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str
         for i, pr in enumerate(prompts):
             ref = None
             for mode in modes:
+                # cache_prompt=False: every mode prefills the whole prompt, as in a first request
                 res = llm.generate(pr["prompt"], mode=mode, max_new_tokens=max_new_tokens,
-                                   num_draft_tokens=num_draft_tokens, temperature=temperature, seed=r * 1000 + i)
+                                   num_draft_tokens=num_draft_tokens, temperature=temperature, seed=r * 1000 + i,
+                                   cache_prompt=False)
                 if mode == "target":
                     ref = res.token_ids
                 s = res.stats

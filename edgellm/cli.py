@@ -17,6 +17,8 @@ from typing import Any
 import click
 
 from edgellm.errors import EdgeLLMError
+from edgellm.lookup import DEFAULT_SHARED_LOOKUP
+from edgellm.prompt_cache import DEFAULT_PROMPT_CACHE
 
 MODES = ("speculative", "target", "lookup")
 
@@ -297,6 +299,12 @@ def bench(bundle: Path, prompts_file: Path | None, modes: str, as_json: bool, **
               help="Another Host name to answer (repeatable; * for any) besides loopback and the bound addresses.")
 @click.option("--allowed-origin", "allowed_origins", multiple=True,
               help="A web page origin (http://host:port) allowed to call the API from a browser (repeatable).")
+@click.option("--prompt-cache-bytes", default=DEFAULT_PROMPT_CACHE, show_default=True,
+              help="Memory for other conversations' KV caches (512M, 2G, bytes; 0: only the last one's), so "
+                   "each chat turn prefills only its new message.")
+@click.option("--shared-lookup-tokens", default=DEFAULT_SHARED_LOOKUP, show_default=True, type=click.IntRange(0),
+              help="Tokens of earlier prompts and answers kept in an n-gram index that proposes for every "
+                   "request (0: off).")
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--draft-provider", default=None)
 @click.option("--threads", default=None, type=int)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+#: tokens of earlier requests the server's shared index keeps (a few hundred bytes each)
+DEFAULT_SHARED_LOOKUP = 100_000
+
 
 def propose_lookup(seq: list[int] | np.ndarray, max_tokens: int, max_ngram: int = 4,
                    min_ngram: int = 2) -> list[int]:
@@ -41,3 +44,69 @@ def propose_lookup(seq: list[int] | np.ndarray, max_tokens: int, max_ngram: int 
             if len(follow):
                 return [int(t) for t in follow]
     return []
+
+
+class SharedLookup:
+    """An n-gram index over the token sequences a server has seen, proposing for every request.
+
+    Prompt lookup (:func:`propose_lookup`) only searches the request's own tokens. Requests to
+    one server often repeat each other (an agent asking for the same JSON tool-call shape, the
+    same system prompt, code from an earlier answer), so this index keeps the last
+    ``max_tokens`` tokens of prompts and outputs (the oldest sequences dropped first) and maps
+    every n-gram (``min_ngram`` to ``max_ngram`` tokens) to where it occurred last — the
+    "global tree" of SuffixDecoding (arXiv 2411.04975) reduced to its most recent continuation.
+    Its proposals are verified like any other, so output is unchanged; the decoding loop tracks
+    their acceptance apart from the request's own lookup (source ``shared``).
+
+    Not thread-safe: one generation at a time adds to it (the server's worker thread).
+    """
+
+    def __init__(self, max_tokens: int, max_ngram: int = 4, min_ngram: int = 2) -> None:
+        from edgellm.errors import ConfigError
+
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+            raise ConfigError(f"shared_lookup_tokens={max_tokens!r}; allowed: an integer >= 0 (0 turns it off)",
+                              param="shared_lookup_tokens")
+        self.max_tokens, self.max_ngram, self.min_ngram = max_tokens, max_ngram, min_ngram
+        self._seqs: dict[int, np.ndarray] = {}  # insertion order: oldest first
+        self._index: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (sequence, end position)
+        self._next = 0
+        self.tokens = 0
+
+    def add(self, seq: list[int] | np.ndarray) -> None:
+        """Index ``seq`` (a prompt plus its output), dropping the oldest sequences past ``max_tokens``."""
+        if not self.max_tokens:
+            return
+        a = np.asarray(seq, np.int64)[-self.max_tokens:]
+        if len(a) <= self.min_ngram:
+            return
+        key, self._next = self._next, self._next + 1
+        self._seqs[key] = a
+        self.tokens += len(a)
+        items = a.tolist()
+        for n in range(self.min_ngram, self.max_ngram + 1):
+            for end in range(n, len(items)):  # an n-gram ending before the last token: something follows it
+                self._index[tuple(items[end - n:end])] = (key, end)
+        while self.tokens > self.max_tokens:
+            self._drop(next(iter(self._seqs)))
+
+    def _drop(self, key: int) -> None:
+        items = self._seqs.pop(key).tolist()
+        self.tokens -= len(items)
+        for n in range(self.min_ngram, self.max_ngram + 1):
+            for end in range(n, len(items)):
+                gram = tuple(items[end - n:end])
+                if self._index.get(gram, (None,))[0] == key:
+                    del self._index[gram]
+
+    def propose(self, seq: list[int] | np.ndarray, max_tokens: int) -> list[int]:
+        """Up to ``max_tokens`` tokens that followed the longest suffix of ``seq`` seen before."""
+        if max_tokens <= 0 or not self._index:
+            return []
+        tail = [int(t) for t in seq[-self.max_ngram:]]
+        for n in range(min(self.max_ngram, len(tail)), self.min_ngram - 1, -1):
+            hit = self._index.get(tuple(tail[len(tail) - n:]))
+            if hit is not None:
+                key, end = hit
+                return [int(t) for t in self._seqs[key][end:end + max_tokens]]
+        return []

@@ -3,18 +3,21 @@
 Routes::
 
     GET  /                     the chat page (one self-contained HTML file, no CDN)
-    GET  /health               {"status": "ok", "busy": ..., "queued": ..., "last_stats": ...}
+    GET  /health               {"status": "ok", "busy": ..., "queued": ..., "last_stats": ..., "prompt_cache": ...}
     GET  /v1/models            the one model this server runs
     POST /v1/chat/completions  OpenAI chat completions, with ``stream: true`` as server-sent events
     POST /v1/completions       OpenAI (legacy) text completions, likewise
 
 The model generates one request at a time on a worker thread; other requests wait in a FIFO
-queue (``max_queue`` of them, then 429) while the event loop keeps answering ``/health``. A
+queue (``max_queue`` of them, then 429) while the event loop keeps answering ``/health``. Each
+request reuses the cached prefix its prompt shares with an earlier one (the last generation's
+caches, and an LRU of other conversations' caches, ``prompt_cache_bytes``): turn N of a chat
+prefills only its new message; ``usage.prompt_tokens_details.cached_tokens`` says how many. A
 client that disconnects cancels its generation at the next token. Every error is a JSON body
 in the OpenAI shape ``{"error": {"message", "type", "param", "code"}}``.
 
 edgellm's additions live in an ``edgellm`` field: in a request, ``{"mode": ...,
-"num_draft_tokens": ..., "top_k": ...}``; in a response, the generation statistics; in each
+"num_draft_tokens": ..., "top_k": ..., "cache_prompt": ...}``; in a response, the generation statistics; in each
 streamed chunk, ``{"drafted": [...]}`` telling which tokens were draft proposals the target
 accepted.
 """
@@ -36,8 +39,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, AsyncIterator
 
-from edgellm.api import LLM, StreamEvent, check_text
+from edgellm.api import LLM, GenerationResult, StreamEvent, check_text
 from edgellm.errors import ConfigError, ContextLengthError, EdgeLLMError
+from edgellm.lookup import DEFAULT_SHARED_LOOKUP
+from edgellm.prompt_cache import DEFAULT_PROMPT_CACHE, parse_bytes
 
 try:
     from starlette.applications import Starlette
@@ -208,7 +213,7 @@ def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None =
                                  and all(isinstance(s, str) and s for s in stop)):
         raise ApiError(400, f"'stop' = {_short.repr(stop)}; allowed: a non-empty string or a list of up to 4",
                        param="stop", code="invalid_value")
-    ext = _typed(body, "edgellm", (dict,), "an object {mode, num_draft_tokens, top_k}", {})
+    ext = _typed(body, "edgellm", (dict,), "an object {mode, num_draft_tokens, top_k, cache_prompt}", {})
     stream_options = _typed(body, "stream_options", (dict,), "an object {include_usage}", {})
     options = {
         "temperature": _typed(body, "temperature", (int, float), "a number (0 = greedy)", 1.0),
@@ -218,6 +223,7 @@ def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None =
         "stop": stop,
         "mode": _typed(ext, "mode", (str,), "speculative, target or lookup", default_mode),
         "num_draft_tokens": _typed(ext, "num_draft_tokens", (int,), "an integer 0-64", None),
+        "cache_prompt": _typed(ext, "cache_prompt", (bool,), "true or false", True),
     }
     try:
         ids = llm.prompt_ids(prompt)
@@ -363,9 +369,10 @@ def _sse(doc: dict[str, Any] | str) -> str:
     return f"data: {doc if isinstance(doc, str) else json.dumps(doc, ensure_ascii=False)}\n\n"
 
 
-def _usage(req: GenRequest, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": req.prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": req.prompt_tokens + completion_tokens}
+def _usage(req: GenRequest, result: GenerationResult) -> dict[str, Any]:
+    n = len(result.token_ids)
+    return {"prompt_tokens": req.prompt_tokens, "completion_tokens": n, "total_tokens": req.prompt_tokens + n,
+            "prompt_tokens_details": {"cached_tokens": result.stats.get("cached_tokens", 0)}}
 
 
 @dataclass
@@ -418,7 +425,7 @@ async def _complete(request: Request, job: Job, shape: _Shape, req: GenRequest) 
     if result is None:  # cancelled: the client is gone and will not read this
         return JSONResponse({"error": {"message": "cancelled", "type": "cancelled"}}, status_code=499)
     return JSONResponse(shape.doc(shape.choice(result.text, result.finish_reason),
-                                  usage=_usage(req, len(result.token_ids)), edgellm=result.stats))
+                                  usage=_usage(req, result), edgellm=result.stats))
 
 
 async def _stream(job: Job, req: GenRequest, shape: _Shape) -> AsyncIterator[str]:
@@ -432,7 +439,7 @@ async def _stream(job: Job, req: GenRequest, shape: _Shape) -> AsyncIterator[str
                 yield _sse(shape.doc(shape.choice(None if shape.chat else "", r.finish_reason, chunk=True),
                                      chunk=True, edgellm=r.stats))
                 if req.include_usage:
-                    yield _sse({**shape.doc({}, chunk=True), "choices": [], "usage": _usage(req, len(r.token_ids))})
+                    yield _sse({**shape.doc({}, chunk=True), "choices": [], "usage": _usage(req, r)})
             elif ev.text or ev.token_ids:
                 yield _sse(shape.doc(shape.choice(ev.text, None, chunk=True), chunk=True,
                                      edgellm={"drafted": ev.drafted}))
@@ -623,7 +630,12 @@ def create_app(llm: LLM, *, api_key: str | None = None, mode: str | None = None,
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": model_id, "mode": mode, "busy": engine.busy,
                              "queued": engine.queued, "served": engine.served, "last_stats": engine.last_stats,
-                             "auth": api_key is not None, "max_context": llm.manifest.target.max_context})
+                             "auth": api_key is not None, "max_context": llm.manifest.target.max_context,
+                             "prompt_cache": {"entries": len(llm.prompt_cache), "bytes": llm.prompt_cache.nbytes,
+                                              "max_bytes": llm.prompt_cache.max_bytes,
+                                              "evictions": llm.prompt_cache.evictions},
+                             "shared_lookup": {"tokens": llm.shared_lookup.tokens,
+                                               "max_tokens": llm.shared_lookup.max_tokens}})
 
     async def page(request: Request) -> Response:
         return HTMLResponse(resources.files("edgellm").joinpath("data/chat.html").read_text("utf-8"))
@@ -753,12 +765,15 @@ def server_config(app: Any, host: str, port: int):
 def prepare(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
             provider: str = "cpu", draft_provider: str | None = None, threads: int | None = None,
             mode: str | None = None, max_queue: int = 8, allowed_hosts: tuple[str, ...] | list[str] = (),
-            allowed_origins: tuple[str, ...] | list[str] = (), echo=print):
+            allowed_origins: tuple[str, ...] | list[str] = (), prompt_cache_bytes: int | str = DEFAULT_PROMPT_CACHE,
+            shared_lookup_tokens: int = DEFAULT_SHARED_LOOKUP, echo=print):
     """Load ``bundle``, build the app and print where to reach it; returns a ready ``uvicorn.Server``.
 
     Binding anything but a loopback address requires an API key: the given one, or one generated
     here and printed. ``allowed_hosts`` / ``allowed_origins`` add ``Host`` names and browser
-    origins to those answered (see :class:`Guard`).
+    origins to those answered (see :class:`Guard`). ``prompt_cache_bytes`` (``512M``, ``2G``, a
+    number) bounds the stored caches of other conversations (:mod:`edgellm.prompt_cache`);
+    ``shared_lookup_tokens`` the n-gram index of earlier requests (:class:`edgellm.lookup.SharedLookup`).
     """
     import uvicorn
 
@@ -768,7 +783,8 @@ def prepare(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: 
         raise ConfigError(f"port={port}; allowed: 1-65535", param="port")
     key, generated = resolve_api_key(host, api_key)
     guard = Guard(hosts_for(host, allowed_hosts), frozenset(o.rstrip("/").lower() for o in allowed_origins))
-    llm = load(bundle, provider=provider, draft_provider=draft_provider, threads=threads)
+    llm = load(bundle, provider=provider, draft_provider=draft_provider, threads=threads,
+               prompt_cache_bytes=parse_bytes(prompt_cache_bytes), shared_lookup_tokens=shared_lookup_tokens)
     app = create_app(llm, api_key=key, mode=mode, max_queue=max_queue, guard=guard)
     echo(f"edgellm: serving {llm.bundle.name} (target on {llm.providers['target']}) at:")
     for url in urls(host, port):

@@ -30,7 +30,8 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from edgellm.errors import ConfigError, ContextLengthError
-from edgellm.lookup import propose_lookup
+from edgellm.lookup import SharedLookup, propose_lookup
+from edgellm.prompt_cache import common_prefix
 from edgellm.sampling import SamplingConfig, choose, greedy_accept, probabilities, rejection_accept, sample
 
 MODES = ("target", "speculative", "lookup")
@@ -44,6 +45,8 @@ class Model(Protocol):
     def forward(self, token_ids: np.ndarray, num_logits: int = 1) -> np.ndarray: ...
 
     def rollback(self, length: int) -> None: ...
+
+    # optional: ``cached_ids() -> int64 (length,)``, the cached tokens (enables prompt caching)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class DecodeConfig:
         eos_token_ids: tokens that end generation (not emitted).
         vocab_size: tokenizer size; logits columns past it (vocabulary padding) are ignored.
         seed: random seed for sampling.
+        cache_prompt: keep the cached prefix the prompt shares with what the models' caches hold
+            and prefill only the rest (:mod:`edgellm.prompt_cache`; the output is the same).
     """
 
     mode: str = "speculative"
@@ -72,6 +77,7 @@ class DecodeConfig:
     eos_token_ids: tuple[int, ...] = ()
     vocab_size: int | None = None
     seed: int | None = None
+    cache_prompt: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -84,6 +90,8 @@ class DecodeConfig:
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= 64):
             raise ConfigError(f"num_draft_tokens={n!r}; allowed: an integer 0-64, or None for adaptive",
                               param="num_draft_tokens")
+        if not isinstance(self.cache_prompt, bool):
+            raise ConfigError(f"cache_prompt={self.cache_prompt!r}; allowed: true or false", param="cache_prompt")
         s = self.seed
         if s is not None and (not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_SEED):
             raise ConfigError(f"seed={s!r}; allowed: an integer 0-{MAX_SEED}, or None for a random seed",
@@ -112,6 +120,8 @@ class DecodeStats:
     verify_calls: int = 0
     gammas: list[int] = field(default_factory=list)
     context_full: bool = False  # the generation stopped because prompt + output filled max_context
+    cached_tokens: int = 0  # prompt tokens the target's cache already held (not prefilled again)
+    by_source: dict[str, list[int]] = field(default_factory=dict)  # source -> [proposed, accepted]
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -140,9 +150,10 @@ class DraftLengthController:
         self.max_gamma = max_gamma
         self.max_lookup = max_gamma if max_lookup is None else max_lookup
         # pseudo-counts; lookup starts optimistic so that it gets tried (it is free) and learns fast
-        self.counts = {"draft": [4.0 * prior_acceptance, 4.0], "lookup": [2.0 * 0.8, 2.0]}
+        # (``shared``: proposals from other requests' text, :class:`edgellm.lookup.SharedLookup`)
+        self.counts = {"draft": [4.0 * prior_acceptance, 4.0], "lookup": [2.0 * 0.8, 2.0], "shared": [2.0 * 0.6, 2.0]}
         # per source, per proposal position i (1-based): [rejected at i, reached i], decayed
-        self.positions: dict[str, dict[int, list[float]]] = {"draft": {}, "lookup": {}}
+        self.positions: dict[str, dict[int, list[float]]] = {"draft": {}, "lookup": {}, "shared": {}}
         self.t_draft: float | None = None
         self.t_verify: dict[int, float] = {}
         self.rounds_since_probe = 0
@@ -244,7 +255,7 @@ def _check_fits(model: Model, extra: int, role: str) -> None:
 
 
 def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | None = None,
-           stats: DecodeStats | None = None) -> Iterator[Round]:
+           stats: DecodeStats | None = None, shared: SharedLookup | None = None) -> Iterator[Round]:
     """Generate tokens after ``prompt``, one :class:`Round` at a time.
 
     Args:
@@ -253,6 +264,8 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
         cfg: decoding configuration.
         draft: the draft model, required for ``speculative`` mode.
         stats: filled in as the generation goes.
+        shared: an index of other requests' tokens, proposing when the request's own lookup
+            finds nothing (read only here; the caller adds the finished sequence).
 
     Yields:
         Rounds of committed tokens; the last has ``finish_reason`` ``stop`` (an eos token) or
@@ -269,15 +282,16 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
     check_prompt_fits(len(prompt), target.max_context)
     stats = stats if stats is not None else DecodeStats()
     rng = np.random.default_rng(cfg.seed)
-    target.rollback(0)
-    if draft is not None:
-        draft.rollback(0)
+    stats.cached_tokens = keep = reusable_prefix(target, prompt, cfg.cache_prompt)
+    target.rollback(keep)
+    if draft is not None:  # the draft catches up on the rest in its first round
+        draft.rollback(reusable_prefix(draft, prompt, cfg.cache_prompt))
     v = cfg.vocab_size
     eos = set(cfg.eos_token_ids)
 
-    # Prefill: the whole prompt through the target gives the first token directly.
+    # Prefill: the prompt (past what is cached) through the target gives the first token directly.
     t0 = time.perf_counter()
-    logits = target.forward(np.asarray(prompt, np.int64), 1)[-1, :v]
+    logits = target.forward(np.asarray(prompt[keep:], np.int64), 1)[-1, :v]
     stats.prefill_seconds = time.perf_counter() - t0
     seq = list(prompt)
     first = choose(logits, cfg.sampling, rng)
@@ -291,7 +305,7 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
         left = cfg.max_new_tokens - (len(seq) - len(prompt))
         limit = max(0, min(left - 1, target.max_context - len(seq) - 1))  # this round's output fits
         draft_room = draft.max_context - len(seq) if draft is not None else 0  # the draft caches gamma - 1 more
-        proposals, source = _plan_round(seq, cfg, ctl, limit, max(0, min(limit, draft_room)))
+        proposals, source = _plan_round(seq, cfg, ctl, limit, max(0, min(limit, draft_room)), shared)
         rnd = _speculative_round(target, draft, seq, proposals, source, cfg, rng, stats, ctl)
         done = _commit(seq, rnd.tokens, rnd.drafted, eos, cfg, stats, len(prompt), target.max_context)
         yield done
@@ -299,15 +313,36 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
             return
 
 
+def reusable_prefix(model: Model, prompt: list[int], enabled: bool = True) -> int:
+    """How many of ``prompt``'s first tokens ``model``'s cache holds and may keep.
+
+    At most ``len(prompt) - 1``: the last prompt token always goes through the model, whose
+    logits there give the first new token. 0 when disabled or the model does not track its tokens.
+    """
+    cached = getattr(model, "cached_ids", None)
+    if not enabled or cached is None:
+        return 0
+    return min(common_prefix(cached(), np.asarray(prompt, np.int64)), len(prompt) - 1)
+
+
+def _lookup(seq: list[int], n: int, shared: SharedLookup | None) -> tuple[list[int], str]:
+    """Up to ``n`` free proposals: the request's own n-gram match, else the shared index's."""
+    own = propose_lookup(seq, n)
+    if own or shared is None:
+        return own, "lookup"
+    return shared.propose(seq, n), "shared"
+
+
 def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, limit: int,
-                draft_limit: int) -> tuple[list[int] | int, str]:
+                draft_limit: int, shared: SharedLookup | None = None) -> tuple[list[int] | int, str]:
     """Pick this round's proposals: free lookup tokens, or a number of draft tokens to run.
 
     ``limit`` bounds the proposals by the target's room (and ``max_new_tokens``), ``draft_limit``
     the draft model's by the draft's own context.
 
-    Returns ``(lookup_tokens, "lookup")`` or ``(gamma, "draft")``. In ``lookup`` mode only
+    Returns ``(tokens, "lookup" | "shared")`` or ``(gamma, "draft")``. In ``lookup`` mode only
     lookup is used; in ``speculative`` mode lookup wins when its expected rate is higher.
+    Lookup searches the request's own tokens first, then ``shared`` (other requests').
 
     ``target`` mode, and a speculative round whose draft length comes out 0, propose at most one
     lookup token: a lone token's pass is two rows long anyway (``DecoderSession.min_rows``, for
@@ -316,18 +351,18 @@ def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, l
     the output is the target's own.
     """
     if cfg.mode == "target":
-        return propose_lookup(seq, min(limit, 1)), "lookup"
+        return _lookup(seq, min(limit, 1), shared)
     fixed = cfg.num_draft_tokens
-    look = propose_lookup(seq, min(limit, fixed if fixed is not None else ctl.max_lookup))
+    look, src = _lookup(seq, min(limit, fixed if fixed is not None else ctl.max_lookup), shared)
     if cfg.mode == "lookup":
-        return (look if fixed is not None else look[: max(1, ctl.choose(len(look), "lookup"))]), "lookup"
+        return (look if fixed is not None else look[: max(1, ctl.choose(len(look), src))]), src
     gamma = min(fixed, draft_limit) if fixed is not None else ctl.choose(draft_limit)
     if look and fixed is None:
-        g_look = ctl.choose(len(look), "lookup")
-        if g_look and ctl.rate(g_look, "lookup") > ctl.rate(gamma, "draft"):
-            return look[:g_look], "lookup"
+        g_look = ctl.choose(len(look), src)
+        if g_look and ctl.rate(g_look, src) > ctl.rate(gamma, "draft"):
+            return look[:g_look], src
     if gamma == 0:
-        return look[:1], "lookup"
+        return look[:1], src
     return gamma, "draft"
 
 
@@ -341,7 +376,7 @@ def _speculative_round(target: Model, draft: Model | None, seq: list[int], plan:
     # 1. draft: proposals, and their distributions q when the draft model samples
     t0 = time.perf_counter()
     step_s = None
-    if source == "lookup":
+    if source != "draft":  # lookup or shared: deterministic proposals
         proposals, q = list(plan), None
     elif plan:
         proposals, q, step_s = _draft_tokens(draft, seq, plan, cfg, rng)
@@ -372,6 +407,9 @@ def _speculative_round(target: Model, draft: Model | None, seq: list[int], plan:
     stats.rounds += 1
     stats.drafted_tokens += gamma
     stats.accepted_tokens += n
+    if gamma:
+        by = stats.by_source.setdefault(source, [0, 0])
+        by[0], by[1] = by[0] + gamma, by[1] + n
     stats.draft_seconds += t1 - t0
     stats.verify_seconds += t2 - t1
     stats.verify_calls += 1

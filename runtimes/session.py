@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import BundleError, ContextLengthError, RollbackError
+from edgellm.prompt_cache import Snapshot
 from edgellm.runtimes.providers import ProviderChoice
 
 logger = logging.getLogger(__name__)
@@ -210,6 +211,14 @@ class CachedSession:
     def reset(self) -> None:
         self.length = 0
 
+    #: whether the session keeps the ids of its cached tokens, so that a new prompt can reuse the
+    #: prefix it shares with them (:mod:`edgellm.prompt_cache`)
+    reuses_prefix = False
+
+    def cached_ids(self) -> np.ndarray:
+        """int64 ``(length,)``: the tokens whose keys and values are cached (empty if not tracked)."""
+        return np.zeros(0, np.int64)
+
     def cache_array(self, layer: int, kind: str = "key") -> np.ndarray:
         """A copy of one layer's cache ``(kv_heads, length, head_dim)`` (for tests)."""
         return self._cache_buffer(2 * layer + (kind == "value"))[0, :, : self.length].copy()
@@ -329,8 +338,34 @@ class DecoderSession(CachedSession):
         self.session.run_with_iobinding(b)
         return b.get_outputs()[0].numpy()[0]
 
+    reuses_prefix = True
+
+    def cached_ids(self) -> np.ndarray:
+        return self._ids[: self.length]
+
+    def snapshot(self) -> Snapshot:
+        """A copy of the cached positions (tokens, keys and values) for :class:`edgellm.prompt_cache.PromptCache`."""
+        n = self.length
+        return Snapshot(self._ids[:n].copy(),
+                        tuple(self._cache_buffer(i)[0, :, :n].copy() for i in range(2 * self.layout.num_layers)))
+
+    def restore(self, snap: Snapshot) -> None:
+        """Make ``snap`` the cached positions (the inverse of :meth:`snapshot`).
+
+        Raises:
+            RollbackError: the snapshot does not fit this session's buffers.
+        """
+        n, lay = len(snap.ids), self.layout
+        if n > lay.max_context or len(snap.arrays) != 2 * lay.num_layers or any(
+                a.shape != (lay.num_kv_heads, n, lay.head_dim) for a in snap.arrays):
+            raise RollbackError(f"a cached prompt of {n} tokens does not fit this session's cache")
+        for i, a in enumerate(snap.arrays):
+            self._cache_buffer(i)[0, :, :n] = a
+        self._ids[:n] = snap.ids
+        self.length = n
+
     def _cache_buffer(self, index: int) -> np.ndarray:
-        return self._cache[index].numpy()
+        return self._cache[index].numpy()  # a view: OrtValues made from numpy arrays share their memory
 
 
 class ConcatCacheSession(DecoderSession):

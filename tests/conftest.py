@@ -45,6 +45,9 @@ class FakeLM:
         assert 0 <= length <= self.length
         del self.cache[length:]
 
+    def cached_ids(self) -> np.ndarray:
+        return np.asarray(self.cache, np.int64)
+
 
 def greedy_reference(model: FakeLM, prompt: list[int], n: int, eos=()) -> list[int]:
     seq = list(prompt)

@@ -50,7 +50,8 @@ def run_app(app) -> Running:
 def llm(tiny_bundle):
     import edgellm
 
-    return edgellm.load(tiny_bundle, threads=1)
+    # the server's defaults on: every server test's output must still equal a plain generate's
+    return edgellm.load(tiny_bundle, threads=1, prompt_cache_bytes=16 * 2**20, shared_lookup_tokens=10_000)
 
 
 @pytest.fixture(scope="module")

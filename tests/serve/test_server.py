@@ -62,6 +62,22 @@ def test_chat_stream_equals_non_stream(server):
     assert len(flags) == whole.usage.completion_tokens and any(flags)
 
 
+def test_second_chat_turn_reuses_the_cached_prefix(server):
+    c = client(server)
+    first = c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    turn2 = MESSAGES + [{"role": "assistant", "content": first.choices[0].message.content},
+                        {"role": "user", "content": "hello world"}]
+    warm = c.chat.completions.create(model="tiny", messages=turn2, max_tokens=12, temperature=0)
+    cold = c.chat.completions.create(model="tiny", messages=turn2, max_tokens=12, temperature=0,
+                                     extra_body={"edgellm": {"cache_prompt": False}})
+    assert warm.choices[0].message.content == cold.choices[0].message.content
+    assert warm.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    bad = httpx.post(server.url + "/v1/chat/completions", headers=JSON,
+                     json={"messages": MESSAGES, "edgellm": {"cache_prompt": "no"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_prompt"
+
+
 def test_completions_match_generate(server, llm):
     prompt = "def foo(x): return"
     expected = llm.generate(prompt, max_new_tokens=20, temperature=0.0)
