@@ -305,11 +305,27 @@ def bench(bundle: Path, prompts_file: Path | None, modes: str, as_json: bool, **
 @click.option("--shared-lookup-tokens", default=DEFAULT_SHARED_LOOKUP, show_default=True, type=click.IntRange(0),
               help="Tokens of earlier prompts and answers kept in an n-gram index that proposes for every "
                    "request (0: off).")
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Run replicas on Ray Serve (local, or the cluster in RAY_ADDRESS) behind Ray's HTTP proxy.")
+@click.option("--replicas", default=1, show_default=True, type=int, help="With --ray: model replicas.")
+@click.option("--cpus-per-replica", default=2.0, show_default=True, type=float,
+              help="With --ray: CPUs Ray reserves per replica (also its threads unless --threads).")
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--draft-provider", default=None)
 @click.option("--threads", default=None, type=int)
-def serve(bundle: Path, **o: Any) -> None:
+def serve(bundle: Path, on_ray: bool, replicas: int, cpus_per_replica: float, **o: Any) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API, with a chat page at /."""
+    if on_ray:
+        from edgellm.ray_serve import ReplicaOptions, run
+
+        host, port = o.pop("host"), o.pop("port")
+        if o.pop("allowed_origins"):
+            raise click.UsageError("--allowed-origin is not supported with --ray")
+        run(ReplicaOptions(str(bundle), replicas=replicas, cpus_per_replica=cpus_per_replica,
+                           allowed_hosts=tuple(o.pop("allowed_hosts")), **o), host=host, port=port, echo=click.echo)
+        return
+    if (replicas, cpus_per_replica) != (1, 2.0):
+        raise click.UsageError("--replicas and --cpus-per-replica need --ray")
     try:
         from edgellm.server import serve as run_server
     except ImportError as e:

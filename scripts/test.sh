@@ -3,5 +3,5 @@
 # Real-model tests are opt-in: EDGELLM_SLOW=1 scripts/test.sh -m slow (see scripts/bench.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh export,serve,dev
+bash scripts/setup_env.sh export,serve,ray,dev
 exec .venv/bin/python -m pytest -q "$@"
