@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from edgellm.speculative import DecodeConfig, DecodeStats, Round, decode
 from edgellm.tokenizer import StreamDecoder, TextTokenizer
 
 logger = logging.getLogger(__name__)
+
+#: generations the server runs at once, their rounds in turn (llama.cpp's server also has 4 slots)
+DEFAULT_MAX_BATCH = 4
 
 #: live cached tokens a new prompt may overwrite before they are stored in the prompt cache
 #: first (fewer: the same conversation going on, whose re-rendered last turn differs a little)
@@ -58,12 +61,15 @@ class StreamEvent:
         token_ids: ``[token]``, or ``[]`` for the final event.
         drafted: ``[True]`` when the token was a proposal (draft or lookup) the target accepted.
         result: the whole :class:`GenerationResult`, on the final event only.
+        round_end: the last token of a decoding round (the next event costs a model pass);
+            the server's scheduler switches sequences here.
     """
 
     text: str
     token_ids: list[int]
     drafted: list[bool]
     result: GenerationResult | None = None
+    round_end: bool = False
 
 
 class LLM:
@@ -71,8 +77,11 @@ class LLM:
 
     def __init__(self, bundle: Path, manifest: Manifest, *, provider: str = "cpu", draft_provider: str | None = None,
                  threads: int | None = None, fallback: bool = False, graph_format: str = "onnx",
-                 prompt_cache_bytes: int = 0, shared_lookup_tokens: int = 0) -> None:
+                 prompt_cache_bytes: int = 0, shared_lookup_tokens: int = 0, max_batch: int = 1) -> None:
         from edgellm.runtimes.providers import resolve_provider
+
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or not 1 <= max_batch <= 64:
+            raise ConfigError(f"max_batch={max_batch!r}; allowed: an integer 1-64", param="max_batch")
 
         self.bundle, self.manifest = bundle, manifest
         self.prompt_cache = PromptCache(prompt_cache_bytes)
@@ -89,8 +98,21 @@ class LLM:
         if manifest.draft is not None:
             draft_p = resolve_provider(draft_provider or provider, fallback=fallback)
             self.draft = _Bound(_session(bundle, manifest.draft, graph_format, draft_p, threads), manifest.draft)
+        self.slots = [Slot(self.target, self.draft)] + [self._fork_slot() for _ in range(max_batch - 1)]
         self.load_seconds = time.perf_counter() - t0
         self.providers = {"target": target_p.name, "draft": draft_p.name if self.draft else None}
+
+    def _fork_slot(self) -> Slot:
+        if not hasattr(self.target.session, "fork"):
+            raise ConfigError("max_batch > 1 needs a bundle with dynamic graphs (a cpu or gpu export); this "
+                              "bundle's static npu graphs hold one sequence", param="max_batch")
+        return Slot(self.target.fork(), self.draft.fork() if self.draft is not None else None)
+
+    def pick_slot(self, prompt_ids: Sequence[int], free: Sequence[int]) -> int:
+        """The slot of ``free`` whose live cache shares the longest prefix with ``prompt_ids`` (a chat's
+        next turn finds its own conversation); the first one on a tie."""
+        prompt = np.asarray(prompt_ids, np.int64)
+        return max(free, key=lambda k: (common_prefix(self.slots[k].target.cached_ids(), prompt), -k))
 
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
@@ -123,17 +145,25 @@ class LLM:
 
     # ------------------------------------------------------------------ generation
     def generate_tokens(self, prompt_ids: Sequence[int], cfg: DecodeConfig,
-                        stats: DecodeStats | None = None) -> Iterator[Round]:
-        """The low-level generator: rounds of committed token ids (see :func:`edgellm.speculative.decode`)."""
+                        stats: DecodeStats | None = None, slot: int = 0) -> Iterator[Round]:
+        """The low-level generator: rounds of committed token ids (see :func:`edgellm.speculative.decode`).
+
+        ``slot``: which of the ``max_batch`` caches to use; generations in different slots may
+        take turns round by round (the server does) without disturbing each other.
+        """
         if cfg.mode == "speculative" and self.draft is None:
             raise ConfigError("mode='speculative' needs a draft model, and this bundle has none; "
                               "use mode='lookup' (draft-free) or 'target'")
+        if not isinstance(slot, int) or not 0 <= slot < len(self.slots):
+            raise ConfigError(f"slot={slot!r}; allowed: 0-{len(self.slots) - 1} (max_batch={len(self.slots)})",
+                              param="slot")
+        target, draft = self.slots[slot]
         if cfg.cache_prompt:
-            self._swap_prompt_cache(np.asarray(prompt_ids, np.int64))
+            self._swap_prompt_cache(np.asarray(prompt_ids, np.int64), target, draft)
         # a seeded sampled request must not depend on other requests: its samples follow its proposals
         seeded = not cfg.sampling.greedy and cfg.seed is not None
         shared = self.shared_lookup if self.shared_lookup.max_tokens and not seeded else None
-        rounds = decode(self.target, list(prompt_ids), cfg, draft=self.draft, stats=stats, shared=shared)
+        rounds = decode(target, list(prompt_ids), cfg, draft=draft, stats=stats, shared=shared)
         return rounds if shared is None else self._remembered(list(prompt_ids), rounds)
 
     def _remembered(self, prompt_ids: list[int], rounds: Iterator[Round]) -> Iterator[Round]:
@@ -146,7 +176,7 @@ class LLM:
         finally:  # also when the consumer stops early (a stop string, a client gone)
             self.shared_lookup.add(prompt_ids + out)
 
-    def _swap_prompt_cache(self, prompt: np.ndarray) -> None:
+    def _swap_prompt_cache(self, prompt: np.ndarray, target: _Bound, draft: _Bound | None) -> None:
         """Before a generation: bring in the stored caches that share most with ``prompt`` (int64 ``(n,)``).
 
         The live caches go into :attr:`prompt_cache` when a stored entry shares more with the
@@ -154,28 +184,28 @@ class LLM:
         :data:`KEEP_WHEN_LOSING` of their tokens (another conversation); the next turn of the
         same conversation just goes on in them, copying nothing.
         """
-        t = self.target.session
+        t = target.session
         if not self.prompt_cache.max_bytes or not t.reuses_prefix:
             return
         live = common_prefix(t.cached_ids(), prompt)
         entry = self.prompt_cache.take_best(prompt, better_than=live)
         if entry is None and t.length - live <= KEEP_WHEN_LOSING:
             return
-        d = self.draft.session if self.draft is not None and self.draft.session.reuses_prefix else None
+        d = draft.session if draft is not None and draft.session.reuses_prefix else None
         if t.length:
             self.prompt_cache.store(Entry(t.snapshot(), d.snapshot() if d is not None else None))
         if entry is not None:
             t.restore(entry.target)
             if d is not None and entry.draft is not None:
                 d.restore(entry.draft)
-            elif self.draft is not None:
-                self.draft.rollback(0)
+            elif draft is not None:
+                draft.rollback(0)
 
     def stream_events(self, prompt: str | list[dict[str, str]], *, stop: Sequence[str] | str | None = None,
-                      **kwargs: Any) -> Iterator[StreamEvent]:
+                      slot: int = 0, **kwargs: Any) -> Iterator[StreamEvent]:
         """Stream :class:`StreamEvent` pieces; the last one carries the :class:`GenerationResult`.
 
-        Keyword arguments are those of :meth:`decode_config`.
+        Keyword arguments are those of :meth:`decode_config`; ``slot`` that of :meth:`generate_tokens`.
         """
         cfg = self.decode_config(**kwargs)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -190,7 +220,7 @@ class LLM:
         text, sent, finish, t_first, cut = "", 0, "length", None, None
         hold = max((len(s) for s in stops), default=1) - 1
         t0 = time.perf_counter()
-        for rnd in self.generate_tokens(ids, cfg, stats):
+        for rnd in self.generate_tokens(ids, cfg, stats, slot=slot):
             t_first = t_first or time.perf_counter()
             # One event per token, so a client can tell drafted tokens from the target's own;
             # a round that only ends the generation (eos) has no token but still finishes it.
@@ -210,7 +240,7 @@ class LLM:
                 safe = len(text) if (cut is not None or last) else max(sent, len(text) - hold)
                 if safe > sent or tok is not None:
                     yield StreamEvent(text[sent:safe], [] if tok is None else [tok],
-                                      [] if tok is None else [was_drafted])
+                                      [] if tok is None else [was_drafted], round_end=i == len(steps) - 1)
                     sent = safe
                 if cut is not None:
                     break
@@ -260,7 +290,7 @@ class _Bound:
     """A :class:`DecoderSession` seen by the decoding loop (adds ``max_context``)."""
 
     def __init__(self, session, entry: ModelEntry) -> None:
-        self.session, self.max_context = session, entry.max_context
+        self.session, self.max_context, self._entry = session, entry.max_context, entry
 
     @property
     def length(self) -> int:
@@ -272,8 +302,18 @@ class _Bound:
     def rollback(self, length: int) -> None:
         self.session.rollback(length)
 
+    def fork(self) -> _Bound:
+        return _Bound(self.session.fork(), self._entry)
+
     def cached_ids(self):
         return self.session.cached_ids()
+
+
+class Slot(NamedTuple):
+    """One sequence's caches: the target's and the draft's (``None`` without a draft)."""
+
+    target: _Bound
+    draft: _Bound | None
 
 
 GRAPH_FORMATS = ("onnx", "ort")
@@ -380,7 +420,7 @@ def stats_dict(stats: DecodeStats, cfg: DecodeConfig, prompt_tokens: int, t0: fl
 
 def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: str | None = None,
          threads: int | None = None, fallback: bool = False, verify: bool = True, graph_format: str = "onnx",
-         prompt_cache_bytes: int = 0, shared_lookup_tokens: int = 0) -> LLM:
+         prompt_cache_bytes: int = 0, shared_lookup_tokens: int = 0, max_batch: int = 1) -> LLM:
     """Load a bundle written by ``edgellm export``.
 
     Args:
@@ -397,6 +437,8 @@ def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: st
             0 keeps only the live caches, which a prompt continuing the last generation reuses anyway.
         shared_lookup_tokens: keep this many tokens of earlier prompts and outputs in an n-gram
             index that proposes for every later generation (:class:`edgellm.lookup.SharedLookup`); 0: off.
+        max_batch: sequences that may be in flight at once, each in its own cache slot on the one
+            loaded graph (``stream_events(..., slot=k)``; the server interleaves their rounds).
 
     Raises:
         BundleError: missing or damaged bundle (the message names each bad file).
@@ -408,4 +450,4 @@ def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: st
     check_bundle(path, manifest, hashes=verify)
     return LLM(path, manifest, provider=provider, draft_provider=draft_provider, threads=threads, fallback=fallback,
                graph_format=graph_format, prompt_cache_bytes=prompt_cache_bytes,
-               shared_lookup_tokens=shared_lookup_tokens)
+               shared_lookup_tokens=shared_lookup_tokens, max_batch=max_batch)

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from edgellm.api import DEFAULT_MAX_BATCH
 from edgellm.errors import EdgeLLMError
 from edgellm.lookup import DEFAULT_SHARED_LOOKUP
 from edgellm.prompt_cache import DEFAULT_PROMPT_CACHE
@@ -293,8 +294,10 @@ def bench(bundle: Path, prompts_file: Path | None, modes: str, as_json: bool, **
 @click.option("--api-key", default=None, envvar="EDGELLM_API_KEY",
               help="Bearer key clients must send [default: none on loopback, generated otherwise].")
 @click.option("--mode", default=None, type=click.Choice(MODES), help="Default decoding mode of requests.")
+@click.option("--max-batch", default=DEFAULT_MAX_BATCH, show_default=True, type=click.IntRange(1, 64),
+              help="Requests generating at once, each in its own cache slot, taking turns round by round.")
 @click.option("--max-queue", default=8, show_default=True, type=click.IntRange(0, 1000),
-              help="Requests that may wait while one generates; more get HTTP 429.")
+              help="Requests that may wait while all slots generate; more get HTTP 429.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
               help="Another Host name to answer (repeatable; * for any) besides loopback and the bound addresses.")
 @click.option("--allowed-origin", "allowed_origins", multiple=True,

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edgellm.api import DEFAULT_MAX_BATCH
 from edgellm.errors import ConfigError
 from edgellm.lookup import DEFAULT_SHARED_LOOKUP
 from edgellm.prompt_cache import DEFAULT_PROMPT_CACHE, parse_bytes
@@ -39,7 +40,8 @@ class ReplicaOptions:
         threads: intra-op threads per session.
         provider / draft_provider: execution providers, as for :func:`edgellm.load`.
         mode: default decoding mode of requests.
-        max_queue: requests that may wait in a replica while it generates.
+        max_queue: requests that may wait in a replica while its slots generate.
+        max_batch: requests a replica generates at once (see :class:`edgellm.server.Engine`).
         api_key: Bearer key clients must send (required when the proxy binds off loopback).
         prompt_cache_bytes / shared_lookup_tokens: as for ``edgellm serve``, per replica.
         allowed_hosts: ``Host`` names answered besides loopback (the proxy's public name).
@@ -53,6 +55,7 @@ class ReplicaOptions:
     draft_provider: str | None = None
     mode: str | None = None
     max_queue: int = 8
+    max_batch: int = DEFAULT_MAX_BATCH
     api_key: str | None = None
     prompt_cache_bytes: int | str = DEFAULT_PROMPT_CACHE
     shared_lookup_tokens: int = DEFAULT_SHARED_LOOKUP
@@ -78,7 +81,7 @@ def build_asgi_app(opts: ReplicaOptions):
 
     llm = load(opts.bundle, threads=opts.session_threads, provider=opts.provider, draft_provider=opts.draft_provider,
                prompt_cache_bytes=parse_bytes(opts.prompt_cache_bytes),
-               shared_lookup_tokens=opts.shared_lookup_tokens)
+               shared_lookup_tokens=opts.shared_lookup_tokens, max_batch=opts.max_batch)
     guard = Guard(hosts_for("127.0.0.1", opts.allowed_hosts), frozenset())
     return create_app(llm, api_key=opts.api_key, mode=opts.mode, max_queue=opts.max_queue, guard=guard)
 
@@ -93,13 +96,13 @@ def application(opts: ReplicaOptions):
     ingress = serve.ingress(lambda: build_asgi_app(opts))
     Replica = serve.deployment(ingress(type("EdgeLLMReplica", (), {})), name="edgellm",  # noqa: N806
                                num_replicas=opts.replicas, ray_actor_options={"num_cpus": opts.cpus_per_replica},
-                               max_ongoing_requests=opts.max_queue + 1)
+                               max_ongoing_requests=opts.max_batch + opts.max_queue)
     return Replica.bind()
 
 
 def app_builder(args: dict[str, Any]):
     """For ``serve run edgellm.ray_serve:app_builder bundle=... replicas=2``: arguments are strings."""
-    ints = {"replicas", "threads", "max_queue", "shared_lookup_tokens"}
+    ints = {"replicas", "threads", "max_queue", "max_batch", "shared_lookup_tokens"}
     kw: dict[str, Any] = {k: (int(v) if k in ints else v) for k, v in args.items()}
     if "cpus_per_replica" in kw:
         kw["cpus_per_replica"] = float(kw["cpus_per_replica"])

@@ -9,6 +9,7 @@ copied between steps. The cache length is just an integer: rolling back is setti
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -267,6 +268,17 @@ class DecoderSession(CachedSession):
         self._ids = np.zeros(layout.max_context, np.int64)  # the cached positions' tokens
         self.boundaries = attention_boundaries(layout.head_dim, provider)
         self._bind_cache()
+
+    def fork(self) -> DecoderSession:
+        """Another cache on the same loaded graph: its own buffers and length, no second copy of the weights.
+
+        What lets one process keep several sequences in flight (the server's slots, ``max_batch``):
+        each has its own cache, and their passes take turns on the one onnxruntime session.
+        """
+        twin = copy.copy(self)
+        twin.length, twin._ids = 0, np.zeros(self.layout.max_context, np.int64)
+        twin._bind_cache()
+        return twin
 
     def _bind_cache(self) -> None:
         lay, io = self.layout, self.layout.io

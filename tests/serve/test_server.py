@@ -267,3 +267,48 @@ def test_queue_is_fair_health_stays_responsive_and_overflow_gets_429(slow_server
         t.join(60)
     assert [results[i].status_code for i in range(2)] == [200, 200]
     assert results[0].json()["choices"][0]["message"]["content"] == results[1].json()["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def two_slot_llm(tiny_bundle):
+    import edgellm
+
+    return edgellm.load(tiny_bundle, threads=1, max_batch=2)
+
+
+def test_a_short_request_joins_a_long_one_and_finishes_first(two_slot_llm, llm):
+    from edgellm.server import create_app
+
+    slow = SlowLLM(two_slot_llm)
+    running = run_app(create_app(slow, max_queue=0))
+    try:
+        long_body = {"messages": MESSAGES, "max_tokens": 120, "temperature": 0}
+        short_msgs = [{"role": "user", "content": "hello world"}]
+        done: dict[str, float] = {}
+        replies: dict[str, httpx.Response] = {}
+
+        def post(name: str, body: dict) -> None:
+            replies[name] = httpx.post(running.url + "/v1/chat/completions", json=body, timeout=60)
+            done[name] = time.monotonic()
+
+        t_long = threading.Thread(target=post, args=("long", long_body))
+        t_long.start()
+        time.sleep(0.3)  # the long one is generating
+        h = httpx.get(running.url + "/health").json()
+        assert h["active"] == 1 and h["max_batch"] == 2
+        post("short", {"messages": short_msgs, "max_tokens": 6, "temperature": 0})
+        assert "long" not in done  # the short one did not wait for the long one
+        t_long2 = threading.Thread(target=post, args=("long2", long_body))
+        t_long2.start()
+        time.sleep(0.3)
+        third = httpx.post(running.url + "/v1/chat/completions", json=long_body)  # both slots busy, no queue
+        assert "long" not in done and third.status_code == 429
+        t_long.join(60)
+        t_long2.join(60)
+        assert replies["long2"].json() == {**replies["long2"].json(), "choices": replies["long"].json()["choices"]}
+        for name, msgs, n in (("long", MESSAGES, 120), ("short", short_msgs, 6)):
+            assert replies[name].status_code == 200
+            alone = llm.generate(msgs, max_new_tokens=n, temperature=0.0)
+            assert replies[name].json()["choices"][0]["message"]["content"] == alone.text
+    finally:
+        running.stop()
