@@ -1,15 +1,18 @@
 """Load test of ``edgellm serve``: N concurrent clients x M requests, on loopback, bounded in count and time.
 
     .venv/bin/python benchmarks/load.py [BUNDLE] [--clients 1 2 4] [--requests 3] [--max-tokens 64]
-        [--max-batch 4] [--max-seconds 900] [--plot benchmarks/results/load.png]
+        [--max-batch 4] [--max-seconds 900] [--plot docs/load.png]
+    .venv/bin/python benchmarks/load.py --plot-from RUN1.json RUN2.json --plot docs/load.png
 
-Starts ``edgellm serve BUNDLE`` on a free loopback port (one server for the whole run), then
-for each client count runs that many clients at once, each sending ``--requests`` greedy
+For each client count, starts a fresh ``edgellm serve BUNDLE`` on a free loopback port (so no
+level gains from the prompt cache or shared lookup of an earlier one) and runs that many
+clients at once, each sending ``--requests`` greedy
 streamed requests one after another (a mix of the chat and code prompts in
 ``benchmarks/prompts``; client c starts at prompt c). Per request: time to first token,
 latency, completion tokens; per level: p50/p95 of both, aggregate tok/s (all tokens / wall
 time), per-client tok/s, errors, and whether every output equals the one-client run's output
-for the same prompt (greedy decoding is exact). Traffic goes to 127.0.0.1 only; the run stops
+for the same prompt (greedy decoding is exact; the one-client level sends every prompt any
+level sends, one after another). Traffic goes to 127.0.0.1 only; the run stops
 sending when ``--max-seconds`` is spent. Human table on stderr, JSON as the last stdout line.
 """
 
@@ -79,19 +82,23 @@ def one_request(url: str, prompt: dict, max_tokens: int, deadline: float) -> dic
             "tokens_per_second": tokens / (end - t0), "text": text}
 
 
-def run_level(url: str, prompts: list[dict], clients: int, requests: int, max_tokens: int,
-              deadline: float) -> tuple[list[list[dict]], float]:
-    """``clients`` threads, each sending ``requests`` requests in a row; returns their results and the wall time."""
-    results: list[list[dict]] = [[] for _ in range(clients)]
+def schedule(prompts: list[dict], clients: int, requests: int) -> list[list[dict]]:
+    """What each of ``clients`` clients sends, in order: client c starts at prompt c."""
+    return [[prompts[(c + k * clients) % len(prompts)] for k in range(requests)] for c in range(clients)]
+
+
+def run_level(url: str, plan: list[list[dict]], max_tokens: int, deadline: float) -> tuple[list[list[dict]], float]:
+    """One thread per client, each sending its requests in a row; returns their results and the wall time."""
+    results: list[list[dict]] = [[] for _ in plan]
 
     def client(c: int) -> None:
-        for k in range(requests):
+        for prompt in plan[c]:
             if time.monotonic() > deadline:
                 return
-            results[c].append(one_request(url, prompts[(c + k * clients) % len(prompts)], max_tokens, deadline))
+            results[c].append(one_request(url, prompt, max_tokens, deadline))
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(plan))]
     for t in threads:
         t.start()
     for t in threads:
@@ -122,23 +129,62 @@ def summarize(results: list[list[dict]], wall: float, reference: dict[str, str])
     }
 
 
-def plot(levels: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path) -> None:
+    """Aggregate and per-client tok/s and time to first token against clients, one line per run (its max_batch)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = [lv["clients"] for lv in levels]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
-    a.plot(n, [lv["aggregate_tokens_per_second"] for lv in levels], "o-", label="all clients")
-    a.plot(n, [statistics.median(lv["per_client_tokens_per_second"]) for lv in levels], "s--", label="per client (median)")
-    a.set_xlabel("concurrent clients"), a.set_ylabel("tokens / s"), a.legend(), a.set_xticks(n)
-    b.plot(n, [lv["ttft_p50_s"] for lv in levels], "o-", label="p50")
-    b.plot(n, [lv["ttft_p95_s"] for lv in levels], "s--", label="p95")
-    b.set_xlabel("concurrent clients"), b.set_ylabel("time to first token (s)"), b.legend(), b.set_xticks(n)
-    fig.suptitle("edgellm serve under load (reference pair, 2 threads, loopback)")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for run, color in zip(runs, ("tab:blue", "tab:orange", "tab:green")):
+        lv, tag = run["levels"], f"max-batch {run['max_batch']}"
+        n = [x["clients"] for x in lv]
+        a.plot(n, [x["aggregate_tokens_per_second"] for x in lv], "o-", color=color, label=f"{tag}: all clients")
+        a.plot(n, [statistics.median(x["per_client_tokens_per_second"]) for x in lv], "s:", color=color,
+               label=f"{tag}: per client")
+        b.plot(n, [x["ttft_p50_s"] for x in lv], "o-", color=color, label=f"{tag}: p50")
+        b.plot(n, [x["ttft_p95_s"] for x in lv], "s:", color=color, label=f"{tag}: p95")
+        a.set_xticks(n), b.set_xticks(n)
+    a.set_xlabel("concurrent clients"), a.set_ylabel("tokens / s"), a.legend(fontsize=7)
+    b.set_xlabel("concurrent clients"), b.set_ylabel("time to first token (s)"), b.legend(fontsize=7)
+    fig.suptitle(f"edgellm serve under load ({runs[0]['bundle']}, {runs[0]['threads']} threads, loopback)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+class Server:
+    """``edgellm serve`` in a subprocess on a free loopback port, for one level of the run."""
+
+    def __init__(self, a: argparse.Namespace, clients: int, deadline: float) -> None:
+        self.port, self.deadline = free_port(), deadline
+        self.cmd = [sys.executable, "-m", "edgellm.cli", "serve", str(a.bundle), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--threads", str(a.threads), "--max-batch", str(a.max_batch),
+                    "--max-queue", str(clients * 2), *a.server_args.split()]
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{self.port}"
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > self.deadline:
+                self.proc.kill()
+                sys.exit(f"the server did not start: {self.proc.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+
+        def health() -> dict:
+            h = httpx.get(url + "/health").json()
+            return {k: h.get(k) for k in ("served", "max_batch", "prompt_cache", "shared_lookup")}
+
+        return url, health
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
 
 
 def main() -> None:
@@ -152,50 +198,43 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=900)
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--server-args", default="", help="more edgellm serve options, space-separated")
+    ap.add_argument("--plot-from", nargs="+", type=Path, default=None,
+                    help="only draw --plot from earlier runs' JSON files (their last lines), one line each")
     a = ap.parse_args()
+    if a.plot_from:
+        plot([json.loads(f.read_text().strip().splitlines()[-1]) for f in a.plot_from], a.plot)
+        return
     if any(c < 1 for c in a.clients) or not 1 <= a.requests <= 50:
         ap.error("--clients must be >= 1 and --requests 1-50 (the load stays bounded)")
-    port = free_port()
-    cmd = [sys.executable, "-m", "edgellm.cli", "serve", str(a.bundle), "--host", "127.0.0.1", "--port", str(port),
-           "--threads", str(a.threads), "--max-batch", str(a.max_batch), "--max-queue", str(max(a.clients) * 2),
-           *a.server_args.split()]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    prompts = load_prompts()
     deadline = time.monotonic() + a.max_seconds
-    try:
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"the server did not start: {server.stderr.read()[-2000:]}")
-            time.sleep(0.5)
-        prompts = load_prompts()
-        one_request(url, prompts[0], 8, deadline)  # warm-up
-        reference: dict[str, str] = {}
-        levels = []
-        for clients in a.clients:
-            results, wall = run_level(url, prompts, clients, a.requests, a.max_tokens, deadline)
-            if clients == 1:
+    reference: dict[str, str] = {}
+    levels = []
+    for clients in a.clients:
+        with Server(a, clients, deadline) as (url, health):
+            one_request(url, prompts[-1], 8, deadline)  # warm-up (a prompt the clients send last, if at all)
+            plan = schedule(prompts, clients, a.requests)
+            if clients == 1 and not reference:  # the solo run: every prompt any level sends, for the comparison
+                plan = [[q for q in prompts if any(q is r for n in a.clients for c in schedule(prompts, n, a.requests)
+                                                   for r in c)]]
+            results, wall = run_level(url, plan, a.max_tokens, deadline)
+            if not reference:
                 reference.update({r["prompt"]: r["text"] for rs in results for r in rs if "error" not in r})
-            lv = {"clients": clients, **summarize(results, wall, reference)}
-            levels.append(lv)
-            print(f"{clients} client(s): {lv['requests']} requests, {lv['errors']} errors; aggregate "
-                  f"{lv['aggregate_tokens_per_second']:.1f} tok/s, per client "
-                  f"{statistics.median(lv['per_client_tokens_per_second'] or [0]):.1f}; first token p50 "
-                  f"{lv['ttft_p50_s'] or 0:.2f} s p95 {lv['ttft_p95_s'] or 0:.2f} s; latency p50 "
-                  f"{lv['latency_p50_s'] or 0:.1f} s; identical: {lv['identical_to_one_client']}", file=sys.stderr)
-        health = httpx.get(url + "/health").json()
-    finally:
-        server.terminate()
-        server.wait(30)
+            lv = {"clients": clients, **summarize(results, wall, reference), "server": health()}
+        levels.append(lv)
+        print(f"{clients} client(s): {lv['requests']} requests, {lv['errors']} errors; aggregate "
+              f"{lv['aggregate_tokens_per_second']:.1f} tok/s, per client "
+              f"{statistics.median(lv['per_client_tokens_per_second'] or [0]):.1f}; first token p50 "
+              f"{lv['ttft_p50_s'] or 0:.2f} s p95 {lv['ttft_p95_s'] or 0:.2f} s; latency p50 "
+              f"{lv['latency_p50_s'] or 0:.1f} s; identical: {lv['identical_to_one_client']}", file=sys.stderr)
+    doc = {"bundle": a.bundle.name, "threads": a.threads, "max_batch": a.max_batch, "max_tokens": a.max_tokens,
+           "requests_per_client": a.requests, "server_args": a.server_args, "levels": levels}
     if a.plot and levels:
-        plot(levels, a.plot)
-    print(json.dumps({"bundle": a.bundle.name, "threads": a.threads, "max_batch": a.max_batch,
-                      "max_tokens": a.max_tokens, "requests_per_client": a.requests, "levels": levels,
-                      "server": {k: health.get(k) for k in ("served", "prompt_cache", "shared_lookup")}}))
+        try:
+            plot([doc], a.plot)
+        except ImportError:
+            print("no plot: matplotlib is missing (pip install 'edgellm[bench]')", file=sys.stderr)
+    print(json.dumps(doc))
 
 
 if __name__ == "__main__":

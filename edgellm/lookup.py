@@ -56,7 +56,8 @@ class SharedLookup:
     every n-gram (``min_ngram`` to ``max_ngram`` tokens) to where it occurred last — the
     "global tree" of SuffixDecoding (arXiv 2411.04975) reduced to its most recent continuation.
     Its proposals are verified like any other, so output is unchanged; the decoding loop tracks
-    their acceptance apart from the request's own lookup (source ``shared``).
+    their acceptance apart from the request's own lookup (source ``shared``) and takes, each
+    round, the source it expects more tokens from.
 
     Not thread-safe: one generation at a time adds to it (the server's worker thread).
     """

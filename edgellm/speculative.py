@@ -151,7 +151,7 @@ class DraftLengthController:
         self.max_lookup = max_gamma if max_lookup is None else max_lookup
         # pseudo-counts; lookup starts optimistic so that it gets tried (it is free) and learns fast
         # (``shared``: proposals from other requests' text, :class:`edgellm.lookup.SharedLookup`)
-        self.counts = {"draft": [4.0 * prior_acceptance, 4.0], "lookup": [2.0 * 0.8, 2.0], "shared": [2.0 * 0.6, 2.0]}
+        self.counts = {"draft": [4.0 * prior_acceptance, 4.0], "lookup": [2.0 * 0.8, 2.0], "shared": [2.0 * 0.8, 2.0]}
         # per source, per proposal position i (1-based): [rejected at i, reached i], decayed
         self.positions: dict[str, dict[int, list[float]]] = {"draft": {}, "lookup": {}, "shared": {}}
         self.t_draft: float | None = None
@@ -264,8 +264,8 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
         cfg: decoding configuration.
         draft: the draft model, required for ``speculative`` mode.
         stats: filled in as the generation goes.
-        shared: an index of other requests' tokens, proposing when the request's own lookup
-            finds nothing (read only here; the caller adds the finished sequence).
+        shared: an index of other requests' tokens, a second source of free proposals beside
+            the request's own lookup (read only here; the caller adds the finished sequence).
 
     Yields:
         Rounds of committed tokens; the last has ``finish_reason`` ``stop`` (an eos token) or
@@ -325,12 +325,18 @@ def reusable_prefix(model: Model, prompt: list[int], enabled: bool = True) -> in
     return min(common_prefix(cached(), np.asarray(prompt, np.int64)), len(prompt) - 1)
 
 
-def _lookup(seq: list[int], n: int, shared: SharedLookup | None) -> tuple[list[int], str]:
-    """Up to ``n`` free proposals: the request's own n-gram match, else the shared index's."""
+def _lookup(seq: list[int], n: int, shared: SharedLookup | None,
+            ctl: DraftLengthController) -> tuple[list[int], str]:
+    """Up to ``n`` free proposals: the request's own n-gram match or the shared index's (other
+    requests' text), whichever the controller expects more tokens per second from (the shared
+    one on a tie: it holds real outputs, where a prompt often holds a template of them)."""
     own = propose_lookup(seq, n)
-    if own or shared is None:
+    other = shared.propose(seq, n) if shared is not None else []
+    if not other:
         return own, "lookup"
-    return shared.propose(seq, n), "shared"
+    if own and ctl.rate(len(own), "lookup") > ctl.rate(len(other), "shared"):
+        return own, "lookup"
+    return other, "shared"
 
 
 def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, limit: int,
@@ -342,7 +348,7 @@ def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, l
 
     Returns ``(tokens, "lookup" | "shared")`` or ``(gamma, "draft")``. In ``lookup`` mode only
     lookup is used; in ``speculative`` mode lookup wins when its expected rate is higher.
-    Lookup searches the request's own tokens first, then ``shared`` (other requests').
+    Lookup takes the request's own n-gram match or ``shared``'s (other requests'), see :func:`_lookup`.
 
     ``target`` mode, and a speculative round whose draft length comes out 0, propose at most one
     lookup token: a lone token's pass is two rows long anyway (``DecoderSession.min_rows``, for
@@ -351,9 +357,9 @@ def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, l
     the output is the target's own.
     """
     if cfg.mode == "target":
-        return _lookup(seq, min(limit, 1), shared)
+        return _lookup(seq, min(limit, 1), shared, ctl)
     fixed = cfg.num_draft_tokens
-    look, src = _lookup(seq, min(limit, fixed if fixed is not None else ctl.max_lookup), shared)
+    look, src = _lookup(seq, min(limit, fixed if fixed is not None else ctl.max_lookup), shared, ctl)
     if cfg.mode == "lookup":
         return (look if fixed is not None else look[: max(1, ctl.choose(len(look), src))]), src
     gamma = min(fixed, draft_limit) if fixed is not None else ctl.choose(draft_limit)

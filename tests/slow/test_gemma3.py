@@ -91,3 +91,23 @@ def test_default_bundle_lookup_equals_target(gguf):
     for prompt in PROMPTS:
         ref = llm.generate(prompt, mode="target", max_new_tokens=48).token_ids
         assert llm.generate(prompt, mode="lookup", max_new_tokens=48).token_ids == ref
+
+
+def test_prompt_cache_is_exact_with_wide_heads_and_windows(gguf):
+    """Head 256 splits passes at attention boundaries and the sliding layers drop old keys: a warm
+    turn (its prefix cached, passes cut elsewhere) still computes every position bit for bit."""
+    import edgellm
+
+    bundle = _bundle(gguf, "gguf")
+    warm, cold = edgellm.load(bundle, prompt_cache_bytes=2**28), edgellm.load(bundle)
+    history = PROMPTS[0] * 12  # ~450 tokens: the second turn passes the 512-token window
+    first = warm.generate(history, mode="target", max_new_tokens=40)
+    turn2 = history + first.text + "\n# and now iteratively:\n"
+    w = warm.generate(turn2, mode="lookup", max_new_tokens=60)
+    c = cold.generate(turn2, mode="lookup", max_new_tokens=60, cache_prompt=False)
+    assert w.stats["cached_tokens"] > 400 and w.stats["prompt_tokens"] + 60 > 512
+    assert w.token_ids == c.token_ids
+    n = w.stats["prompt_tokens"] + len(w.token_ids) - 1
+    t_w, t_c = warm.target.session, cold.target.session
+    for layer in range(t_w.layout.num_layers):
+        np.testing.assert_array_equal(t_w.cache_array(layer)[:, :n], t_c.cache_array(layer)[:, :n])

@@ -56,3 +56,20 @@ def test_target_keeps_the_gguf_model_output(llm):
         ref = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[0, len(ids):].tolist()
     got = llm.generate(CODE_PROMPTS[0], mode="target", max_new_tokens=48).token_ids
     assert got == ref[: len(got)]
+
+
+def test_a_cached_chat_turn_equals_a_cold_one(llm):
+    """Turn 2 of a chat reuses turn 1's cached keys and values; output and cache equal a cold run's."""
+    import numpy as np
+
+    msgs = [{"role": "user", "content": "Write a Python function that reverses a string."}]
+    first = llm.generate(msgs, max_new_tokens=48, temperature=0.0)
+    msgs += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Now without slicing."}]
+    warm = llm.generate(msgs, max_new_tokens=48, temperature=0.0)
+    n = warm.stats["prompt_tokens"] + len(warm.token_ids) - 1
+    keep = [llm.target.session.cache_array(i)[:, :n].copy() for i in (0, 13, 27)]
+    cold = llm.generate(msgs, max_new_tokens=48, temperature=0.0, cache_prompt=False)
+    assert warm.stats["cached_tokens"] >= first.stats["prompt_tokens"] and cold.stats["cached_tokens"] == 0
+    assert warm.token_ids == cold.token_ids
+    for a, i in zip(keep, (0, 13, 27)):
+        np.testing.assert_array_equal(a, llm.target.session.cache_array(i)[:, :n])

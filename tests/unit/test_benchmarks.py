@@ -29,3 +29,19 @@ def test_best_modes_ignore_peer_modes_that_change_the_output():
     assert best["llama.cpp"]["best_mode"] == "target" and best["edgellm"]["best_mode"] == "speculative"
     assert best["edgellm"]["over_peers"] == {"llama.cpp": 1.5, "genai": 1.25}
     assert best["edgellm int4"]["best_mode"] == "target"  # its faster lookup changed an output: a bug, not a best
+
+
+def test_load_schedule_and_summary():
+    from load import schedule, summarize
+
+    prompts = [{"id": f"p{i}"} for i in range(5)]
+    plan = schedule(prompts, 2, 3)
+    assert [[p["id"] for p in c] for c in plan] == [["p0", "p2", "p4"], ["p1", "p3", "p0"]]
+    ok = lambda p, text, tokens=10, ttft=1.0, lat=2.0: {"prompt": p, "text": text, "tokens": tokens,  # noqa: E731
+                                                         "ttft_s": ttft, "latency_s": lat}
+    results = [[ok("p0", "a"), ok("p2", "b", ttft=3.0)], [ok("p1", "X"), {"prompt": "p3", "error": "HTTP 500"}]]
+    s = summarize(results, wall=4.0, reference={"p0": "a", "p1": "c"})
+    assert s["requests"] == 3 and s["errors"] == 1 and s["error_messages"] == ["HTTP 500"]
+    assert s["aggregate_tokens_per_second"] == 30 / 4.0 and s["per_client_tokens_per_second"] == [5.0, 5.0]
+    assert s["identical_to_one_client"] is False and s["compared"] == 2  # p1 differs; p2 has no reference
+    assert s["ttft_p50_s"] == 1.0 and s["latency_p95_s"] == 2.0
