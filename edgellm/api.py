@@ -129,7 +129,8 @@ class LLM:
 
     def decode_config(self, *, mode: str | None = None, max_new_tokens: int | None = None, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                      num_draft_tokens: int | None = None, cache_prompt: bool = True) -> DecodeConfig:
+                      num_draft_tokens: int | None = None, cache_prompt: bool = True,
+                      prefill_chunk: int | None = None) -> DecodeConfig:
         gen = self.manifest.generation
         mode = mode or ("speculative" if self.draft else "target")
         return DecodeConfig(
@@ -141,6 +142,7 @@ class LLM:
             vocab_size=self.tokenizer.vocab_size,
             seed=seed,
             cache_prompt=cache_prompt,
+            prefill_chunk=prefill_chunk,
         )
 
     # ------------------------------------------------------------------ generation
@@ -221,6 +223,9 @@ class LLM:
         hold = max((len(s) for s in stops), default=1) - 1
         t0 = time.perf_counter()
         for rnd in self.generate_tokens(ids, cfg, stats, slot=slot):
+            if not rnd.tokens and rnd.finish_reason is None:  # a prefill piece: a turn boundary, no text
+                yield StreamEvent("", [], [], round_end=True)
+                continue
             t_first = t_first or time.perf_counter()
             # One event per token, so a client can tell drafted tokens from the target's own;
             # a round that only ends the generation (eos) has no token but still finishes it.

@@ -66,6 +66,9 @@ class DecodeConfig:
         seed: random seed for sampling.
         cache_prompt: keep the cached prefix the prompt shares with what the models' caches hold
             and prefill only the rest (:mod:`edgellm.prompt_cache`; the output is the same).
+        prefill_chunk: prefill a longer prompt in passes of this many tokens, yielding an empty
+            round after each but the last (a scheduler runs other sequences' rounds in between);
+            ``None``: one pass. The output is the same.
     """
 
     mode: str = "speculative"
@@ -78,6 +81,7 @@ class DecodeConfig:
     vocab_size: int | None = None
     seed: int | None = None
     cache_prompt: bool = True
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -92,6 +96,10 @@ class DecodeConfig:
                               param="num_draft_tokens")
         if not isinstance(self.cache_prompt, bool):
             raise ConfigError(f"cache_prompt={self.cache_prompt!r}; allowed: true or false", param="cache_prompt")
+        c = self.prefill_chunk
+        if c is not None and (not isinstance(c, int) or isinstance(c, bool) or c < 2):
+            raise ConfigError(f"prefill_chunk={c!r}; allowed: an integer >= 2, or None for one pass",
+                              param="prefill_chunk")
         s = self.seed
         if s is not None and (not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_SEED):
             raise ConfigError(f"seed={s!r}; allowed: an integer 0-{MAX_SEED}, or None for a random seed",
@@ -268,7 +276,8 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
             the request's own lookup (read only here; the caller adds the finished sequence).
 
     Yields:
-        Rounds of committed tokens; the last has ``finish_reason`` ``stop`` (an eos token) or
+        Rounds of committed tokens (empty ones between prefill pieces when
+        ``cfg.prefill_chunk`` cuts the prompt); the last has ``finish_reason`` ``stop`` (an eos token) or
         ``length`` (max_new_tokens reached, or prompt plus output filled the target's
         ``max_context``: ``stats.context_full``).
 
@@ -290,9 +299,16 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
     eos = set(cfg.eos_token_ids)
 
     # Prefill: the prompt (past what is cached) through the target gives the first token directly.
+    rest = np.asarray(prompt[keep:], np.int64)
+    while cfg.prefill_chunk and len(rest) > cfg.prefill_chunk:  # in pieces, others' rounds between them
+        t0 = time.perf_counter()
+        target.forward(rest[: cfg.prefill_chunk], 1)
+        stats.prefill_seconds += time.perf_counter() - t0
+        rest = rest[cfg.prefill_chunk:]
+        yield Round([], [])
     t0 = time.perf_counter()
-    logits = target.forward(np.asarray(prompt[keep:], np.int64), 1)[-1, :v]
-    stats.prefill_seconds = time.perf_counter() - t0
+    logits = target.forward(rest, 1)[-1, :v]
+    stats.prefill_seconds += time.perf_counter() - t0
     seq = list(prompt)
     first = choose(logits, cfg.sampling, rng)
     done = _commit(seq, [first], [False], eos, cfg, stats, len(prompt), target.max_context)

@@ -72,3 +72,13 @@ def test_bad_slots_and_batch_sizes(tiny_bundle, batched):
         batched.generate("x", slot=3)
     with pytest.raises(edgellm.ConfigError, match="max_batch=0; allowed: an integer 1-64"):
         edgellm.load(tiny_bundle, max_batch=0)
+
+
+def test_chunked_prefill_gives_turns_and_the_same_output(batched):
+    prompt = "def foo(x): return x + 1\n" * 6
+    n = len(batched.prompt_ids(prompt))
+    events = list(batched.stream_events(prompt, slot=2, prefill_chunk=16, max_new_tokens=10, cache_prompt=False))
+    ticks = [e for e in events if e.round_end and not e.token_ids and e.result is None]
+    assert len(ticks) == (n - 1) // 16
+    plain = batched.generate(prompt, slot=2, max_new_tokens=10, cache_prompt=False)
+    assert events[-1].result.token_ids == plain.token_ids

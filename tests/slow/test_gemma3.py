@@ -100,12 +100,12 @@ def test_prompt_cache_is_exact_with_wide_heads_and_windows(gguf):
 
     bundle = _bundle(gguf, "gguf")
     warm, cold = edgellm.load(bundle, prompt_cache_bytes=2**28), edgellm.load(bundle)
-    history = PROMPTS[0] * 12  # ~450 tokens: the second turn passes the 512-token window
+    history = PROMPTS[0] * 24  # ~480 tokens: the second turn passes the 512-token window
     first = warm.generate(history, mode="target", max_new_tokens=40)
     turn2 = history + first.text + "\n# and now iteratively:\n"
     w = warm.generate(turn2, mode="lookup", max_new_tokens=60)
     c = cold.generate(turn2, mode="lookup", max_new_tokens=60, cache_prompt=False)
-    assert w.stats["cached_tokens"] > 400 and w.stats["prompt_tokens"] + 60 > 512
+    assert w.stats["cached_tokens"] > 450 and w.stats["prompt_tokens"] > 512
     assert w.token_ids == c.token_ids
     n = w.stats["prompt_tokens"] + len(w.token_ids) - 1
     t_w, t_c = warm.target.session, cold.target.session

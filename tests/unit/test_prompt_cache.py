@@ -126,3 +126,16 @@ def test_parse_bytes_refuses(text):
         parse_bytes(text)
     with pytest.raises(ConfigError, match="prompt_cache_bytes=-1"):
         PromptCache(-1)
+
+
+def test_prefill_in_chunks_yields_turns_and_keeps_the_output():
+    prompt = list(range(3, 40))  # 37 tokens
+    model = FakeLM(seed=4)
+    cfg = DecodeConfig(mode="target", max_new_tokens=12, vocab_size=model.vocab, prefill_chunk=10)
+    rounds = list(decode(model, prompt, cfg))
+    assert [len(r.tokens) for r in rounds[:3]] == [0, 0, 0] and rounds[3].tokens  # 10 + 10 + 10, then 7
+    assert model.calls[:4] == [(0, 10), (10, 10), (20, 10), (30, 7)]
+    tokens = [t for r in rounds for t in r.tokens]
+    assert tokens == run(FakeLM(seed=4), prompt, mode="target", max_new_tokens=12)[0]
+    with pytest.raises(ConfigError, match="prefill_chunk=1; allowed: an integer >= 2"):
+        DecodeConfig(prefill_chunk=1)
