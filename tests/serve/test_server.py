@@ -73,6 +73,8 @@ def test_second_chat_turn_reuses_the_cached_prefix(server):
     assert warm.choices[0].message.content == cold.choices[0].message.content
     assert warm.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
     assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    h = httpx.get(server.url + "/health").json()
+    assert h["prompt_cache"]["max_bytes"] == 16 * 2**20 and h["shared_lookup"]["tokens"] > 0
     bad = httpx.post(server.url + "/v1/chat/completions", headers=JSON,
                      json={"messages": MESSAGES, "edgellm": {"cache_prompt": "no"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_prompt"

@@ -139,3 +139,11 @@ def test_prefill_in_chunks_yields_turns_and_keeps_the_output():
     assert tokens == run(FakeLM(seed=4), prompt, mode="target", max_new_tokens=12)[0]
     with pytest.raises(ConfigError, match="prefill_chunk=1; allowed: an integer >= 2"):
         DecodeConfig(prefill_chunk=1)
+
+
+def test_storing_a_longer_turn_drops_the_earlier_turns_of_that_conversation():
+    cache = PromptCache(10**6)
+    cache.store(_entry(5))  # turn 1: ids 0..4
+    cache.store(_entry(5, 100))  # another conversation
+    cache.store(_entry(9))  # turn 2 of the first: ids 0..8, turn 1 is its prefix
+    assert sorted((int(e.target.ids[0]), len(e.target.ids)) for e in cache._entries.values()) == [(0, 9), (100, 5)]
