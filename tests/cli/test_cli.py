@@ -107,3 +107,11 @@ def test_bench_sampled_reports_speed_and_acceptance_not_exactness(tiny_bundle, t
     bad = run(args[:-1] + ["-1"])
     assert bad.exit_code != 0 and "temperature=-1.0" in bad.output + str(bad.exception)
     assert "warm-up" not in bad.output  # refused before the bundle loads
+
+
+def test_serve_refuses_bad_serving_options_before_listening(tiny_bundle, capsys):
+    assert main(["serve", str(tiny_bundle), "--prompt-cache-bytes", "lots"]) == 1
+    assert "prompt cache size 'lots'; allowed: a byte count" in capsys.readouterr().err
+    assert main(["serve", str(tiny_bundle), "--replicas", "2"]) == 2
+    assert "--replicas and --cpus-per-replica need --ray" in capsys.readouterr().err
+    assert main(["serve", str(tiny_bundle), "--max-batch", "0"]) == 2
