@@ -98,7 +98,7 @@ class GenRequest:
 
     Attributes:
         prompt: a string (``/v1/completions``) or chat messages (``/v1/chat/completions``).
-        prompt_tokens: number of prompt tokens (after the chat template).
+        prompt_ids: the prompt's token ids (after the chat template).
         options: keyword arguments of :meth:`edgellm.LLM.stream_events`.
         stream: answer with server-sent events.
         include_usage: (streaming) send a last chunk with ``usage``.
@@ -106,11 +106,15 @@ class GenRequest:
     """
 
     prompt: str | list[dict[str, str]]
-    prompt_tokens: int
+    prompt_ids: list[int]
     options: dict[str, Any]
     stream: bool = False
     include_usage: bool = False
     model: str = ""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
 
 def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str, default: Any = None) -> Any:
@@ -235,7 +239,7 @@ def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None =
         raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from e
     except ConfigError as e:
         raise ApiError(400, str(e), param=e.param, code="invalid_value") from e
-    return GenRequest(prompt, len(ids), options, stream=_typed(body, "stream", (bool,), "true or false", False),
+    return GenRequest(prompt, ids, options, stream=_typed(body, "stream", (bool,), "true or false", False),
                       include_usage=_typed(stream_options, "include_usage", (bool,), "true or false", False),
                       model=model)
 
@@ -385,12 +389,7 @@ class Engine:
                 self._end(job)
                 continue
             free = sorted(set(range(self.max_batch)) - {a.slot for a in self._active})
-            try:
-                slot = self.llm.pick_slot(self.llm.prompt_ids(req.prompt), free) if len(free) > 1 else free[0]
-            except BaseException as e:  # noqa: BLE001 - handed to the request's task
-                job.put(e)
-                self._end(job)
-                continue
+            slot = self.llm.pick_slot(req.prompt_ids, free) if len(free) > 1 else free[0]
             self._active.append(_Active(job, req, slot))
 
     def _turn(self, act: _Active) -> None:
