@@ -7,7 +7,11 @@ Pays off when the output repeats the input (code editing, summaries quoting thei
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
+
+from edgellm.errors import ConfigError
 
 #: tokens of earlier requests the server's shared index keeps (a few hundred bytes each)
 DEFAULT_SHARED_LOOKUP = 100_000
@@ -59,12 +63,10 @@ class SharedLookup:
     their acceptance apart from the request's own lookup (source ``shared``) and takes, each
     round, the source it expects more tokens from.
 
-    Not thread-safe: one generation at a time adds to it (the server's worker thread).
+    Not thread-safe: one thread adds to it (the server's worker thread).
     """
 
     def __init__(self, max_tokens: int, max_ngram: int = 4, min_ngram: int = 2) -> None:
-        from edgellm.errors import ConfigError
-
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
             raise ConfigError(f"shared_lookup_tokens={max_tokens!r}; allowed: an integer >= 0 (0 turns it off)",
                               param="shared_lookup_tokens")
@@ -84,21 +86,23 @@ class SharedLookup:
         key, self._next = self._next, self._next + 1
         self._seqs[key] = a
         self.tokens += len(a)
-        items = a.tolist()
-        for n in range(self.min_ngram, self.max_ngram + 1):
-            for end in range(n, len(items)):  # an n-gram ending before the last token: something follows it
-                self._index[tuple(items[end - n:end])] = (key, end)
+        for gram, end in self._ngrams(a.tolist()):
+            self._index[gram] = (key, end)
         while self.tokens > self.max_tokens:
             self._drop(next(iter(self._seqs)))
 
     def _drop(self, key: int) -> None:
         items = self._seqs.pop(key).tolist()
         self.tokens -= len(items)
+        for gram, _ in self._ngrams(items):
+            if self._index.get(gram, (None,))[0] == key:
+                del self._index[gram]
+
+    def _ngrams(self, items: list[int]) -> Iterator[tuple[tuple[int, ...], int]]:
+        """Each indexed n-gram of ``items`` with the position after it; only n-grams something follows."""
         for n in range(self.min_ngram, self.max_ngram + 1):
             for end in range(n, len(items)):
-                gram = tuple(items[end - n:end])
-                if self._index.get(gram, (None,))[0] == key:
-                    del self._index[gram]
+                yield tuple(items[end - n:end]), end
 
     def propose(self, seq: list[int] | np.ndarray, max_tokens: int) -> list[int]:
         """Up to ``max_tokens`` tokens that followed the longest suffix of ``seq`` seen before."""

@@ -68,7 +68,7 @@ class Entry:
 class PromptCache:
     """An LRU of :class:`Entry`, at most ``max_bytes`` in all (0 stores nothing).
 
-    Not thread-safe: one generation at a time uses it (the server's worker thread).
+    Not thread-safe: one thread uses it (the server's worker thread, whatever its number of slots).
     """
 
     def __init__(self, max_bytes: int) -> None:
