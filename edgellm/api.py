@@ -204,10 +204,12 @@ class LLM:
                 draft.rollback(0)
 
     def stream_events(self, prompt: str | list[dict[str, str]], *, stop: Sequence[str] | str | None = None,
-                      slot: int = 0, **kwargs: Any) -> Iterator[StreamEvent]:
+                      slot: int = 0, prompt_ids: Sequence[int] | None = None,
+                      **kwargs: Any) -> Iterator[StreamEvent]:
         """Stream :class:`StreamEvent` pieces; the last one carries the :class:`GenerationResult`.
 
-        Keyword arguments are those of :meth:`decode_config`; ``slot`` that of :meth:`generate_tokens`.
+        Keyword arguments are those of :meth:`decode_config`; ``slot`` that of :meth:`generate_tokens`;
+        ``prompt_ids``: ``prompt`` already tokenized with :meth:`prompt_ids` (the server has it).
         """
         cfg = self.decode_config(**kwargs)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -215,7 +217,7 @@ class LLM:
             raise ConfigError(f"stop={stop!r}; allowed: a non-empty string or a list of them", param="stop")
         for s in stops:
             check_text(s, "a stop string", param="stop")
-        ids = self.prompt_ids(prompt)
+        ids = list(prompt_ids) if prompt_ids is not None else self.prompt_ids(prompt)
         stats, dec = DecodeStats(), StreamDecoder(self.tokenizer)
         out_ids: list[int] = []
         drafted: list[bool] = []

@@ -398,8 +398,8 @@ class Engine:
         try:
             if act.events is None:
                 chunk = self.prefill_chunk if self.max_batch > 1 else None
-                act.events = self.llm.stream_events(act.req.prompt, slot=act.slot, prefill_chunk=chunk,
-                                                    **act.req.options)
+                act.events = self.llm.stream_events(act.req.prompt, slot=act.slot, prompt_ids=act.req.prompt_ids,
+                                                    prefill_chunk=chunk, **act.req.options)
             for ev in act.events:
                 if act.job.cancelled.is_set():
                     break
