@@ -88,10 +88,7 @@ def build_asgi_app(opts: ReplicaOptions):
 
 def application(opts: ReplicaOptions):
     """The Ray Serve application (``serve.run(application(opts))``)."""
-    try:
-        from ray import serve
-    except ImportError as e:
-        raise ConfigError(f"Ray Serve is not installed: pip install 'edgellm[ray]' ({e})") from None
+    serve = _ray().serve
 
     ingress = serve.ingress(lambda: build_asgi_app(opts))
     Replica = serve.deployment(ingress(type("EdgeLLMReplica", (), {})), name="edgellm",  # noqa: N806
@@ -115,11 +112,8 @@ def run(opts: ReplicaOptions, *, host: str = "127.0.0.1", port: int = 8000, echo
 
     key, generated = resolve_api_key(host, opts.api_key)
     opts = ReplicaOptions(**{**asdict(opts), "api_key": key})
-    try:
-        import ray
-        from ray import serve
-    except ImportError as e:
-        raise ConfigError(f"Ray Serve is not installed: pip install 'edgellm[ray]' ({e})") from None
+    ray = _ray()
+    serve = ray.serve
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(opts), name="edgellm", route_prefix="/")
@@ -137,6 +131,16 @@ def run(opts: ReplicaOptions, *, host: str = "127.0.0.1", port: int = 8000, echo
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _ray():
+    """The ``ray`` package with ``ray.serve`` imported, or a ConfigError saying how to install it."""
+    try:
+        import ray
+        import ray.serve  # noqa: F401 - makes ray.serve an attribute
+    except ImportError as e:
+        raise ConfigError(f"Ray Serve is not installed: pip install 'edgellm[ray]' ({e})") from None
+    return ray
 
 
 def _interrupt(signum, frame) -> None:
