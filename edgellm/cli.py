@@ -20,6 +20,7 @@ from edgellm.api import DEFAULT_MAX_BATCH
 from edgellm.errors import EdgeLLMError
 from edgellm.lookup import DEFAULT_SHARED_LOOKUP
 from edgellm.prompt_cache import DEFAULT_PROMPT_CACHE
+from edgellm.ray_serve import ReplicaOptions
 
 MODES = ("speculative", "target", "lookup")
 
@@ -310,8 +311,9 @@ def bench(bundle: Path, prompts_file: Path | None, modes: str, as_json: bool, **
                    "request (0: off).")
 @click.option("--ray", "on_ray", is_flag=True,
               help="Run replicas on Ray Serve (local, or the cluster in RAY_ADDRESS) behind Ray's HTTP proxy.")
-@click.option("--replicas", default=1, show_default=True, type=int, help="With --ray: model replicas.")
-@click.option("--cpus-per-replica", default=2.0, show_default=True, type=float,
+@click.option("--replicas", default=ReplicaOptions.replicas, show_default=True, type=int,
+              help="With --ray: model replicas.")
+@click.option("--cpus-per-replica", default=ReplicaOptions.cpus_per_replica, show_default=True, type=float,
               help="With --ray: CPUs Ray reserves per replica (also its threads unless --threads).")
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--draft-provider", default=None)
@@ -319,7 +321,7 @@ def bench(bundle: Path, prompts_file: Path | None, modes: str, as_json: bool, **
 def serve(bundle: Path, on_ray: bool, replicas: int, cpus_per_replica: float, **o: Any) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API, with a chat page at /."""
     if on_ray:
-        from edgellm.ray_serve import ReplicaOptions, run
+        from edgellm.ray_serve import run
 
         host, port = o.pop("host"), o.pop("port")
         if o.pop("allowed_origins"):
@@ -327,7 +329,9 @@ def serve(bundle: Path, on_ray: bool, replicas: int, cpus_per_replica: float, **
         run(ReplicaOptions(str(bundle), replicas=replicas, cpus_per_replica=cpus_per_replica,
                            allowed_hosts=tuple(o.pop("allowed_hosts")), **o), host=host, port=port, echo=click.echo)
         return
-    if (replicas, cpus_per_replica) != (1, 2.0):
+    ctx = click.get_current_context()
+    if any(ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT
+           for n in ("replicas", "cpus_per_replica")):
         raise click.UsageError("--replicas and --cpus-per-replica need --ray")
     try:
         from edgellm.server import serve as run_server
