@@ -20,8 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import edgellm  # noqa: E402
+from edgellm.demo import BUNDLE_NAME  # noqa: E402
+from edgellm.fetch import default_cache_dir  # noqa: E402
 
-DEFAULT_BUNDLE = Path.home() / ".cache" / "edgellm" / "bundles" / "qwen2.5-coder-1.5b-q4km+0.5b-int4"
+DEFAULT_BUNDLE = default_cache_dir() / "bundles" / BUNDLE_NAME  # what scripts/main.sh exports
 SYSTEM = "You are a helpful coding assistant. Answer with short Python code and one sentence."
 TURNS = [
     "Write a function that parses a CSV line into a list of fields, handling quoted fields.",

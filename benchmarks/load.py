@@ -31,8 +31,11 @@ from pathlib import Path
 
 import httpx
 
+from edgellm.demo import BUNDLE_NAME
+from edgellm.fetch import default_cache_dir
+
 HERE = Path(__file__).resolve().parent
-DEFAULT_BUNDLE = Path.home() / ".cache" / "edgellm" / "bundles" / "qwen2.5-coder-1.5b-q4km+0.5b-int4"
+DEFAULT_BUNDLE = default_cache_dir() / "bundles" / BUNDLE_NAME  # what scripts/main.sh exports
 
 
 def load_prompts() -> list[dict]:

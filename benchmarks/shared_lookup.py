@@ -23,10 +23,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import edgellm  # noqa: E402
+from edgellm.demo import BUNDLE_NAME  # noqa: E402
+from edgellm.fetch import default_cache_dir  # noqa: E402
 from edgellm.lookup import SharedLookup  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_BUNDLE = Path.home() / ".cache" / "edgellm" / "bundles" / "qwen2.5-coder-1.5b-q4km+0.5b-int4"
+DEFAULT_BUNDLE = default_cache_dir() / "bundles" / BUNDLE_NAME  # what scripts/main.sh exports
 SYSTEM = ("You are an agent that calls tools. Answer with one JSON object and nothing else, of the form "
           '{"tool": "get_weather", "arguments": {"city": ..., "date": "YYYY-MM-DD", "unit": "celsius" or '
           '"fahrenheit", "hourly": true or false}}.')
