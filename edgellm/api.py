@@ -98,6 +98,7 @@ class LLM:
         if manifest.draft is not None:
             draft_p = resolve_provider(draft_provider or provider, fallback=fallback)
             self.draft = _Bound(_session(bundle, manifest.draft, graph_format, draft_p, threads), manifest.draft)
+        self.adapters = _adapters(bundle, manifest)
         self.slots = [Slot(self.target, self.draft)] + [self._fork_slot() for _ in range(max_batch - 1)]
         self.load_seconds = time.perf_counter() - t0
         self.providers = {"target": target_p.name, "draft": draft_p.name if self.draft else None}
@@ -108,11 +109,29 @@ class LLM:
                               "bundle's static npu graphs hold one sequence", param="max_batch")
         return Slot(self.target.fork(), self.draft.fork() if self.draft is not None else None)
 
-    def pick_slot(self, prompt_ids: Sequence[int], free: Sequence[int]) -> int:
-        """The slot of ``free`` whose live cache shares the longest prefix with ``prompt_ids`` (a chat's
-        next turn finds its own conversation); the first one on a tie."""
+    def pick_slot(self, prompt_ids: Sequence[int], free: Sequence[int], adapter: str | None = None) -> int:
+        """The slot of ``free`` whose live cache (computed with ``adapter``) shares the longest prefix
+        with ``prompt_ids`` (a chat's next turn finds its own conversation); the first one on a tie."""
         prompt = np.asarray(prompt_ids, np.int64)
-        return max(free, key=lambda k: (common_prefix(self.slots[k].target.cached_ids(), prompt), -k))
+
+        def shared(k: int) -> int:
+            t = self.slots[k].target.session
+            return common_prefix(t.cached_ids(), prompt) if t.adapter == adapter else 0
+
+        return max(free, key=lambda k: (shared(k), -k))
+
+    def check_adapter(self, adapter: str | None) -> dict[str, Any] | None:
+        """The branch matrices of ``adapter`` (``None``: the base model, no matrices).
+
+        Raises:
+            ConfigError: the bundle has no adapter of that name (the message lists those it has).
+        """
+        if adapter is None:
+            return None
+        if adapter not in self.adapters:
+            have = ", ".join(sorted(self.adapters)) or "none (add one with `edgellm add-lora`)"
+            raise ConfigError(f"adapter={adapter!r} is not in this bundle; its adapters: {have}", param="adapter")
+        return self.adapters[adapter]
 
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
@@ -147,12 +166,15 @@ class LLM:
 
     # ------------------------------------------------------------------ generation
     def generate_tokens(self, prompt_ids: Sequence[int], cfg: DecodeConfig,
-                        stats: DecodeStats | None = None, slot: int = 0) -> Iterator[Round]:
+                        stats: DecodeStats | None = None, slot: int = 0, adapter: str | None = None) -> Iterator[Round]:
         """The low-level generator: rounds of committed token ids (see :func:`edgellm.speculative.decode`).
 
         ``slot``: which of the ``max_batch`` caches to use; generations in different slots may
         take turns round by round (the server does) without disturbing each other.
+        ``adapter``: the LoRA adapter the target computes with (``None``: the base model); the
+        draft stays the base's.
         """
+        values = self.check_adapter(adapter)
         if cfg.mode == "speculative" and self.draft is None:
             raise ConfigError("mode='speculative' needs a draft model, and this bundle has none; "
                               "use mode='lookup' (draft-free) or 'target'")
@@ -161,7 +183,8 @@ class LLM:
                               param="slot")
         target, draft = self.slots[slot]
         if cfg.cache_prompt:
-            self._swap_prompt_cache(np.asarray(prompt_ids, np.int64), target, draft)
+            self._swap_prompt_cache(np.asarray(prompt_ids, np.int64), target, draft, adapter)
+        target.session.set_adapter(adapter, values)  # empties its cache when the adapter changes
         # a seeded sampled request must not depend on other requests: its samples follow its proposals
         seeded = not cfg.sampling.greedy and cfg.seed is not None
         shared = self.shared_lookup if self.shared_lookup.max_tokens and not seeded else None
@@ -178,25 +201,27 @@ class LLM:
         finally:  # also when the consumer stops early (a stop string, a client gone)
             self.shared_lookup.add(prompt_ids + out)
 
-    def _swap_prompt_cache(self, prompt: np.ndarray, target: _Bound, draft: _Bound | None) -> None:
+    def _swap_prompt_cache(self, prompt: np.ndarray, target: _Bound, draft: _Bound | None,
+                           adapter: str | None = None) -> None:
         """Before a generation: bring in the stored caches that share most with ``prompt`` (int64 ``(n,)``).
 
         The live caches go into :attr:`prompt_cache` when a stored entry shares more with the
         prompt than they do, or when the prompt would overwrite more than
-        :data:`KEEP_WHEN_LOSING` of their tokens (another conversation); the next turn of the
-        same conversation just goes on in them, copying nothing.
+        :data:`KEEP_WHEN_LOSING` of their tokens (another conversation, or another ``adapter``);
+        the next turn of the same conversation just goes on in them, copying nothing.
         """
         t = target.session
         if not self.prompt_cache.max_bytes or not t.reuses_prefix:
             return
-        live = common_prefix(t.cached_ids(), prompt)
-        entry = self.prompt_cache.take_best(prompt, better_than=live)
+        live = common_prefix(t.cached_ids(), prompt) if t.adapter == adapter else 0
+        entry = self.prompt_cache.take_best(prompt, better_than=live, adapter=adapter)
         if entry is None and t.length - live <= KEEP_WHEN_LOSING:
             return
         d = draft.session if draft is not None and draft.session.reuses_prefix else None
         if t.length:
-            self.prompt_cache.store(Entry(t.snapshot(), d.snapshot() if d is not None else None))
+            self.prompt_cache.store(Entry(t.snapshot(), d.snapshot() if d is not None else None, t.adapter))
         if entry is not None:
+            t.set_adapter(adapter, self.adapters.get(adapter) if adapter else None)
             t.restore(entry.target)
             if d is not None and entry.draft is not None:
                 d.restore(entry.draft)
@@ -204,14 +229,16 @@ class LLM:
                 draft.rollback(0)
 
     def stream_events(self, prompt: str | list[dict[str, str]], *, stop: Sequence[str] | str | None = None,
-                      slot: int = 0, prompt_ids: Sequence[int] | None = None,
+                      slot: int = 0, prompt_ids: Sequence[int] | None = None, adapter: str | None = None,
                       **kwargs: Any) -> Iterator[StreamEvent]:
         """Stream :class:`StreamEvent` pieces; the last one carries the :class:`GenerationResult`.
 
-        Keyword arguments are those of :meth:`decode_config`; ``slot`` that of :meth:`generate_tokens`;
-        ``prompt_ids``: ``prompt`` already tokenized with :meth:`prompt_ids` (the server has it).
+        Keyword arguments are those of :meth:`decode_config`; ``slot`` and ``adapter`` those of
+        :meth:`generate_tokens`; ``prompt_ids``: ``prompt`` already tokenized with :meth:`prompt_ids`
+        (the server has it).
         """
         cfg = self.decode_config(**kwargs)
+        self.check_adapter(adapter)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise ConfigError(f"stop={stop!r}; allowed: a non-empty string or a list of them", param="stop")
@@ -224,7 +251,7 @@ class LLM:
         text, sent, finish, t_first, cut = "", 0, "length", None, None
         hold = max((len(s) for s in stops), default=1) - 1
         t0 = time.perf_counter()
-        for rnd in self.generate_tokens(ids, cfg, stats, slot=slot):
+        for rnd in self.generate_tokens(ids, cfg, stats, slot=slot, adapter=adapter):
             if not rnd.tokens and rnd.finish_reason is None:  # a prefill piece: a turn boundary, no text
                 yield StreamEvent("", [], [], round_end=True)
                 continue
@@ -254,8 +281,8 @@ class LLM:
             if cut is not None:
                 break
         t_end = time.perf_counter()
-        result = GenerationResult(text, out_ids, finish, stats_dict(stats, cfg, len(ids), t0, t_first, t_end),
-                                  drafted)
+        result = GenerationResult(text, out_ids, finish, stats_dict(stats, cfg, len(ids), t0, t_first, t_end)
+                                  | {"adapter": adapter}, drafted)
         yield StreamEvent("", [], [], result)
 
     def generate(self, prompt: str | list[dict[str, str]], **kwargs: Any) -> GenerationResult:
@@ -265,7 +292,8 @@ class LLM:
             prompt: text, or ``[{"role": "user", "content": "..."}]`` (rendered with the chat template).
             **kwargs: ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``,
                 ``mode`` (``speculative`` | ``target`` | ``lookup``), ``num_draft_tokens``,
-                ``cache_prompt`` (reuse cached prompt prefixes; default true, same output).
+                ``cache_prompt`` (reuse cached prompt prefixes; default true, same output),
+                ``adapter`` (a LoRA adapter of the bundle, see :attr:`adapters`; default the base).
         """
         result = None
         for ev in self.stream_events(prompt, **kwargs):
@@ -290,6 +318,7 @@ class LLM:
                                                    "quantization": m.draft.quantization,
                                                    "provider": self.providers["draft"]},
             "max_context": m.target.max_context,
+            "adapters": sorted(self.adapters),
         }
 
 
@@ -324,6 +353,17 @@ class Slot(NamedTuple):
 
 
 GRAPH_FORMATS = ("onnx", "ort")
+
+
+def _adapters(bundle: Path, manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """Every LoRA adapter of the bundle, loaded: ``{name: branch matrices}`` (see :mod:`edgellm.lora`)."""
+    from edgellm.lora import load_adapter
+
+    lora = manifest.target.lora
+    if lora is None:
+        return {}
+    return {name: load_adapter(bundle / a["target"], lora["sites"], lora["dtype"])
+            for name, a in manifest.adapters.items()}
 
 
 def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threads: int | None, min_rows: int = 1):

@@ -76,8 +76,11 @@ def environment(llm) -> dict[str, Any]:
 def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str] | None = None,
               max_new_tokens: int = 128, repeats: int = 3, num_draft_tokens: int | None = None,
               temperature: float = 0.0, provider: str = "cpu", draft_provider: str | None = None, threads: int | None = None,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              adapter: str | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; return the report (see module docstring).
+
+    ``adapter``: every mode generates with this LoRA adapter of the bundle (the draft stays the
+    base's: its acceptance on the fine-tune is what the report's ``acceptance_rate`` then says).
 
     With ``temperature`` > 0 every run samples with seed ``repeat * 1000 + prompt index``; the
     outputs of the modes then differ by design (each draws its own random numbers from the same
@@ -99,6 +102,7 @@ def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str
     t0 = time.perf_counter()
     llm = edgellm.load(bundle, provider=provider, draft_provider=draft_provider, threads=threads)
     load_s = time.perf_counter() - t0
+    llm.check_adapter(adapter)
     if "speculative" in modes and llm.draft is None:
         say("bundle has no draft: skipping mode speculative")
         modes = [m for m in modes if m != "speculative"]
@@ -106,7 +110,7 @@ def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str
     say("warm-up")
     for mode in modes:
         llm.generate(prompts[0]["prompt"], mode=mode, max_new_tokens=16, num_draft_tokens=num_draft_tokens,
-                     temperature=temperature, seed=0)
+                     temperature=temperature, seed=0, adapter=adapter)
     runs: list[dict[str, Any]] = []
     for r in range(repeats):
         for i, pr in enumerate(prompts):
@@ -115,7 +119,7 @@ def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str
                 # cache_prompt=False: every mode prefills the whole prompt, as in a first request
                 res = llm.generate(pr["prompt"], mode=mode, max_new_tokens=max_new_tokens,
                                    num_draft_tokens=num_draft_tokens, temperature=temperature, seed=r * 1000 + i,
-                                   cache_prompt=False)
+                                   cache_prompt=False, adapter=adapter)
                 if mode == "target":
                     ref = res.token_ids
                 s = res.stats
@@ -126,7 +130,8 @@ def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str
                 say(f"repeat {r + 1}/{repeats} {pr['id']:>10} {mode:11} {s['tokens_per_second'] or 0:6.1f} tok/s"
                     + (f"  acceptance {s['acceptance_rate']:.2f}" if s.get("acceptance_rate") is not None else ""))
     return {
-        "bundle": str(bundle), "max_new_tokens": max_new_tokens, "repeats": repeats, "temperature": temperature,
+        "bundle": str(bundle), "adapter": adapter, "max_new_tokens": max_new_tokens, "repeats": repeats,
+        "temperature": temperature,
         "load_s": load_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "environment": environment(llm), "summary": summarize(runs, modes), "runs": runs,
     }

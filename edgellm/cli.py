@@ -100,18 +100,33 @@ def _export_help() -> str:
               help="Text file to count token frequencies over [default: Python's standard library source].")
 @click.option("--ort-mobile", is_flag=True,
               help="Also write .ort graphs and required_operators.config (apps with a minimal onnxruntime).")
+@click.option("--lora", multiple=True, metavar="NAME=PATH",
+              help="A PEFT LoRA adapter over the target, selected per request by NAME (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def export(target: str, draft: str | None, output: Path, as_json: bool, **opts: Any) -> None:
-    try:
-        from edgellm.export import export as do_export
-    except ImportError as e:
-        raise EdgeLLMError(f"the exporter needs the export extra: pip install 'edgellm[export]' ({e})") from e
-    path = do_export(target, draft=draft, output=output, progress=_err, **opts)
+def export(target: str, draft: str | None, output: Path, as_json: bool, lora: tuple[str, ...], **opts: Any) -> None:
+    path = _exporter().export(target, draft=draft, output=output, progress=_err, lora=list(lora), **opts)
     report = json.loads((path / "quality.json").read_text())
     if as_json:
         _json_out({"bundle": str(path), "quality": report})
     else:
         click.echo(str(path))
+
+
+def _exporter():
+    try:
+        import edgellm.export as exporter
+    except ImportError as e:
+        raise EdgeLLMError(f"the exporter needs the export extra: pip install 'edgellm[export]' ({e})") from e
+    return exporter
+
+
+@cli.command("add-lora")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("adapters", nargs=-1, required=True, metavar="NAME=PATH...")
+@click.option("--replace", is_flag=True, help="Replace adapters the bundle has under the same names.")
+def add_lora(bundle: Path, adapters: tuple[str, ...], replace: bool) -> None:
+    """Add PEFT LoRA adapters to BUNDLE (no re-export; the base model is not needed)."""
+    click.echo(str(_exporter().add_lora(bundle, list(adapters), replace=replace, progress=_err)))
 
 
 # ---------------------------------------------------------------------------------- inspect
@@ -166,6 +181,7 @@ def _gen_options(f):
         click.option("--top-p", default=1.0, show_default=True, type=float),
         click.option("--seed", default=None, type=int),
         click.option("--num-draft-tokens", default=None, type=int, help="Fixed gamma [default: adaptive]."),
+        click.option("--adapter", default=None, help="A LoRA adapter of the bundle [default: the base model]."),
         click.option("--provider", default="cpu", show_default=True),
         click.option("--draft-provider", default=None),
         click.option("--threads", default=None, type=int),
@@ -272,6 +288,7 @@ def _fit_conversation(llm, messages: list[dict[str, str]]) -> int:
 @click.option("--num-draft-tokens", default=None, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float,
               help="Sample at this temperature (seeded per run): speed and acceptance; outputs then differ by design.")
+@click.option("--adapter", default=None, help="Generate with this LoRA adapter of the bundle [default: the base].")
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--draft-provider", default=None)
 @click.option("--threads", default=None, type=int)

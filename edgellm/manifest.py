@@ -76,19 +76,22 @@ class ModelEntry:
     io: dict[str, Any]
     quantization: dict[str, Any]
     hidden_size: int = 0
+    intermediate_size: int = 0  # the MLP's width (0: not recorded, in bundles from before LoRA support)
     source: dict[str, Any] = field(default_factory=dict)
     ort_graph: str | None = None  # ORT Mobile copy of ``graph`` (export --ort-mobile)
     step_graph: str | None = None  # npu draft: a one-token static graph beside the window graph
     ort_step_graph: str | None = None
     # a draft whose LM head keeps only frequent tokens: {"size": n, "file": "draft/vocab.i32", "corpus": str}
     draft_vocab: dict[str, Any] | None = None
+    # LoRA branches of the graph: {"sites": {"l0.qkv": [in, out], ...}, "dtype": "float32"} (edgellm.export.lora)
+    lora: dict[str, Any] | None = None
 
     OPTIONAL_GRAPHS = ("ort_graph", "step_graph", "ort_step_graph")
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d.pop("role")
-        for k in self.OPTIONAL_GRAPHS + ("draft_vocab",):
+        for k in self.OPTIONAL_GRAPHS + ("draft_vocab", "lora"):
             if d[k] is None:
                 d.pop(k)
         return d
@@ -107,6 +110,8 @@ class Manifest:
     quality_report: str | None = None
     manifest_sha256: str | None = None  # of the document without this field (see manifest_digest)
     integrity: str = "absent"  # "ok": manifest_sha256 matches; "edited": it does not; "absent": not recorded
+    # LoRA adapters over the target: {name: {"target": "adapters/name.npz", "rank": r, ...}}
+    adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def target(self) -> ModelEntry:
@@ -125,14 +130,16 @@ class Manifest:
             "generation": self.generation,
             "quality_report": self.quality_report,
             "files": self.files,
-        } | ({"manifest_sha256": self.manifest_sha256} if self.manifest_sha256 else {})
+        } | ({"adapters": self.adapters} if self.adapters else {}) | (
+            {"manifest_sha256": self.manifest_sha256} if self.manifest_sha256 else {})
 
 
 MAX_CONTEXT = 1 << 20  # KV positions; past this a bundle's caches would not fit any device
 # upper bounds far past any decoder that runs on a small device: a manifest past them was edited,
 # and believing it would make the runtime allocate without end
 _SIZE_LIMITS = {"num_layers": 1024, "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 4096,
-                "vocab_size": 1 << 24, "max_context": MAX_CONTEXT, "hidden_size": 1 << 18}
+                "vocab_size": 1 << 24, "max_context": MAX_CONTEXT, "hidden_size": 1 << 18,
+                "intermediate_size": 1 << 20}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 GENERATION_KEYS = {"num_draft_tokens": "int", "max_new_tokens": "int", "temperature": "number", "top_k": "int",
                    "top_p": "number"}
@@ -211,7 +218,7 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
     missing = [k for k in _MODEL_KEYS if k not in d]
     if missing:
         raise ManifestError(f"models.{role}: missing {', '.join(missing)}")
-    for k, hi in _SIZE_LIMITS.items():  # all required but hidden_size (whose presence is optional)
+    for k, hi in _SIZE_LIMITS.items():  # all required but hidden_size and intermediate_size
         if k in d:
             _positive_int(d[k], f"models.{role}.{k}", hi)
     _typed(d["architecture"], str, f"models.{role}.architecture", "a string")
@@ -256,8 +263,47 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
             raise ManifestError(f"models.{role}.draft_vocab: expected {{'size': n, 'file': path, ...}}")
         _positive_int(dv.get("size"), f"models.{role}.draft_vocab.size", d["vocab_size"])
         safe_relpath(dv["file"], f"models.{role}.draft_vocab.file")
+    if d.get("lora") is not None:
+        _check_lora_sites(d["lora"], f"models.{role}.lora", kind)
     known = set(ModelEntry.__dataclass_fields__) - {"role"}
     return ModelEntry(role=role, **{k: v for k, v in d.items() if k in known})
+
+
+#: an adapter's name: what ``generate(adapter=)``, ``--adapter`` and the server's ``model`` field take
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SITE_TAG = re.compile(r"l\d{1,4}\.(qkv|o|gate_up|down)")
+
+
+def _check_lora_sites(lora: Any, what: str, kind: str) -> None:
+    if kind != "shared_buffer":
+        raise ManifestError(f"{what}: only a graph with a shared_buffer cache has LoRA branches")
+    sites = lora.get("sites") if isinstance(lora, dict) else None
+    if not isinstance(sites, dict) or not sites or lora.get("dtype") not in ("float32", "float16"):
+        raise ManifestError(f"{what}: expected {{'sites': {{'l0.qkv': [in, out], ...}}, 'dtype': 'float32' or "
+                            "'float16'}")
+    for tag, dims in sites.items():
+        if not _SITE_TAG.fullmatch(tag) or not (isinstance(dims, list) and len(dims) == 2):
+            raise ManifestError(f"{what}.sites[{tag!r}]={dims!r}; expected a site like 'l0.qkv' with [in, out]")
+        for x in dims:
+            _positive_int(x, f"{what}.sites[{tag!r}]", _SIZE_LIMITS["hidden_size"] * 8)
+
+
+def _check_adapters(adapters: Any, entries: dict[str, ModelEntry]) -> list[tuple[str, str]]:
+    """Validate the ``adapters`` block; returns the ``(what, path)`` of each adapter file."""
+    _typed(adapters, dict, "adapters", "an object {name: {'target': path, ...}}")
+    named = []
+    for name, a in adapters.items():
+        if not ADAPTER_NAME.fullmatch(name):
+            raise ManifestError(f"adapters: name {name!r}; expected letters, digits, '.', '_' or '-' (at most 64)")
+        if not isinstance(a, dict) or not isinstance(a.get("target"), str):
+            raise ManifestError(f"adapters.{name}: expected an object naming its 'target' file")
+        for role in ROLES:
+            if a.get(role) is None:
+                continue
+            if role not in entries or entries[role].lora is None:
+                raise ManifestError(f"adapters.{name}.{role}: the {role} graph has no LoRA branches (models.{role}.lora)")
+            named.append((f"adapters.{name}.{role}", safe_relpath(a[role], f"adapters.{name}.{role}")))
+    return named
 
 
 def parse_manifest(doc: Any) -> Manifest:
@@ -314,6 +360,8 @@ def parse_manifest(doc: Any) -> Manifest:
                                                   if tok.get("chat_template") else [])
     named += [("quality_report", report)] if report is not None else []
     named += [(f"models.{r}.draft_vocab.file", m.draft_vocab["file"]) for r, m in entries.items() if m.draft_vocab]
+    adapters = doc.get("adapters") or {}
+    named += _check_adapters(adapters, entries)
     for what, rel in named:
         if rel not in files:
             raise ManifestError(f"{what} {rel!r} is not listed in 'files' (so its hash cannot be checked)")
@@ -335,6 +383,7 @@ def parse_manifest(doc: Any) -> Manifest:
         quality_report=report,
         manifest_sha256=digest,
         integrity="absent" if digest is None else ("ok" if manifest_digest(doc) == digest else "edited"),
+        adapters=dict(adapters),
     )
 
 

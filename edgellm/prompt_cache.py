@@ -55,10 +55,13 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Entry:
-    """A stored conversation: the target's snapshot and the draft's (``None`` without a draft)."""
+    """A stored conversation: the target's snapshot and the draft's (``None`` without a draft), and
+    the LoRA adapter the target computed it with (``None``: the base; only a prompt for the same
+    adapter may reuse it)."""
 
     target: Snapshot
     draft: Snapshot | None
+    adapter: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -100,7 +103,7 @@ class PromptCache:
             return False
         ids = entry.target.ids
         for key in [k for k, e in self._entries.items()  # an earlier turn of the same conversation
-                    if common_prefix(e.target.ids, ids) == len(e.target.ids)]:
+                    if e.adapter == entry.adapter and common_prefix(e.target.ids, ids) == len(e.target.ids)]:
             del self._entries[key]
         self._entries[self._next] = entry
         self._next += 1
@@ -109,12 +112,12 @@ class PromptCache:
             self.evictions += 1
         return True
 
-    def take_best(self, prompt: np.ndarray, better_than: int) -> Entry | None:
-        """Remove and return the entry sharing the longest prefix with ``prompt`` (int64 ``(n,)``),
-        when that prefix is longer than ``better_than`` tokens; else ``None`` (nothing changes)."""
+    def take_best(self, prompt: np.ndarray, better_than: int, adapter: str | None = None) -> Entry | None:
+        """Remove and return the entry of ``adapter`` sharing the longest prefix with ``prompt`` (int64
+        ``(n,)``), when that prefix is longer than ``better_than`` tokens; else ``None`` (nothing changes)."""
         best, best_n = None, better_than
         for key, entry in self._entries.items():
-            n = common_prefix(entry.target.ids, prompt)
+            n = common_prefix(entry.target.ids, prompt) if entry.adapter == adapter else 0
             if n > best_n:
                 best, best_n = key, n
         return None if best is None else self._entries.pop(best)

@@ -4,7 +4,7 @@ Routes::
 
     GET  /                     the chat page (one self-contained HTML file, no CDN)
     GET  /health               {"status": "ok", "busy": ..., "queued": ..., "last_stats": ..., "prompt_cache": ...}
-    GET  /v1/models            the one model this server runs
+    GET  /v1/models            the model this server runs, and each of its LoRA adapters
     POST /v1/chat/completions  OpenAI chat completions, with ``stream: true`` as server-sent events
     POST /v1/completions       OpenAI (legacy) text completions, likewise
 
@@ -194,11 +194,14 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None = None) -> GenRequest:
+def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None = None,
+                  model_id: str | None = None) -> GenRequest:
     """Validate an OpenAI request body against the loaded model.
 
+    The ``model`` field selects a LoRA adapter of the bundle by name (:func:`model_adapter`).
+
     Raises:
-        ApiError: 400 naming the field, its value and what is allowed.
+        ApiError: 400 naming the field, its value and what is allowed; 404 ``model_not_found``.
     """
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
@@ -210,6 +213,7 @@ def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None =
         _typed(body, name, (int, float), "a number (accepted, not applied)")
     prompt: str | list[dict[str, str]] = _messages(body) if chat else _prompt(body)
     model = _typed(body, "model", (str,), "a string", "")
+    adapter = model_adapter(llm, model, model_id or llm.bundle.name)
     n = _typed(body, "n", (int,), "1", 1)
     if n != 1:
         raise ApiError(400, f"'n' = {_short.repr(n)}; allowed: 1 (one choice per request)", param="n",
@@ -231,10 +235,12 @@ def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None =
         "num_draft_tokens": _typed(ext, "num_draft_tokens", (int,), "an integer 0-64", None),
         "cache_prompt": _typed(ext, "cache_prompt", (bool,), "true or false", True),
     }
+    if adapter is not None:
+        options["adapter"] = adapter
     try:
         ids = llm.prompt_ids(prompt)
         options["max_new_tokens"] = _max_tokens(llm, body, len(ids))
-        llm.decode_config(**{k: v for k, v in options.items() if k != "stop"})
+        llm.decode_config(**{k: v for k, v in options.items() if k not in ("stop", "adapter")})
     except ContextLengthError as e:
         raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from e
     except ConfigError as e:
@@ -242,6 +248,25 @@ def parse_request(llm: LLM, body: Any, *, chat: bool, default_mode: str | None =
     return GenRequest(prompt, ids, options, stream=_typed(body, "stream", (bool,), "true or false", False),
                       include_usage=_typed(stream_options, "include_usage", (bool,), "true or false", False),
                       model=model)
+
+
+def model_adapter(llm: LLM, model: str, model_id: str) -> str | None:
+    """The LoRA adapter a request's ``model`` names: ``None`` for the base (its id, or no name).
+
+    A bundle without adapters serves any ``model`` name (as llama.cpp's server does); one with
+    adapters answers an unknown name with 404, as OpenAI does, rather than quietly serving the
+    base to a client that asked for a fine-tune.
+
+    Raises:
+        ApiError: 404 ``model_not_found`` naming the models this server has.
+    """
+    if not model or model == model_id or not llm.adapters:
+        return None
+    if model in llm.adapters:
+        return model
+    raise ApiError(404, f"The model `{_short.repr(model)[1:-1]}` does not exist; this server has: "
+                        f"{', '.join([model_id] + sorted(llm.adapters))} (GET /v1/models)", param="model",
+                   code="model_not_found")
 
 
 def _max_tokens(llm: LLM, body: dict[str, Any], prompt_tokens: int) -> int:
@@ -389,7 +414,8 @@ class Engine:
                 self._end(job)
                 continue
             free = sorted(set(range(self.max_batch)) - {a.slot for a in self._active})
-            slot = self.llm.pick_slot(req.prompt_ids, free) if len(free) > 1 else free[0]
+            slot = (self.llm.pick_slot(req.prompt_ids, free, req.options.get("adapter")) if len(free) > 1
+                    else free[0])
             self._active.append(_Active(job, req, slot))
 
     def _turn(self, act: _Active) -> None:
@@ -688,7 +714,8 @@ def create_app(llm: LLM, *, api_key: str | None = None, mode: str | None = None,
         engine.check_room()  # 429 before reading and tokenizing a prompt that would not be served
         raw = await read_body(request)
         # parsing and tokenizing a long prompt takes a while: off the event loop, so /health answers
-        req = await run_in_threadpool(lambda: parse_request(llm, parse_json(raw), chat=chat, default_mode=mode))
+        req = await run_in_threadpool(lambda: parse_request(llm, parse_json(raw), chat=chat, default_mode=mode,
+                                                            model_id=model_id))
         shape = _Shape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", req.model or model_id)
         job = engine.start(req)  # 429 here, before any byte of the answer
         if req.stream:
@@ -704,8 +731,11 @@ def create_app(llm: LLM, *, api_key: str | None = None, mode: str | None = None,
     async def models(request: Request) -> Response:
         authorize(request)
         info = {**llm.info, "bundle": llm.bundle.name}  # not the absolute path: clients need no file system facts
+        adapters = [{"id": name, "object": "model", "created": 0, "owned_by": "edgellm", "parent": model_id,
+                     "edgellm": {"lora": {k: v for k, v in llm.manifest.adapters[name].items() if k != "target"}}}
+                    for name in sorted(llm.adapters)]
         return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
-                                                         "owned_by": "edgellm", "edgellm": info}]})
+                                                         "owned_by": "edgellm", "edgellm": info}] + adapters})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": model_id, "mode": mode, "busy": engine.busy,

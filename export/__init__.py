@@ -23,7 +23,7 @@ from edgellm.export.draft_vocab import DraftVocabConfig, write_ids
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["export", "DEFAULT_QUANT", "DEFAULT_DRAFT_QUANT"]
+__all__ = ["export", "add_lora", "DEFAULT_QUANT", "DEFAULT_DRAFT_QUANT"]
 
 DEFAULT_QUANT = "auto"  # gguf for a GGUF target (its blocks kept exactly), else int4
 DEFAULT_DRAFT_QUANT = "int4"
@@ -63,6 +63,7 @@ def export(
     calibration_text: str | os.PathLike | None = None,
     draft_vocab: int | None = None,
     draft_vocab_corpus: str | os.PathLike | None = None,
+    lora: dict[str, str | os.PathLike] | list[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export ``target`` (and ``draft``) into a bundle folder at ``output``.
@@ -105,6 +106,9 @@ def export(
             like what the model will see (code for a coder model).
         npu_quant: ``fp32``, ``qdq`` or ``qdq-w4``: static QDQ quantization of the npu graphs (uint16
             activations, uint8 weights) calibrated on sample text (see :mod:`edgellm.export.qdq`).
+        lora: LoRA adapters over the target, ``{NAME: PEFT folder}`` (or ``["NAME=FOLDER", ...]``):
+            the target graph gets LoRA branches whose matrices each request binds (``generate(adapter=NAME)``,
+            the server's ``model`` field); see :mod:`edgellm.export.lora`. Add more later with :func:`add_lora`.
         progress: called with one-line progress messages.
 
     Returns:
@@ -118,7 +122,13 @@ def export(
     from edgellm.export.builder import QuantConfig
     from edgellm.export.quality import QUALITY_LEVELS
 
+    from edgellm.export.lora import parse_lora_args
+
     out = Path(output).expanduser()
+    adapters = parse_lora_args(lora)
+    if adapters and (target_device == "npu" or ort_mobile):
+        raise ConfigError(f"lora with {'target_device=npu' if target_device == 'npu' else 'ort_mobile'}: LoRA "
+                          "branches are in the cpu and gpu graphs only; leave that option out", param="lora")
     if quality not in QUALITY_LEVELS:
         raise ConfigError(f"quality={quality!r}; allowed: {', '.join(QUALITY_LEVELS)}")
     from edgellm.manifest import MAX_CONTEXT
@@ -173,7 +183,7 @@ def export(
             _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
                          say, npu_window if target_device == "npu" else None,
                          {"target": npu_quant, "draft": npu_draft_quant or npu_quant}, calibration_text,
-                         vocab_cfg)
+                         vocab_cfg, adapters)
             (tmp / PARTIAL_OWNER).unlink()  # it marks a folder being written, not part of the bundle
             _replace(tmp, out)
         except BaseException as e:
@@ -186,6 +196,82 @@ def export(
 
 
 PARTIAL_OWNER = ".edgellm-export-pid"  # inside a partial folder: the pid of the export writing it
+
+
+def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str], *, replace: bool = False,
+             progress: Callable[[str], None] | None = None) -> Path:
+    """Add LoRA adapters to an exported bundle, without the base model and without re-exporting it.
+
+    The bundle is checked (every hash), each adapter against the bundle's target; then a copy of
+    the bundle (hard links for the unchanged weights) gets the adapters' files, LoRA branches on
+    any linear layer they touch that has none yet, and a new manifest, and replaces the bundle
+    in one rename. On any error the bundle is left as it was.
+
+    Args:
+        bundle: a bundle folder written by :func:`export` (by an edgellm with LoRA support).
+        lora: ``{NAME: PEFT folder}`` or ``["NAME=FOLDER", ...]``.
+        replace: replace adapters of the same names (otherwise an error).
+        progress: called with one-line progress messages.
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        ConfigError: a bad name, or one the bundle has already (without ``replace``).
+        ExportError: an adapter does not fit the bundle's target (see :func:`edgellm.export.lora.read_adapter`).
+        BundleError: the bundle is damaged.
+    """
+    from edgellm.export.lora import attach, entry_sites, parse_lora_args, read_adapter
+    from edgellm.manifest import MANIFEST_NAME, check_bundle, manifest_digest, parse_manifest, read_manifest, sha256_file
+
+    out = Path(bundle).expanduser()
+    adapters_given = parse_lora_args(lora)
+    if not adapters_given:
+        raise ConfigError("lora: no adapter given; allowed: NAME=PATH, one or more", param="lora")
+    say = _progress_printer(progress, time.perf_counter())
+    manifest = read_manifest(out)
+    check_bundle(out, manifest)
+    clash = sorted(set(adapters_given) & set(manifest.adapters))
+    if clash and not replace:
+        raise ConfigError(f"the bundle has an adapter named {clash[0]!r} already; pass replace=True (--replace) to "
+                          "replace it, or give another name", param="lora")
+    if manifest.target.ort_graph:
+        raise ConfigError("the bundle has ORT Mobile graphs (--ort-mobile), which take no LoRA branches; re-export "
+                          "it without --ort-mobile", param="lora")
+    table = entry_sites(manifest.target)
+    adapters = [read_adapter(name, path, table) for name, path in adapters_given.items()]
+    doc = manifest.to_dict()
+    entry = doc["models"]["target"]
+    with _sigterm_as_exit():
+        tmp = _start_output(out, overwrite=True)
+        try:
+            for rel in manifest.files:  # unchanged files: hard links (no copy of the weights) where the disk allows
+                dst = tmp / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(out / rel, dst)
+                except OSError:
+                    shutil.copy2(out / rel, dst)
+            adapters_doc = dict(manifest.adapters)
+            attach(tmp, entry, adapters, table, adapters_doc, say)
+            doc["adapters"] = adapters_doc
+            files = dict(manifest.files)
+            for rel in [entry["graph"]] + [a["target"] for a in adapters_doc.values()]:
+                files[rel] = {"sha256": sha256_file(tmp / rel), "size": (tmp / rel).stat().st_size}
+            doc["files"] = files
+            doc.pop("manifest_sha256", None)
+            doc["manifest_sha256"] = manifest_digest(doc)
+            parse_manifest(doc)
+            (tmp / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
+            (tmp / PARTIAL_OWNER).unlink()
+            _replace(tmp, out)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (EdgeLLMError, KeyboardInterrupt, SystemExit, MemoryError)):
+                raise
+            raise ExportError(f"add_lora failed: {type(e).__name__}: {e}") from e
+    say(f"added {', '.join(a.name for a in adapters)} to {out}")
+    return out
 
 
 def _start_output(out: Path, overwrite: bool) -> Path:
@@ -300,7 +386,7 @@ def _replace(tmp: Path, out: Path) -> None:
 def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
                  say, npu_window: int | None = None, npu_quant: dict | None = None,
                  calibration_text: tuple[str, str] | None = None,
-                 vocab_cfg: DraftVocabConfig = DraftVocabConfig(0)) -> None:
+                 vocab_cfg: DraftVocabConfig = DraftVocabConfig(0), lora: dict[str, Path] | None = None) -> None:
     from edgellm import __version__
     from edgellm.export.source import open_source
     from edgellm.export.tokenizer import check_compatible, tokenizer_files, write_tokenizer
@@ -309,6 +395,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     sources = {"target": open_source(target)}
     if draft is not None:
         sources["draft"] = open_source(draft)
+    adapters, lora_sites = _read_adapters(lora or {}, sources["target"], say)
     say("reading tokenizers")
     toks = {role: tokenizer_files(src, trust_remote_code=trust_remote_code) for role, src in sources.items()}
     if "draft" in sources:
@@ -323,7 +410,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     elif "draft" in sources:
         vocab = vocab_cfg.choose(tmp / tok_entry["file"], sources["draft"].spec.vocab_size,
                                  toks["target"].eos_token_ids)
-    models, report = {}, {"models": {}}
+    models, report, manifest_adapters = {}, {"models": {}}, {}
     for role, src in sources.items():
         ctx = min(max_context, src.spec.source_context_length)
         if ctx < max_context:
@@ -339,6 +426,10 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
         if tokens is not None:
             say(f"draft: its LM head keeps the {len(tokens)} most frequent tokens ({vocab[1]['corpus']})")
         models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say, npu_window, tokens)
+        if role == "target" and adapters:
+            from edgellm.export.lora import attach
+
+            attach(tmp, models[role], adapters, lora_sites, manifest_adapters, say)
         if tokens is not None:
             write_ids(tmp / vocab[1]["file"], tokens)
             models[role]["draft_vocab"] = vocab[1]
@@ -352,7 +443,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
             say(f"{role}: the step graph reads {saved / 1e6:.0f} MB of weights from the window graph's file")
         if quality != "none":
             report["models"][role] = _quality(tmp, role, src, qcfg[role], models[role], ctx, quality,
-                                              tok_entry, say, tokens)
+                                              tok_entry, say, tokens, adapters if role == "target" else ())
     _judge(report, max_target_kl, say)
     ort_entry = None
     if ort_mobile:
@@ -383,9 +474,28 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     }
     if ort_entry:
         manifest["ort_mobile"] = ort_entry
+    if manifest_adapters:
+        manifest["adapters"] = manifest_adapters
     manifest["manifest_sha256"] = manifest_digest(manifest)
     parse_manifest(manifest)  # the exporter never writes what the runtime would refuse
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+
+
+def _read_adapters(lora: dict[str, Path], src, say) -> tuple[list, dict]:
+    """Read and check every adapter against the target before any graph is built: ``(adapters, sites)``."""
+    if not lora:
+        return [], {}
+    from edgellm.export.lora import read_adapter, sites
+
+    if src.kind == "hf-generic":
+        raise ExportError(f"lora: the target ({src.spec.architecture}) goes the generic (optimum) way, whose graph "
+                          "has no LoRA branches; merge the adapter into the model and export that")
+    table = sites(src.spec)
+    adapters = []
+    for name, path in lora.items():
+        say(f"adapter {name}: reading {path}")
+        adapters.append(read_adapter(name, path, table))
+    return adapters, table
 
 
 def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
@@ -440,6 +550,7 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
         "num_kv_heads": s.num_kv_heads,
         "head_dim": s.head_dim,
         "hidden_size": s.hidden_size,
+        "intermediate_size": s.intermediate_size,
         "vocab_size": s.vocab_size,
         "max_context": max_context,
         "kv_layout": kv_layout,
@@ -487,7 +598,7 @@ def _quantize_npu(tmp: Path, role: str, entry: dict, tok_entry: dict, say, weigh
 
 
 def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str, tok_entry: dict, say,
-             logits_tokens=None) -> dict:
+             logits_tokens=None, adapters=()) -> dict:
     """Measure the exported graph against an fp32 graph (and the source model at level ``full``).
 
     A draft whose head keeps ``logits_tokens`` only is scored on them: KL and logit differences
@@ -503,7 +614,7 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
 
     ids = _sample_ids(tmp, tok_entry, ctx)
     layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], ctx, entry["vocab_size"],
-                      io_names(entry["num_layers"]))
+                      io_names(entry["num_layers"]), lora=entry.get("lora"))
     got_layout = KVLayout(**{**layout.__dict__, "dtype": entry["kv_layout"]["dtype"]})
     static = entry["kv_layout"]["kind"] == "static_window"
     vocab = tok_entry["vocab_size"]
@@ -517,6 +628,10 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
             say(f"{role}: building an fp32 reference graph for the quality report")
             ref_dir.mkdir()
             ref_graph = DecoderBuilder(src, QuantConfig("fp32"), ctx).build(ref_dir)
+            if adapters:
+                from edgellm.export.lora import add_branches, sites
+
+                add_branches(ref_graph, list(entry["lora"]["sites"]), sites(src.spec))
             ref = graph_logits(ref_graph, layout, ids)
             say(f"{role}: scoring the {'npu' if static else qcfg.quant} graph against fp32")
             if static:
@@ -540,9 +655,32 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
         if level == "full":
             say(f"{role}: running the source model in transformers")
             result["fp32_vs_source"] = compare_logits(source_logits(src, ids), ref, vocab)
+        if adapters:
+            ref_graph = ref_dir / "model.onnx" if ref_dir.exists() else tmp / entry["graph"]
+            result["adapters"] = _adapter_quality(tmp / entry["graph"], ref_graph, layout, got_layout, ids, vocab,
+                                                  adapters, src if level == "full" else None, say)
     finally:
         shutil.rmtree(ref_dir, ignore_errors=True)
     return result
+
+
+def _adapter_quality(graph: Path, ref_graph: Path, layout, got_layout, ids, vocab: int, adapters, src, say) -> dict:
+    """Each adapter's quality report: the exported graph with it against the fp32 graph with it, and
+    (``src`` given: level ``full``) the fp32 graph with it against transformers + PEFT, merged."""
+    from edgellm.export.lora import ort_values
+    from edgellm.export.quality import compare_logits, graph_logits, source_logits
+
+    out = {}
+    for a in adapters:
+        say(f"adapter {a.name}: scoring the graph with it")
+        ref = graph_logits(ref_graph, layout, ids, adapter=(a.name, ort_values(a)))
+        r = {"quantized_vs_fp32": compare_logits(ref, graph_logits(
+            graph, got_layout, ids, adapter=(a.name, ort_values(a, got_layout.dtype))), vocab)}
+        if src is not None:
+            say(f"adapter {a.name}: running the source model with it merged (transformers + PEFT)")
+            r["fp32_vs_source"] = compare_logits(source_logits(src, ids, adapter=a.path), ref, vocab)
+        out[a.name] = r
+    return out
 
 
 def _sample_ids(tmp: Path, tok_entry: dict, ctx: int):
@@ -616,7 +754,9 @@ def _graph_score(r: dict) -> dict | None:
 
 def _judge(report: dict, max_target_kl: float, say) -> None:
     target = _graph_score(report["models"].get("target", {}))
-    for role, r in report["models"].items():
+    scored = list(report["models"].items())
+    scored += [(f"target with adapter {n}", r) for n, r in report["models"].get("target", {}).get("adapters", {}).items()]
+    for role, r in scored:
         q = _graph_score(r)
         if q:
             say(f"quality {role}: top-1 agreement {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.4f} "

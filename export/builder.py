@@ -175,7 +175,19 @@ class DecoderBuilder:
     # ------------------------------------------------------------------ linear layers
     def _linear(self, g: _GraphWriter, x: str, names: list[str], quant: str, tag: str,
                 rows: np.ndarray | None = None) -> str:
-        """``x @ concat(W_names).T`` (+ biases when the source has them), only output ``rows`` if given."""
+        """``x @ concat(W_names).T`` (+ biases when the source has them), only output ``rows`` if given.
+
+        Its output is named ``<tag>.output``: where :func:`edgellm.export.lora.add_branches` adds a
+        LoRA branch (a renamed tensor: the graph and its speed do not change).
+        """
+        y = self._linear_body(g, x, names, quant, tag, rows)
+        last = g.nodes[-1]
+        assert last.output[0] == y, "the linear layer's output comes from the node written last"
+        last.output[0] = f"{tag}.output"
+        return last.output[0]
+
+    def _linear_body(self, g: _GraphWriter, x: str, names: list[str], quant: str, tag: str,
+                     rows: np.ndarray | None = None) -> str:
         if quant == "gguf":
             natives = [self.src.native(n) for n in names]
             if all(w is not None for w in natives):

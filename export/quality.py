@@ -27,12 +27,15 @@ def sample_text() -> str:
 
 
 def graph_logits(graph: Path, layout: KVLayout, ids: np.ndarray, threads: int | None = None,
-                 logits_tokens: np.ndarray | None = None) -> np.ndarray:
+                 logits_tokens: np.ndarray | None = None, adapter: tuple[str, dict] | None = None) -> np.ndarray:
     """Teacher-forced logits of every position of ``ids`` (int64 ``(n,)``) -> float32 ``(n, V)``.
 
     ``logits_tokens``: the graph's logits columns when its head keeps only those tokens (``-inf`` elsewhere).
+    ``adapter``: ``(name, branch matrices)`` of a LoRA adapter to compute with (the graph has its branches).
     """
     sess = DecoderSession(graph, layout, resolve_provider("cpu"), threads=threads, logits_tokens=logits_tokens)
+    if adapter is not None:
+        sess.set_adapter(*adapter)
     return sess.forward(ids, num_logits=len(ids))
 
 
@@ -44,8 +47,9 @@ def static_graph_logits(graph: Path, entry: dict, ids: np.ndarray, threads: int 
     return sess.forward(ids, num_logits=len(ids))
 
 
-def source_logits(src, ids: np.ndarray) -> np.ndarray:
-    """Logits of the source model run by transformers (torch), float32 ``(n, V)``."""
+def source_logits(src, ids: np.ndarray, adapter: Path | None = None) -> np.ndarray:
+    """Logits of the source model run by transformers (torch), float32 ``(n, V)``; with ``adapter``
+    (a PEFT LoRA folder) merged into its weights by PEFT."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -56,6 +60,10 @@ def source_logits(src, ids: np.ndarray) -> np.ndarray:
                                                      torch_dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(src.path), torch_dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.eval()
     with torch.no_grad():
         out = model(torch.tensor(ids, dtype=torch.long)[None]).logits[0].float().numpy()

@@ -195,19 +195,12 @@ class HFSource(Source):
             raise ExportError(f"{folder} is not a Hugging Face model folder: no config.json")
         self.config = json.loads(cfg_path.read_text())
         self.spec = spec_from_hf_config(self.config, str(folder))
-        self._index: dict[str, tuple[Path, dict[str, Any], int]] = {}
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise ExportError(
                 f"{folder}: no *.safetensors weights (pytorch_model.bin is not read: no pickle)"
             )
-        for f in files:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            for name, meta in header.items():
-                if name != "__metadata__":
-                    self._index[name] = (f, meta, 8 + n)
+        self._index = safetensors_index(files)
 
     def has(self, name: str) -> bool:
         return name in self._index
@@ -215,16 +208,43 @@ class HFSource(Source):
     def tensor(self, name: str) -> np.ndarray:
         if name not in self._index:
             raise ExportError(f"{self.path}: weight {name!r} not found in the safetensors files")
-        f, meta, base = self._index[name]
-        dtype = _ST_DTYPES.get(meta["dtype"])
-        if dtype is None:
-            raise ExportError(f"{self.path}: {name} has dtype {meta['dtype']}; allowed F32, F16, BF16")
-        start, end = meta["data_offsets"]
-        raw = np.memmap(f, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
-        arr = raw.view(dtype).reshape(meta["shape"])
-        if meta["dtype"] == "BF16":
-            return (arr.astype(np.uint32) << 16).view(np.float32)
-        return np.asarray(arr, dtype=np.float32)
+        return safetensors_tensor(self._index[name], name)
+
+
+def safetensors_index(files: list[Path]) -> dict[str, tuple[Path, dict[str, Any], int]]:
+    """Every tensor of ``files`` by name: ``(file, header entry, data offset)`` (headers only are read).
+
+    Raises:
+        ExportError: a file is not a safetensors file.
+    """
+    index = {}
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n)) if 2 <= n <= 1 << 28 else None
+        except (OSError, ValueError) as e:
+            raise ExportError(f"{f}: not a readable safetensors file ({e})") from None
+        if not isinstance(header, dict):
+            raise ExportError(f"{f}: not a safetensors file (no JSON header)")
+        for name, meta in header.items():
+            if name != "__metadata__":
+                index[name] = (f, meta, 8 + n)
+    return index
+
+
+def safetensors_tensor(entry: tuple[Path, dict[str, Any], int], name: str) -> np.ndarray:
+    """One tensor of a :func:`safetensors_index` as float32 (F32, F16 and BF16; memory-mapped)."""
+    f, meta, base = entry
+    dtype = _ST_DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise ExportError(f"{f}: {name} has dtype {meta['dtype']}; allowed F32, F16, BF16")
+    start, end = meta["data_offsets"]
+    raw = np.memmap(f, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
+    arr = raw.view(dtype).reshape(meta["shape"])
+    if meta["dtype"] == "BF16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(arr, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- GGUF

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgellm.errors import BundleError, ContextLengthError, RollbackError
+from edgellm.errors import BundleError, ConfigError, ContextLengthError, RollbackError
 from edgellm.prompt_cache import Snapshot
 from edgellm.runtimes.providers import ProviderChoice
 
@@ -36,12 +36,13 @@ class KVLayout:
     vocab_size: int
     io: dict[str, Any]
     dtype: str = "float32"  # of the cache: float16 in gpu bundles
+    lora: dict[str, Any] | None = None  # the graph's LoRA branches: {"sites": {tag: [in, out]}, "dtype": ...}
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> KVLayout:
         """The layout of a manifest model entry (``ModelEntry.to_dict()`` or the exporter's dict)."""
         return cls(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], entry["max_context"],
-                   entry["vocab_size"], entry["io"], entry["kv_layout"].get("dtype", "float32"))
+                   entry["vocab_size"], entry["io"], entry["kv_layout"].get("dtype", "float32"), entry.get("lora"))
 
 
 def open_session(model_path: Path, provider: ProviderChoice, threads: int | None, profile_prefix: str | None = None):
@@ -142,6 +143,12 @@ def check_graph(session, layout: KVLayout, cache_length: int, path: Path,
             if inputs[n].type != _ORT_TYPES.get(layout.dtype):
                 problems.append(f"{n} is {inputs[n].type}, the manifest says {layout.dtype}")
                 break
+    lora_inputs = {n for n in inputs if n.startswith("lora.")}
+    wanted = {f"lora.{t}.{k}" for t in (layout.lora or {}).get("sites", {}) for k in "ab"}
+    if lora_inputs != wanted:
+        extra, absent = sorted(lora_inputs - wanted), sorted(wanted - lora_inputs)
+        problems.append(f"LoRA inputs: the graph has {extra[:2]} the manifest does not name" if extra else
+                        f"the manifest names LoRA input {absent[0]!r}, the graph has none")
     logits = outputs.get(io["logits"])
     if logits is None:
         problems.append(f"no output {io['logits']!r}")
@@ -212,6 +219,13 @@ class CachedSession:
     def reset(self) -> None:
         self.length = 0
 
+    #: the LoRA adapter its graph computes with (``None``: the base model); see DecoderSession.set_adapter
+    adapter: str | None = None
+
+    def set_adapter(self, name: str | None, values: dict[str, Any] | None = None) -> None:
+        if name is not None:
+            raise ConfigError(f"adapter={name!r}, but this graph has no LoRA branches", param="adapter")
+
     #: whether the session keeps the ids of its cached tokens, so that a new prompt can reuse the
     #: prefix it shares with them (:mod:`edgellm.prompt_cache`)
     reuses_prefix = False
@@ -267,6 +281,11 @@ class DecoderSession(CachedSession):
         self.length = 0
         self._ids = np.zeros(layout.max_context, np.int64)  # the cached positions' tokens
         self.boundaries = attention_boundaries(layout.head_dim, provider)
+        sites = (layout.lora or {}).get("sites", {})
+        dtype = np.dtype((layout.lora or {}).get("dtype", "float32"))
+        # rank-0 branch matrices: the branch adds exactly 0 (the base model, or a site an adapter skips)
+        self._no_lora = {f"{t}.{k}": ort.OrtValue.ortvalue_from_numpy(np.zeros((i, 0) if k == "a" else (0, o), dtype))
+                         for t, (i, o) in sites.items() for k in "ab"}
         self._bind_cache()
 
     def fork(self) -> DecoderSession:
@@ -292,6 +311,28 @@ class DecoderSession(CachedSession):
                 self._cache.append(buf)
                 self.binding.bind_ortvalue_input(io[past] % i, buf)
                 self.binding.bind_ortvalue_output(io[present] % i, buf)
+        self.adapter: str | None = None
+        self._bind_lora({})
+
+    def _bind_lora(self, values: dict[str, Any]) -> None:
+        for key, zero in self._no_lora.items():
+            self.binding.bind_ortvalue_input(f"lora.{key}", values.get(key, zero))
+
+    def set_adapter(self, name: str | None, values: dict[str, Any] | None = None) -> None:
+        """Compute with LoRA adapter ``name`` from now on (``None``: the base model).
+
+        Args:
+            name: the adapter's name; the cache is emptied when it changes (its keys and values
+                were computed with the other weights).
+            values: OrtValues by ``<site>.a`` / ``<site>.b`` (:func:`edgellm.lora.load_adapter`);
+                sites left out get no branch.
+        """
+        if name == self.adapter:
+            return
+        if name is not None and not self._no_lora:
+            raise ConfigError(f"adapter={name!r}, but this graph has no LoRA branches", param="adapter")
+        self._bind_lora(values or {})
+        self.adapter, self.length = name, 0
 
     def forward(self, token_ids: np.ndarray, num_logits: int = 1) -> np.ndarray:
         """Append ``token_ids`` to the cache and return logits of the last ``num_logits`` positions.
