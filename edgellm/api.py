@@ -120,7 +120,7 @@ class LLM:
 
         return max(free, key=lambda k: (shared(k), -k))
 
-    def check_adapter(self, adapter: str | None) -> dict[str, Any] | None:
+    def check_adapter(self, adapter: str | None) -> Adapter | None:
         """The branch matrices of ``adapter`` (``None``: the base model, no matrices).
 
         Raises:
@@ -184,7 +184,7 @@ class LLM:
         target, draft = self.slots[slot]
         if cfg.cache_prompt:
             self._swap_prompt_cache(np.asarray(prompt_ids, np.int64), target, draft, adapter)
-        target.session.set_adapter(adapter, values)  # empties its cache when the adapter changes
+        _bind_adapter(target, draft, adapter, values)  # empties a cache whose adapter changes
         # a seeded sampled request must not depend on other requests: its samples follow its proposals
         seeded = not cfg.sampling.greedy and cfg.seed is not None
         shared = self.shared_lookup if self.shared_lookup.max_tokens and not seeded else None
@@ -221,7 +221,7 @@ class LLM:
         if t.length:
             self.prompt_cache.store(Entry(t.snapshot(), d.snapshot() if d is not None else None, t.adapter))
         if entry is not None:
-            t.set_adapter(adapter, self.adapters.get(adapter) if adapter else None)
+            _bind_adapter(target, draft, adapter, self.check_adapter(adapter))
             t.restore(entry.target)
             if d is not None and entry.draft is not None:
                 d.restore(entry.draft)
@@ -355,15 +355,32 @@ class Slot(NamedTuple):
 GRAPH_FORMATS = ("onnx", "ort")
 
 
-def _adapters(bundle: Path, manifest: Manifest) -> dict[str, dict[str, Any]]:
-    """Every LoRA adapter of the bundle, loaded: ``{name: branch matrices}`` (see :mod:`edgellm.lora`)."""
+class Adapter(NamedTuple):
+    """A loaded LoRA adapter: its branch matrices for the target, and for the draft if it has a
+    draft adapter (``None``: the draft computes as the base's); see :mod:`edgellm.lora`."""
+
+    target: dict[str, Any]
+    draft: dict[str, Any] | None
+
+
+def _adapters(bundle: Path, manifest: Manifest) -> dict[str, Adapter]:
+    """Every LoRA adapter of the bundle, loaded."""
     from edgellm.lora import load_adapter
 
-    lora = manifest.target.lora
-    if lora is None:
-        return {}
-    return {name: load_adapter(bundle / a["target"], lora["sites"], lora["dtype"])
+    def load(role: str, rel: str | None) -> dict[str, Any] | None:
+        lora = manifest.models[role].lora if role in manifest.models else None
+        return None if rel is None or lora is None else load_adapter(bundle / rel, lora["sites"], lora["dtype"])
+
+    return {name: Adapter(load("target", a["target"]), load("draft", a.get("draft")))
             for name, a in manifest.adapters.items()}
+
+
+def _bind_adapter(target: _Bound, draft: _Bound | None, name: str | None, adapter: Adapter | None) -> None:
+    """Make ``target`` (and ``draft``, when the adapter has a draft part) compute with adapter ``name``."""
+    target.session.set_adapter(name, adapter.target if adapter else None)
+    if draft is not None:
+        with_draft = adapter is not None and adapter.draft is not None
+        draft.session.set_adapter(name if with_draft else None, adapter.draft if with_draft else None)
 
 
 def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threads: int | None, min_rows: int = 1):

@@ -102,9 +102,13 @@ def _export_help() -> str:
               help="Also write .ort graphs and required_operators.config (apps with a minimal onnxruntime).")
 @click.option("--lora", multiple=True, metavar="NAME=PATH",
               help="A PEFT LoRA adapter over the target, selected per request by NAME (repeatable).")
+@click.option("--draft-lora", multiple=True, metavar="NAME=PATH",
+              help="A LoRA adapter over the draft that goes with the target's adapter NAME (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def export(target: str, draft: str | None, output: Path, as_json: bool, lora: tuple[str, ...], **opts: Any) -> None:
-    path = _exporter().export(target, draft=draft, output=output, progress=_err, lora=list(lora), **opts)
+def export(target: str, draft: str | None, output: Path, as_json: bool, lora: tuple[str, ...],
+           draft_lora: tuple[str, ...], **opts: Any) -> None:
+    path = _exporter().export(target, draft=draft, output=output, progress=_err, lora=list(lora),
+                              draft_lora=list(draft_lora), **opts)
     report = json.loads((path / "quality.json").read_text())
     if as_json:
         _json_out({"bundle": str(path), "quality": report})
@@ -123,10 +127,13 @@ def _exporter():
 @cli.command("add-lora")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("adapters", nargs=-1, required=True, metavar="NAME=PATH...")
+@click.option("--draft-lora", multiple=True, metavar="NAME=PATH",
+              help="A LoRA adapter over the draft that goes with the adapter NAME (repeatable).")
 @click.option("--replace", is_flag=True, help="Replace adapters the bundle has under the same names.")
-def add_lora(bundle: Path, adapters: tuple[str, ...], replace: bool) -> None:
+def add_lora(bundle: Path, adapters: tuple[str, ...], draft_lora: tuple[str, ...], replace: bool) -> None:
     """Add PEFT LoRA adapters to BUNDLE (no re-export; the base model is not needed)."""
-    click.echo(str(_exporter().add_lora(bundle, list(adapters), replace=replace, progress=_err)))
+    click.echo(str(_exporter().add_lora(bundle, list(adapters), replace=replace, draft_lora=list(draft_lora),
+                                        progress=_err)))
 
 
 # ---------------------------------------------------------------------------------- inspect
@@ -161,6 +168,10 @@ def _print_summary(s: dict[str, Any]) -> None:
         if m.get("quality"):
             click.echo(f"    quality vs fp32: top-1 {m['quality']['top1_agreement']:.3f}, "
                        f"mean KL {m['quality']['mean_kl']:.4f}")
+    for name, a in s.get("adapters", {}).items():
+        q = a.get("quality")
+        click.echo(f"  adapter {name}: LoRA rank {a.get('rank')} on {', '.join(a.get('target_modules', []))}"
+                   + (f", quality vs fp32: top-1 {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.4f}" if q else ""))
     click.echo(f"  tokenizer: {s['tokenizer']['vocab_size']} tokens, eos {s['tokenizer']['eos_token_ids']}")
     click.echo(f"  files: {s['files']} checked ({'sha256' if s['hashes_checked'] else 'sizes only'}), "
                f"{'OK' if not s['problems'] else str(len(s['problems'])) + ' problem(s)'}")

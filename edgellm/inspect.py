@@ -46,6 +46,9 @@ def inspect_bundle(bundle: str | Path, *, hashes: bool = True) -> dict[str, Any]
         "edgellm_version": m.edgellm_version,
         "models": models,
         "tokenizer": {k: m.tokenizer.get(k) for k in ("vocab_size", "eos_token_ids", "bos_token_id", "fingerprint")},
+        "adapters": {name: {k: v for k, v in a.items() if k in ("rank", "alpha", "target_modules", "sites")}
+                     | {"quality": _score((quality.get("target") or {}).get("adapters", {}).get(name))}
+                     for name, a in m.adapters.items()},
         "files": len(m.files),
         "hashes_checked": hashes,
         "manifest_integrity": m.integrity,

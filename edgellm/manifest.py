@@ -25,8 +25,12 @@
                     "chat_template": "tokenizer/chat_template.jinja"},
       "generation": {"num_draft_tokens": 4, ...},
       "quality_report": "quality.json",
+      "adapters": {"pirate": {"target": "adapters/pirate.npz", "rank": 8, ...}},   # optional: LoRA
       "files": {"target/model.onnx": {"sha256": "...", "size": 123}, ...}
     }
+
+A target with LoRA branches also has ``"lora": {"sites": {"l0.qkv": [in, out], ...}, "dtype": ...}``
+(see ``edgellm/lora.py``).
 
 :func:`read_manifest` validates the document before any session is created; :func:`verify_files`
 checks sizes and hashes. Paths must stay inside the bundle.
@@ -93,6 +97,9 @@ class ModelEntry:
         d.pop("role")
         for k in self.OPTIONAL_GRAPHS + ("draft_vocab", "lora"):
             if d[k] is None:
+                d.pop(k)
+        for k in ("hidden_size", "intermediate_size"):  # 0: not recorded
+            if not d[k]:
                 d.pop(k)
         return d
 

@@ -732,7 +732,7 @@ def create_app(llm: LLM, *, api_key: str | None = None, mode: str | None = None,
         authorize(request)
         info = {**llm.info, "bundle": llm.bundle.name}  # not the absolute path: clients need no file system facts
         adapters = [{"id": name, "object": "model", "created": 0, "owned_by": "edgellm", "parent": model_id,
-                     "edgellm": {"lora": {k: v for k, v in llm.manifest.adapters[name].items() if k != "target"}}}
+                     "edgellm": {"lora": {k: v for k, v in llm.manifest.adapters[name].items() if k not in ("target", "draft")}}}
                     for name in sorted(llm.adapters)]
         return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
                                                          "owned_by": "edgellm", "edgellm": info}] + adapters})

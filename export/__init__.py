@@ -64,6 +64,7 @@ def export(
     draft_vocab: int | None = None,
     draft_vocab_corpus: str | os.PathLike | None = None,
     lora: dict[str, str | os.PathLike] | list[str] | None = None,
+    draft_lora: dict[str, str | os.PathLike] | list[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export ``target`` (and ``draft``) into a bundle folder at ``output``.
@@ -109,6 +110,8 @@ def export(
         lora: LoRA adapters over the target, ``{NAME: PEFT folder}`` (or ``["NAME=FOLDER", ...]``):
             the target graph gets LoRA branches whose matrices each request binds (``generate(adapter=NAME)``,
             the server's ``model`` field); see :mod:`edgellm.export.lora`. Add more later with :func:`add_lora`.
+        draft_lora: for some of those names, a LoRA adapter over the draft (a fine-tune of the draft in
+            the same way), bound to the draft with the target's adapter: without one the draft stays the base's.
         progress: called with one-line progress messages.
 
     Returns:
@@ -126,6 +129,8 @@ def export(
 
     out = Path(output).expanduser()
     adapters = parse_lora_args(lora)
+    draft_adapters = parse_lora_args(draft_lora)
+    _check_draft_lora(draft_adapters, adapters, draft is not None)
     if adapters and (target_device == "npu" or ort_mobile):
         raise ConfigError(f"lora with {'target_device=npu' if target_device == 'npu' else 'ort_mobile'}: LoRA "
                           "branches are in the cpu and gpu graphs only; leave that option out", param="lora")
@@ -183,7 +188,7 @@ def export(
             _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
                          say, npu_window if target_device == "npu" else None,
                          {"target": npu_quant, "draft": npu_draft_quant or npu_quant}, calibration_text,
-                         vocab_cfg, adapters)
+                         vocab_cfg, {"target": adapters, "draft": draft_adapters})
             (tmp / PARTIAL_OWNER).unlink()  # it marks a folder being written, not part of the bundle
             _replace(tmp, out)
         except BaseException as e:
@@ -199,6 +204,7 @@ PARTIAL_OWNER = ".edgellm-export-pid"  # inside a partial folder: the pid of the
 
 
 def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str], *, replace: bool = False,
+             draft_lora: dict[str, str | os.PathLike] | list[str] | None = None,
              progress: Callable[[str], None] | None = None) -> Path:
     """Add LoRA adapters to an exported bundle, without the base model and without re-exporting it.
 
@@ -211,6 +217,7 @@ def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str],
         bundle: a bundle folder written by :func:`export` (by an edgellm with LoRA support).
         lora: ``{NAME: PEFT folder}`` or ``["NAME=FOLDER", ...]``.
         replace: replace adapters of the same names (otherwise an error).
+        draft_lora: draft adapters for some of those names (see :func:`export`).
         progress: called with one-line progress messages.
 
     Returns:
@@ -228,9 +235,11 @@ def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str],
     adapters_given = parse_lora_args(lora)
     if not adapters_given:
         raise ConfigError("lora: no adapter given; allowed: NAME=PATH, one or more", param="lora")
+    drafts_given = parse_lora_args(draft_lora)
     say = _progress_printer(progress, time.perf_counter())
     manifest = read_manifest(out)
     check_bundle(out, manifest)
+    _check_draft_lora(drafts_given, adapters_given, manifest.draft is not None)
     clash = sorted(set(adapters_given) & set(manifest.adapters))
     if clash and not replace:
         raise ConfigError(f"the bundle has an adapter named {clash[0]!r} already; pass replace=True (--replace) to "
@@ -240,6 +249,8 @@ def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str],
                           "it without --ort-mobile", param="lora")
     table = entry_sites(manifest.target)
     adapters = [read_adapter(name, path, table) for name, path in adapters_given.items()]
+    draft_table = entry_sites(manifest.draft) if drafts_given else {}
+    drafts = [read_adapter(name, path, draft_table) for name, path in drafts_given.items()]
     doc = manifest.to_dict()
     entry = doc["models"]["target"]
     with _sigterm_as_exit():
@@ -254,9 +265,16 @@ def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str],
                     shutil.copy2(out / rel, dst)
             adapters_doc = dict(manifest.adapters)
             attach(tmp, entry, adapters, table, adapters_doc, say)
+            if drafts:
+                attach(tmp, doc["models"]["draft"], drafts, draft_table, adapters_doc, say, "draft")
             doc["adapters"] = adapters_doc
             files = dict(manifest.files)
-            for rel in [entry["graph"]] + [a["target"] for a in adapters_doc.values()]:
+            used = {a[r] for a in adapters_doc.values() for r in ("target", "draft") if a.get(r)}
+            for rel in [r for r in files if r.startswith("adapters/") and r not in used]:  # a replaced one's
+                del files[rel]
+                (tmp / rel).unlink()
+            changed = [m["graph"] for m in doc["models"].values()]
+            for rel in changed + [a[r] for a in adapters_doc.values() for r in ("target", "draft") if a.get(r)]:
                 files[rel] = {"sha256": sha256_file(tmp / rel), "size": (tmp / rel).stat().st_size}
             doc["files"] = files
             doc.pop("manifest_sha256", None)
@@ -386,7 +404,7 @@ def _replace(tmp: Path, out: Path) -> None:
 def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
                  say, npu_window: int | None = None, npu_quant: dict | None = None,
                  calibration_text: tuple[str, str] | None = None,
-                 vocab_cfg: DraftVocabConfig = DraftVocabConfig(0), lora: dict[str, Path] | None = None) -> None:
+                 vocab_cfg: DraftVocabConfig = DraftVocabConfig(0), lora: dict[str, dict] | None = None) -> None:
     from edgellm import __version__
     from edgellm.export.source import open_source
     from edgellm.export.tokenizer import check_compatible, tokenizer_files, write_tokenizer
@@ -395,7 +413,8 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     sources = {"target": open_source(target)}
     if draft is not None:
         sources["draft"] = open_source(draft)
-    adapters, lora_sites = _read_adapters(lora or {}, sources["target"], say)
+    lora = lora or {}
+    adapters = {role: _read_adapters(lora.get(role, {}), src, say) for role, src in sources.items()}
     say("reading tokenizers")
     toks = {role: tokenizer_files(src, trust_remote_code=trust_remote_code) for role, src in sources.items()}
     if "draft" in sources:
@@ -426,10 +445,10 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
         if tokens is not None:
             say(f"draft: its LM head keeps the {len(tokens)} most frequent tokens ({vocab[1]['corpus']})")
         models[role] = _export_model(tmp, role, src, qcfg[role], ctx, say, npu_window, tokens)
-        if role == "target" and adapters:
+        if adapters[role][0]:
             from edgellm.export.lora import attach
 
-            attach(tmp, models[role], adapters, lora_sites, manifest_adapters, say)
+            attach(tmp, models[role], *adapters[role], manifest_adapters, say, role)
         if tokens is not None:
             write_ids(tmp / vocab[1]["file"], tokens)
             models[role]["draft_vocab"] = vocab[1]
@@ -443,7 +462,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
             say(f"{role}: the step graph reads {saved / 1e6:.0f} MB of weights from the window graph's file")
         if quality != "none":
             report["models"][role] = _quality(tmp, role, src, qcfg[role], models[role], ctx, quality,
-                                              tok_entry, say, tokens, adapters if role == "target" else ())
+                                              tok_entry, say, tokens, adapters[role][0])
     _judge(report, max_target_kl, say)
     ort_entry = None
     if ort_mobile:
@@ -481,14 +500,23 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
 
 
+def _check_draft_lora(draft_adapters: dict, adapters: dict, has_draft: bool) -> None:
+    if draft_adapters and not has_draft:
+        raise ConfigError("draft_lora without a draft model; add --draft, or leave --draft-lora out", param="draft_lora")
+    stray = sorted(set(draft_adapters) - set(adapters))
+    if stray:
+        raise ConfigError(f"draft_lora names {stray[0]!r}, which is not an adapter of the target; a draft adapter "
+                          "goes with the target adapter of the same name (give it with --lora too)", param="draft_lora")
+
+
 def _read_adapters(lora: dict[str, Path], src, say) -> tuple[list, dict]:
-    """Read and check every adapter against the target before any graph is built: ``(adapters, sites)``."""
+    """Read and check every adapter against its base before any graph is built: ``(adapters, sites)``."""
     if not lora:
         return [], {}
     from edgellm.export.lora import read_adapter, sites
 
     if src.kind == "hf-generic":
-        raise ExportError(f"lora: the target ({src.spec.architecture}) goes the generic (optimum) way, whose graph "
+        raise ExportError(f"lora: the model ({src.spec.architecture}) goes the generic (optimum) way, whose graph "
                           "has no LoRA branches; merge the adapter into the model and export that")
     table = sites(src.spec)
     adapters = []
@@ -658,15 +686,17 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
         if adapters:
             ref_graph = ref_dir / "model.onnx" if ref_dir.exists() else tmp / entry["graph"]
             result["adapters"] = _adapter_quality(tmp / entry["graph"], ref_graph, layout, got_layout, ids, vocab,
-                                                  adapters, src if level == "full" else None, say)
+                                                  adapters, src if level == "full" else None, say, logits_tokens)
     finally:
         shutil.rmtree(ref_dir, ignore_errors=True)
     return result
 
 
-def _adapter_quality(graph: Path, ref_graph: Path, layout, got_layout, ids, vocab: int, adapters, src, say) -> dict:
+def _adapter_quality(graph: Path, ref_graph: Path, layout, got_layout, ids, vocab: int, adapters, src, say,
+                     logits_tokens=None) -> dict:
     """Each adapter's quality report: the exported graph with it against the fp32 graph with it, and
-    (``src`` given: level ``full``) the fp32 graph with it against transformers + PEFT, merged."""
+    (``src`` given: level ``full``) the fp32 graph with it against transformers + PEFT, merged.
+    A draft with a reduced LM head (``logits_tokens``) is scored on its tokens, as without adapters."""
     from edgellm.export.lora import ort_values
     from edgellm.export.quality import compare_logits, graph_logits, source_logits
 
@@ -674,8 +704,15 @@ def _adapter_quality(graph: Path, ref_graph: Path, layout, got_layout, ids, voca
     for a in adapters:
         say(f"adapter {a.name}: scoring the graph with it")
         ref = graph_logits(ref_graph, layout, ids, adapter=(a.name, ort_values(a)))
-        r = {"quantized_vs_fp32": compare_logits(ref, graph_logits(
-            graph, got_layout, ids, adapter=(a.name, ort_values(a, got_layout.dtype))), vocab)}
+        got = graph_logits(graph, got_layout, ids, logits_tokens=logits_tokens,
+                           adapter=(a.name, ort_values(a, got_layout.dtype)))
+        if logits_tokens is None:
+            r = {"quantized_vs_fp32": compare_logits(ref, got, vocab)}
+        else:
+            top1 = float((ref[:, :vocab].argmax(-1) == got[:, :vocab].argmax(-1)).mean())
+            r = {"quantized_vs_fp32": compare_logits(ref[:, logits_tokens], got[:, logits_tokens], len(logits_tokens))
+                 | {"top1_agreement": top1}}
+        del got
         if src is not None:
             say(f"adapter {a.name}: running the source model with it merged (transformers + PEFT)")
             r["fp32_vs_source"] = compare_logits(source_logits(src, ids, adapter=a.path), ref, vocab)

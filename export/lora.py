@@ -345,25 +345,28 @@ def site_order(tag: str) -> tuple[int, int]:
 
 
 def attach(tmp: Path, entry: dict[str, Any], adapters: list[LoraAdapter], all_sites: dict[str, Site],
-           manifest_adapters: dict[str, Any], say) -> None:
-    """Give the target graph in the bundle folder ``tmp`` the branches ``adapters`` need and write their files.
+           manifest_adapters: dict[str, Any], say, role: str = "target") -> None:
+    """Give the ``role`` graph in the bundle folder ``tmp`` the branches ``adapters`` need and write their files.
 
-    Updates ``entry`` (the target's manifest entry: ``lora``) and ``manifest_adapters`` (the
-    manifest's ``adapters``) in place.
+    Updates ``entry`` (the model's manifest entry: ``lora``) and ``manifest_adapters`` (the
+    manifest's ``adapters``: ``{name: {"target": file, "draft": file (a draft adapter), ...}}``) in place.
     """
     dtype = entry["kv_layout"]["dtype"]
     tags = sorted(set((entry.get("lora") or {}).get("sites", {})) | {t for a in adapters for t in a.site_tags},
                   key=site_order)
     new = add_branches(tmp / entry["graph"], tags, all_sites, dtype)
     if new:
-        say(f"target: LoRA branches on {len(new)} linear layers ({len(tags)} in all)")
+        say(f"{role}: LoRA branches on {len(new)} linear layers ({len(tags)} in all)")
     entry["lora"] = {"sites": {t: [all_sites[t].in_dim, all_sites[t].out_dim] for t in tags}, "dtype": dtype}
     (tmp / "adapters").mkdir(exist_ok=True)
     for a in adapters:
-        rel = f"adapters/{a.name}.npz"
+        rel = f"adapters/{a.name}.npz" if role == "target" else f"adapters/{a.name}.{role}.npz"
         a.save(tmp / rel)
-        manifest_adapters[a.name] = {"target": rel} | a.describe()
-        say(f"adapter {a.name}: rank {a.rank} on {', '.join(a.target_modules)} ({len(a.site_tags)} sites)")
+        if role == "target":
+            manifest_adapters[a.name] = {"target": rel} | a.describe()
+        else:
+            manifest_adapters[a.name] = manifest_adapters[a.name] | {role: rel, f"{role}_lora": a.describe()}
+        say(f"adapter {a.name} ({role}): rank {a.rank} on {', '.join(a.target_modules)} ({len(a.site_tags)} sites)")
 
 
 def ort_values(adapter: LoraAdapter, dtype: str = "float32") -> dict[str, Any]:

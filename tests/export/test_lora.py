@@ -51,8 +51,10 @@ def lora_bundle(tiny_model_dir, adapters, tmp_path_factory):
     from edgellm.export import export
 
     out = tmp_path_factory.mktemp("lora") / "bundle"
+    # the draft is the target model: with the same adapter on both ("qv"), it proposes the target's tokens
     return export(tiny_model_dir, output=out, draft=tiny_model_dir, quant="fp32", draft_quant="fp32",
-                  max_context=256, quality="full", lora={k: str(v) for k, v in adapters.items()})
+                  max_context=256, quality="full", lora={k: str(v) for k, v in adapters.items()},
+                  draft_lora={"qv": adapters["qv"]})
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +101,10 @@ def test_speculative_and_lookup_equal_target_with_each_adapter(llm, mode):
         want = llm.generate(PROMPT, max_new_tokens=N, mode="target", adapter=name).token_ids
         got = llm.generate(PROMPT, max_new_tokens=N, mode=mode, adapter=name)
         assert got.token_ids == want, (mode, name)
-    # the draft is the base: with an adapter on the target it is rejected more often than on the base
-    base = llm.generate(PROMPT, max_new_tokens=N, mode="speculative")
-    assert base.stats["acceptance_rate"] == 1.0
+    if mode == "speculative":  # the draft is the target model; "all" has no draft adapter, "qv" has the same
+        assert llm.generate(PROMPT, max_new_tokens=N, mode=mode).stats["acceptance_rate"] == 1.0
+        assert llm.generate(PROMPT, max_new_tokens=N, mode=mode, adapter="qv").stats["acceptance_rate"] == 1.0
+        assert llm.generate(PROMPT, max_new_tokens=N, mode=mode, adapter="all").stats["acceptance_rate"] < 1.0
 
 
 def test_adapters_alternate_in_one_loaded_bundle(llm):
@@ -131,22 +134,25 @@ def test_manifest_and_quality_report(lora_bundle):
     m = json.loads((lora_bundle / "manifest.json").read_text())
     assert sorted(m["adapters"]) == ["all", "qv"]
     assert m["adapters"]["qv"]["target_modules"] == ["q_proj", "v_proj"]
-    assert m["adapters"]["qv"]["target"] in m["files"]
+    assert m["adapters"]["qv"]["target"] in m["files"] and m["adapters"]["qv"]["draft"] in m["files"]
+    assert "draft" not in m["adapters"]["all"]
     assert sorted(m["models"]["target"]["lora"]["sites"]) == sorted(
         f"l{i}.{r}" for i in range(2) for r in ("qkv", "o", "gate_up", "down"))
-    assert "lora" not in m["models"]["draft"]
+    assert sorted(m["models"]["draft"]["lora"]["sites"]) == ["l0.qkv", "l1.qkv"]
     q = json.loads((lora_bundle / "quality.json").read_text())["models"]["target"]["adapters"]
     for name in ("qv", "all"):
         assert q[name]["fp32_vs_source"]["top1_agreement"] == 1.0
         assert q[name]["fp32_vs_source"]["max_abs_diff"] < 1e-3
-    graph = onnx.load(str(lora_bundle / "draft" / "model.onnx"), load_external_data=False)
-    assert not [i.name for i in graph.graph.input if i.name.startswith("lora.")]
+    assert q["qv"]["quantized_vs_fp32"]["max_abs_diff"] == 0.0  # fp32 graphs
+    draft_q = json.loads((lora_bundle / "quality.json").read_text())["models"]["draft"]["adapters"]
+    assert draft_q["qv"]["fp32_vs_source"]["top1_agreement"] == 1.0
 
 
 def test_add_lora_to_a_bundle_gives_the_same_output(tiny_model_dir, adapters, lora_bundle, llm, tmp_path):
     import onnx
 
     import edgellm
+    from edgellm.errors import ConfigError
     from edgellm.export import add_lora, export
 
     plain = export(tiny_model_dir, output=tmp_path / "plain", quant="fp32", max_context=256, quality="none")
@@ -155,6 +161,8 @@ def test_add_lora_to_a_bundle_gives_the_same_output(tiny_model_dir, adapters, lo
     before = edgellm.load(plain, threads=1).generate(PROMPT, max_new_tokens=N, mode="target").token_ids
     add_lora(plain, {"qv": adapters["qv"]})
     add_lora(plain, [f"all={adapters['all']}"])  # more sites: the graph gets the rest of its branches
+    with pytest.raises(ConfigError, match="draft_lora without a draft model"):
+        add_lora(plain, {"x": adapters["qv"]}, draft_lora={"x": adapters["qv"]})
     loaded = edgellm.load(plain, threads=1)
     assert loaded.generate(PROMPT, max_new_tokens=N, mode="target").token_ids == before  # zero-rank branches
     for name in ("qv", "all"):
@@ -216,6 +224,9 @@ def test_mismatched_adapters_are_refused_and_nothing_is_written(tiny_model_dir, 
         export(tiny_model_dir, output=tmp_path / "bundle", lora=["a b=" + str(head)])
     with pytest.raises(ConfigError, match="NAME=PATH"):
         export(tiny_model_dir, output=tmp_path / "bundle", lora=[str(head)])
+    with pytest.raises(ConfigError, match="draft_lora names 'y', which is not an adapter of the target"):
+        export(tiny_model_dir, output=tmp_path / "bundle", draft=tiny_model_dir, lora={"x": head},
+               draft_lora={"y": head})
 
 
 def test_rank_that_disagrees_with_the_config_is_refused(tiny_model_dir, adapters, tmp_path):
@@ -268,3 +279,35 @@ def test_server_model_field_selects_the_adapter(llm):
     assert r.json()["error"] == {"message": "The model `gpt-4o` does not exist; this server has: tiny, all, qv "
                                             "(GET /v1/models)", "type": "invalid_request_error", "param": "model",
                                  "code": "model_not_found"}
+
+
+def test_cli_generate_adapter_and_add_lora(lora_bundle, llm, adapters, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgellm.cli import cli
+
+    r = CliRunner().invoke(cli, ["generate", str(lora_bundle), PROMPT, "--adapter", "qv", "--json", "--mode", "target",
+                                 "--max-new-tokens", str(N), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["token_ids"] == \
+        llm.generate(PROMPT, max_new_tokens=N, mode="target", adapter="qv").token_ids
+    copy = tmp_path / "copy"
+    shutil.copytree(lora_bundle, copy)
+    r = CliRunner().invoke(cli, ["add-lora", str(copy), f"qv2={adapters['qv']}", "--draft-lora",
+                                 f"qv2={adapters['qv']}"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["add-lora", str(copy), f"qv={adapters['all']}", "--replace"])  # drops its draft part
+    assert r.exit_code == 0, r.output
+    m = json.loads((copy / "manifest.json").read_text())
+    assert "draft" not in m["adapters"]["qv"] and not (copy / "adapters" / "qv.draft.npz").exists()
+    assert "adapters/qv.draft.npz" not in m["files"] and "adapters/qv2.draft.npz" in m["files"]
+    import edgellm
+
+    got = edgellm.load(copy, threads=1).generate(PROMPT, max_new_tokens=N, mode="speculative", adapter="qv2")
+    assert got.stats["acceptance_rate"] == 1.0
+    r = CliRunner().invoke(cli, ["inspect", str(copy)])
+    assert r.exit_code == 0 and "adapter qv2: LoRA rank 4 on q_proj, v_proj" in r.output, r.output
+    r = CliRunner().invoke(cli, ["add-lora", str(copy), "no-equals-sign"])
+    assert r.exit_code != 0 and "NAME=PATH" in str(r.exception or r.output)

@@ -65,3 +65,43 @@ def test_safe_relpath():
     for bad in ("", "/abs", "../up", "c:/x", 5):
         with pytest.raises(ManifestError):
             safe_relpath(bad, "x")
+
+
+LORA = {"sites": {"l0.qkv": [64, 128]}, "dtype": "float32"}
+ADAPTER = {"target": "adapters/a.npz", "rank": 4}
+
+
+def _with_adapter(**changes):
+    d = copy.deepcopy(DOC)
+    d["models"]["target"]["lora"] = copy.deepcopy(LORA)
+    d["adapters"] = {"a": dict(ADAPTER)}
+    d["files"]["adapters/a.npz"] = {"sha256": "0" * 64, "size": 1}
+    for path, value in changes.items():
+        *keys, last = path.split("/")
+        node = d
+        for k in keys:
+            node = node[k]
+        node[last] = value
+    return d
+
+
+def test_manifest_with_an_adapter_parses():
+    m = parse_manifest(_with_adapter())
+    assert m.adapters["a"]["target"] == "adapters/a.npz" and m.target.lora["sites"]["l0.qkv"] == [64, 128]
+    assert parse_manifest(m.to_dict()).adapters == m.adapters
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"adapters/a/target": "../a.npz"}, "leaves the bundle"),
+    ({"adapters/a/target": "adapters/b.npz"}, "not listed in 'files'"),
+    ({"adapters/a b": ADAPTER}, "name 'a b'"),
+    ({"adapters/a": "adapters/a.npz"}, "expected an object naming its 'target'"),
+    ({"models/target/lora": None}, "the target graph has no LoRA branches"),
+    ({"models/target/lora": {"sites": {"l0.lm_head": [1, 2]}, "dtype": "float32"}}, "expected a site like"),
+    ({"models/target/lora": {"sites": {"l0.qkv": [64, 0]}, "dtype": "float32"}}, "positive integer"),
+    ({"models/target/lora": {"sites": {"l0.qkv": [64, 2]}, "dtype": "int8"}}, "'dtype': 'float32'"),
+    ({"models/target/kv_layout": {"kind": "concat"}}, "needs the names|only a graph with a shared_buffer"),
+])
+def test_invalid_adapter_blocks_are_refused(changes, match):
+    with pytest.raises(ManifestError, match=match):
+        parse_manifest(_with_adapter(**changes))
