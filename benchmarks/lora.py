@@ -1,13 +1,14 @@
 """LoRA on the reference pair: speed and acceptance of the base draft on the base and on an adapter,
 and what the LoRA branches cost per step, in one run.
 
-    .venv/bin/python benchmarks/lora.py LORA_BUNDLE [--plain BUNDLE] [--adapter pirate] [--max-new-tokens 96]
+    .venv/bin/python benchmarks/lora.py LORA_BUNDLE [--plain BUNDLE] [--adapter pirate ...] [--max-new-tokens 96]
 
-Three configurations, interleaved prompt by prompt in one process (same threads, same prompts):
+Configurations, interleaved prompt by prompt in one process (same threads, same prompts):
 
 * ``plain``: a bundle without adapters (default: the one ``scripts/main.sh`` exports), base model;
 * ``lora/base``: the LoRA bundle, base model (every branch bound to zero-rank matrices);
-* ``lora/<adapter>``: the LoRA bundle with the adapter.
+* ``lora/<adapter>``: the LoRA bundle with each adapter (``--adapter``, repeatable; default all of them;
+  one with a draft adapter also binds that to the draft).
 
 First the cost of the branches: the target's two-row pass (a decoding step), timed ``--step-reps``
 times per configuration in rotating order, each configuration in its own cache slot of its loaded
@@ -55,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle", type=Path, help="a bundle exported with --lora")
     ap.add_argument("--plain", type=Path, default=DEFAULT_PLAIN, help="a bundle of the same pair without adapters")
-    ap.add_argument("--adapter", default=None, help="[default: the bundle's first adapter]")
+    ap.add_argument("--adapter", action="append", help="[default: every adapter of the bundle]")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--step-reps", type=int, default=40)
@@ -63,8 +64,8 @@ def main() -> None:
     a = ap.parse_args()
     lora = edgellm.load(a.bundle, threads=a.threads)
     plain = edgellm.load(a.plain, threads=a.threads)
-    adapter = a.adapter or sorted(lora.adapters)[0]
-    configs = {"plain": (plain, None), "lora/base": (lora, None), f"lora/{adapter}": (lora, adapter)}
+    adapters = a.adapter or sorted(lora.adapters)
+    configs = {"plain": (plain, None), "lora/base": (lora, None)} | {f"lora/{ad}": (lora, ad) for ad in adapters}
     for llm, ad in configs.values():  # warm-up
         llm.generate("def f(x):", max_new_tokens=4, mode="speculative", adapter=ad)
     steps = step_times(configs, a.step_reps)
@@ -72,7 +73,8 @@ def main() -> None:
     names = list(configs)
     for i, prompt in enumerate(PROMPTS[: a.prompts]):
         messages = [{"role": "user", "content": prompt}]
-        for name in names[i % 3:] + names[: i % 3]:  # rotating order: no configuration always runs first
+        k = i % len(names)
+        for name in names[k:] + names[:k]:  # rotating order: no configuration always runs first
             llm, ad = configs[name]
             ref = None
             for mode in ("target", "speculative"):
@@ -106,7 +108,7 @@ def main() -> None:
         print(f"{r['config']:16} {r['mode']:12} {r['tokens_per_second']:6.1f} {r['speedup']:7.2f}x "
               f"{r['target_ms_per_step'] or 0:8.1f} {r['acceptance_rate'] or 0:7.2f} {r['identical']:>5}/{r['n']} "
               f"{r['styled']:>4}/{r['n']}", file=sys.stderr)
-    print(json.dumps({"bundle": str(a.bundle), "plain": str(a.plain), "adapter": adapter, "threads": a.threads,
+    print(json.dumps({"bundle": str(a.bundle), "plain": str(a.plain), "adapters": adapters, "threads": a.threads,
                       "max_new_tokens": a.max_new_tokens, "step_ms": steps, "summary": rows, "runs": runs}))
 
 
@@ -119,13 +121,15 @@ def step_times(configs: dict, reps: int) -> dict:
     sessions = {}
     for name, (llm, ad) in configs.items():
         s = llm.target.session.fork()
-        s.set_adapter(ad, llm.check_adapter(ad))
+        adapter = llm.check_adapter(ad)
+        s.set_adapter(ad, adapter.target if adapter else None)
         s.forward(np.arange(100, 140), 1)
         sessions[name] = s
     times: dict[str, list[float]] = {k: [] for k in sessions}
     names = list(sessions)
     for i in range(reps):
-        for name in names[i % 3:] + names[: i % 3]:
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
             s = sessions[name]
             t0 = time.perf_counter()
             s.forward(np.array([5, 6]), 1)

@@ -172,7 +172,7 @@ class LLM:
         ``slot``: which of the ``max_batch`` caches to use; generations in different slots may
         take turns round by round (the server does) without disturbing each other.
         ``adapter``: the LoRA adapter the target computes with (``None``: the base model); the
-        draft stays the base's.
+        draft computes with the adapter's draft part if it has one, else as the base's draft.
         """
         values = self.check_adapter(adapter)
         if cfg.mode == "speculative" and self.draft is None:
