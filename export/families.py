@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import ExportError
+from edgellm.runtimes.rotary import cos_sin, inv_freq
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 # MLP activations as transformers names them -> the builder's three kernels
@@ -133,7 +134,7 @@ def rope_inv_freq(rope: Rope, long: bool = False) -> tuple[np.ndarray, float]:
     """
     s, dim = dict(rope.scaling), rope.dim
     exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
-    inv = 1.0 / rope.theta ** exponents
+    inv = inv_freq(dim, rope.theta)
     kind = rope.kind
     if kind in ("default", "dynamic"):  # dynamic equals default up to max_position_embeddings
         return inv, 1.0
@@ -187,8 +188,7 @@ def _yarn(rope: Rope, s: dict, inv: np.ndarray) -> tuple[np.ndarray, float]:
 def rope_tables(rope: Rope, max_context: int, long: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``cos`` and ``sin`` float64 ``(max_context, dim / 2)`` for positions ``0 .. max_context - 1``."""
     inv, attention = rope_inv_freq(rope, long)
-    angles = np.outer(np.arange(max_context, dtype=np.float64), inv)
-    return np.cos(angles) * attention, np.sin(angles) * attention
+    return cos_sin(np.arange(max_context), inv, attention)
 
 
 @dataclass(frozen=True)

@@ -181,9 +181,3 @@ class StaticDecoderBuilder(DecoderBuilder):
 
         return helper.make_node(op, inputs, outputs, **attrs)
 
-
-def rotary_angles(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin ``[1, S, D/2]`` float32 for ``positions`` ``(S,)``."""
-    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    ang = np.outer(positions.astype(np.float64), inv)
-    return np.cos(ang)[None].astype(np.float32), np.sin(ang)[None].astype(np.float32)

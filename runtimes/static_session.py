@@ -23,6 +23,7 @@ import numpy as np
 
 from edgellm.errors import ContextLengthError
 from edgellm.runtimes.providers import ProviderChoice
+from edgellm.runtimes.rotary import cos_sin, inv_freq
 from edgellm.runtimes.session import CachedSession, KVLayout, check_graph, open_session
 
 
@@ -94,11 +95,10 @@ class StaticDecoderSession(CachedSession):
         """The inputs of a graph of ``window`` tokens (default: the window graph's) for ``ids`` (padded)."""
         n, S, p, lay = len(ids), window or self.window, self.length, self.layout
         padded = np.concatenate([ids, np.repeat(ids[-1:], S - n)])[None]
-        theta = 1.0 / (self.rope_theta ** (np.arange(0, lay.head_dim, 2, dtype=np.float64) / lay.head_dim))
-        ang = np.outer(np.arange(p, p + S, dtype=np.float64), theta)[None]
+        cos, sin = cos_sin(np.arange(p, p + S), inv_freq(lay.head_dim, self.rope_theta))
         # row r (position p + r) attends slots 0 .. p + r; 1 = masked (the graph scales it per layer)
         mask = (np.arange(self.cache_length)[None, :] > np.arange(p, p + S)[:, None]).astype(np.float32)
-        feeds = {"input_ids": padded, "cos": np.cos(ang).astype(np.float32), "sin": np.sin(ang).astype(np.float32),
+        feeds = {"input_ids": padded, "cos": cos[None].astype(np.float32), "sin": sin[None].astype(np.float32),
                  "write_positions": np.arange(p, p + S, dtype=np.int64).reshape(1, 1, S, 1),
                  "attention_mask": np.tile(mask, (self.groups, 1))[None, None]}
         io = lay.io
