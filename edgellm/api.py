@@ -14,6 +14,7 @@ import numpy as np
 from edgellm.errors import BundleError, ConfigError
 from edgellm.lookup import SharedLookup
 from edgellm.manifest import Manifest, ModelEntry, check_bundle, read_manifest
+from edgellm.options import GRAPH_FORMATS
 from edgellm.prompt_cache import Entry, PromptCache, common_prefix
 from edgellm.sampling import SamplingConfig
 from edgellm.speculative import DecodeConfig, DecodeStats, Round, decode
@@ -352,7 +353,6 @@ class Slot(NamedTuple):
     draft: _Bound | None
 
 
-GRAPH_FORMATS = ("onnx", "ort")
 
 
 class Adapter(NamedTuple):

@@ -76,7 +76,8 @@ def environment(llm) -> dict[str, Any]:
 def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str] | None = None,
               max_new_tokens: int = 128, repeats: int = 3, num_draft_tokens: int | None = None,
               temperature: float = 0.0, provider: str = "cpu", draft_provider: str | None = None, threads: int | None = None,
-              adapter: str | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              adapter: str | None = None, fallback: bool = False, graph_format: str = "onnx",
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; return the report (see module docstring).
 
     ``adapter``: every mode generates with this LoRA adapter of the bundle (the draft stays the
@@ -100,7 +101,8 @@ def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str
     SamplingConfig(temperature=temperature)  # a bad temperature fails before the bundle loads
     prompts = load_prompts(prompts_file)
     t0 = time.perf_counter()
-    llm = edgellm.load(bundle, provider=provider, draft_provider=draft_provider, threads=threads)
+    llm = edgellm.load(bundle, provider=provider, draft_provider=draft_provider, threads=threads, fallback=fallback,
+                       graph_format=graph_format)
     load_s = time.perf_counter() - t0
     llm.check_adapter(adapter)
     if "speculative" in modes and llm.draft is None:

@@ -16,13 +16,13 @@ from typing import Any
 
 import click
 
+from edgellm import options as O
 from edgellm.api import DEFAULT_MAX_BATCH
 from edgellm.errors import EdgeLLMError
 from edgellm.lookup import DEFAULT_SHARED_LOOKUP
+from edgellm.options import MODES
 from edgellm.prompt_cache import DEFAULT_PROMPT_CACHE
 from edgellm.ray_serve import ReplicaOptions
-
-MODES = ("speculative", "target", "lookup")
 
 
 def _json_out(doc: Any) -> None:
@@ -64,38 +64,37 @@ def _export_help() -> str:
 @click.argument("target")
 @click.option("--draft", default=None, help="Draft model: HF folder, .gguf file or hub id (same tokenizer).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
-@click.option("--quant", default="auto", show_default=True,
-              type=click.Choice(["auto", "gguf", "int4", "int8", "fp16", "fp32"]),
+@click.option("--quant", default=O.DEFAULT_QUANT, show_default=True, type=click.Choice(O.EXPORT_QUANTS),
               help="Target weights. gguf: keep a GGUF file's own quantized blocks exactly; auto: gguf for a "
                    ".gguf target, else int4.")
-@click.option("--draft-quant", default="int4", show_default=True,
-              type=click.Choice(["auto", "gguf", "int4", "int8", "fp16", "fp32"]))
-@click.option("--block-size", default=32, show_default=True, type=int, help="Target MatMulNBits block size.")
-@click.option("--draft-block-size", default=128, show_default=True, type=int)
-@click.option("--lm-head-quant", default=None, type=click.Choice(["gguf", "int4", "int8", "fp16", "fp32"]),
+@click.option("--draft-quant", default=O.DEFAULT_DRAFT_QUANT, show_default=True, type=click.Choice(O.EXPORT_QUANTS))
+@click.option("--block-size", default=O.DEFAULT_BLOCK_SIZE, show_default=True, type=int,
+              help="Target MatMulNBits block size.")
+@click.option("--draft-block-size", default=O.DEFAULT_DRAFT_BLOCK_SIZE, show_default=True, type=int)
+@click.option("--lm-head-quant", default=None, type=click.Choice(O.QUANTS),
               help="Target output projection [default: int8 when --quant int4, else --quant].")
-@click.option("--max-context", default=4096, show_default=True, type=int, help="KV cache length.")
-@click.option("--quality", default="quant", show_default=True, type=click.Choice(["none", "quant", "full"]),
+@click.option("--max-context", default=O.DEFAULT_MAX_CONTEXT, show_default=True, type=int, help="KV cache length.")
+@click.option("--quality", default=O.DEFAULT_QUALITY, show_default=True, type=click.Choice(O.QUALITY_LEVELS),
               help="quant: quantized vs fp32 graph; full: also fp32 graph vs the source model (torch).")
-@click.option("--max-target-kl", default=0.1, show_default=True, type=float,
+@click.option("--max-target-kl", default=O.DEFAULT_MAX_TARGET_KL, show_default=True, type=float,
               help="Warn when the target's quantization costs more than this mean KL (nats).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output bundle.")
 @click.option("--trust-remote-code", is_flag=True, help="Let transformers run code shipped with the model.")
-@click.option("--target-device", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu", "npu"]),
+@click.option("--target-device", default=O.TARGET_DEVICES[0], show_default=True, type=click.Choice(O.TARGET_DEVICES),
               help="gpu: fp16 graphs (int4 weights) for GPU providers; npu: static-shape graphs of "
                    "standard operators (fp32 or --npu-quant qdq) for NPU providers.")
-@click.option("--npu-window", default=8, show_default=True, type=int,
+@click.option("--npu-window", default=O.DEFAULT_NPU_WINDOW, show_default=True, type=int,
               help="Tokens per call of the npu graphs (a verify pass holds up to this many).")
-@click.option("--npu-quant", default="fp32", show_default=True, type=click.Choice(["fp32", "qdq", "qdq-w4"]),
+@click.option("--npu-quant", default=O.NPU_QUANTS[0], show_default=True, type=click.Choice(O.NPU_QUANTS),
               help="qdq: static QDQ quantization of the npu graphs (uint16 activations, uint8 weights), "
                    "calibrated on sample text; qdq-w4: int4 weights.")
 @click.option("--calibration-text", type=click.Path(exists=True, dir_okay=False),
               help="Text file to calibrate QDQ graphs on [default: edgellm's sample text].")
-@click.option("--npu-draft-quant", default=None, type=click.Choice(["fp32", "qdq", "qdq-w4"]),
+@click.option("--npu-draft-quant", default=None, type=click.Choice(O.NPU_QUANTS),
               help="The draft's --npu-quant [default: --npu-quant].")
 @click.option("--draft-vocab", default=None, type=int,
               help="Tokens the draft's LM head keeps, the most frequent ones: a cheaper draft step, the same "
-                   "output [default: 32768; 0: all].")
+                   f"output [default: {O.DEFAULT_DRAFT_VOCAB}; 0: all].")
 @click.option("--draft-vocab-corpus", type=click.Path(exists=True, dir_okay=False),
               help="Text file to count token frequencies over [default: Python's standard library source].")
 @click.option("--ort-mobile", is_flag=True,
@@ -193,11 +192,20 @@ def _gen_options(f):
         click.option("--seed", default=None, type=int),
         click.option("--num-draft-tokens", default=None, type=int, help="Fixed gamma [default: adaptive]."),
         click.option("--adapter", default=None, help="A LoRA adapter of the bundle [default: the base model]."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return _load_options(f)
+
+
+def _load_options(f):
+    """The flags of :func:`edgellm.load` every command that loads a bundle takes."""
+    opts = [
         click.option("--provider", default="cpu", show_default=True),
         click.option("--draft-provider", default=None),
         click.option("--threads", default=None, type=int),
         click.option("--fallback", is_flag=True, help="Use the CPU when a provider is missing."),
-        click.option("--graph-format", default="onnx", show_default=True, type=click.Choice(["onnx", "ort"]),
+        click.option("--graph-format", default=O.GRAPH_FORMATS[0], show_default=True, type=click.Choice(O.GRAPH_FORMATS),
                      help="ort: the ORT Mobile graphs of a bundle exported with --ort-mobile."),
     ]
     for o in reversed(opts):
@@ -300,9 +308,7 @@ def _fit_conversation(llm, messages: list[dict[str, str]]) -> int:
 @click.option("--temperature", default=0.0, show_default=True, type=float,
               help="Sample at this temperature (seeded per run): speed and acceptance; outputs then differ by design.")
 @click.option("--adapter", default=None, help="Generate with this LoRA adapter of the bundle [default: the base].")
-@click.option("--provider", default="cpu", show_default=True)
-@click.option("--draft-provider", default=None)
-@click.option("--threads", default=None, type=int)
+@_load_options
 @click.option("--json", "as_json", is_flag=True, help="Only the JSON document on stdout.")
 def bench(bundle: Path, prompts_file: Path | None, modes: str, as_json: bool, **o: Any) -> None:
     """Benchmark every mode on the same prompts in one process; speedups over target."""
@@ -343,9 +349,7 @@ def bench(bundle: Path, prompts_file: Path | None, modes: str, as_json: bool, **
               help="With --ray: model replicas.")
 @click.option("--cpus-per-replica", default=ReplicaOptions.cpus_per_replica, show_default=True, type=float,
               help="With --ray: CPUs Ray reserves per replica (also its threads unless --threads).")
-@click.option("--provider", default="cpu", show_default=True)
-@click.option("--draft-provider", default=None)
-@click.option("--threads", default=None, type=int)
+@_load_options
 def serve(bundle: Path, on_ray: bool, replicas: int, cpus_per_replica: float, **o: Any) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API, with a chat page at /."""
     if on_ray:

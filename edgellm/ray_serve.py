@@ -38,7 +38,7 @@ class ReplicaOptions:
         cpus_per_replica: CPUs Ray reserves for each replica; also its onnxruntime threads
             unless ``threads`` is given.
         threads: intra-op threads per session.
-        provider / draft_provider: execution providers, as for :func:`edgellm.load`.
+        provider / draft_provider / fallback / graph_format: as for :func:`edgellm.load`.
         mode: default decoding mode of requests.
         max_queue: requests that may wait in a replica while its slots generate.
         max_batch: requests a replica generates at once (see :class:`edgellm.server.Engine`).
@@ -53,6 +53,8 @@ class ReplicaOptions:
     threads: int | None = None
     provider: str = "cpu"
     draft_provider: str | None = None
+    fallback: bool = False
+    graph_format: str = "onnx"
     mode: str | None = None
     max_queue: int = 8
     max_batch: int = DEFAULT_MAX_BATCH
@@ -80,7 +82,7 @@ def build_asgi_app(opts: ReplicaOptions):
     from edgellm.server import Guard, create_app, hosts_for
 
     llm = load(opts.bundle, threads=opts.session_threads, provider=opts.provider, draft_provider=opts.draft_provider,
-               prompt_cache_bytes=parse_bytes(opts.prompt_cache_bytes),
+               fallback=opts.fallback, graph_format=opts.graph_format, prompt_cache_bytes=parse_bytes(opts.prompt_cache_bytes),
                shared_lookup_tokens=opts.shared_lookup_tokens, max_batch=opts.max_batch)
     guard = Guard(hosts_for("127.0.0.1", opts.allowed_hosts), frozenset())
     return create_app(llm, api_key=opts.api_key, mode=opts.mode, max_queue=opts.max_queue, guard=guard)

@@ -876,7 +876,8 @@ def prepare(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: 
             provider: str = "cpu", draft_provider: str | None = None, threads: int | None = None,
             mode: str | None = None, max_queue: int = 8, max_batch: int = DEFAULT_MAX_BATCH, allowed_hosts: tuple[str, ...] | list[str] = (),
             allowed_origins: tuple[str, ...] | list[str] = (), prompt_cache_bytes: int | str = DEFAULT_PROMPT_CACHE,
-            shared_lookup_tokens: int = DEFAULT_SHARED_LOOKUP, echo=print):
+            shared_lookup_tokens: int = DEFAULT_SHARED_LOOKUP, fallback: bool = False, graph_format: str = "onnx",
+            echo=print):
     """Load ``bundle``, build the app and print where to reach it; returns a ready ``uvicorn.Server``.
 
     Binding anything but a loopback address requires an API key: the given one, or one generated
@@ -885,7 +886,8 @@ def prepare(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: 
     number) bounds the stored caches of other conversations (:mod:`edgellm.prompt_cache`);
     ``shared_lookup_tokens`` the n-gram index of earlier requests (:class:`edgellm.lookup.SharedLookup`);
     ``max_batch`` the requests generating at once (each a cache slot, ~0.34 GB at the reference
-    pair's 4,096 context once filled).
+    pair's 4,096 context once filled). ``provider``, ``draft_provider``, ``threads``, ``fallback`` and
+    ``graph_format`` are :func:`edgellm.load`'s.
     """
     import uvicorn
 
@@ -895,9 +897,9 @@ def prepare(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: 
         raise ConfigError(f"port={port}; allowed: 1-65535", param="port")
     key, generated = resolve_api_key(host, api_key)
     guard = Guard(hosts_for(host, allowed_hosts), frozenset(o.rstrip("/").lower() for o in allowed_origins))
-    llm = load(bundle, provider=provider, draft_provider=draft_provider, threads=threads,
-               prompt_cache_bytes=parse_bytes(prompt_cache_bytes), shared_lookup_tokens=shared_lookup_tokens,
-               max_batch=max_batch)
+    llm = load(bundle, provider=provider, draft_provider=draft_provider, threads=threads, fallback=fallback,
+               graph_format=graph_format, prompt_cache_bytes=parse_bytes(prompt_cache_bytes),
+               shared_lookup_tokens=shared_lookup_tokens, max_batch=max_batch)
     app = create_app(llm, api_key=key, mode=mode, max_queue=max_queue, guard=guard)
     echo(f"edgellm: serving {llm.bundle.name} (target on {llm.providers['target']}) at:")
     for url in urls(host, port):

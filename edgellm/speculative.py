@@ -31,10 +31,10 @@ import numpy as np
 
 from edgellm.errors import ConfigError, ContextLengthError
 from edgellm.lookup import SharedLookup, propose_lookup
+from edgellm.options import MODES
 from edgellm.prompt_cache import common_prefix
 from edgellm.sampling import SamplingConfig, choose, greedy_accept, probabilities, rejection_accept, sample
 
-MODES = ("target", "speculative", "lookup")
 MAX_SEED = 2**63 - 1
 
 

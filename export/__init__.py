@@ -18,22 +18,26 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgellm.errors import ConfigError, EdgeLLMError, ExportError
-from edgellm.export.draft_vocab import DEFAULT_SIZE as DEFAULT_DRAFT_VOCAB
 from edgellm.export.draft_vocab import DraftVocabConfig, write_ids
+from edgellm.options import (  # the defaults, shared with the CLI
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_DRAFT_BLOCK_SIZE,
+    DEFAULT_DRAFT_QUANT,
+    DEFAULT_DRAFT_VOCAB,
+    DEFAULT_MAX_CONTEXT,
+    DEFAULT_MAX_TARGET_KL,
+    DEFAULT_NPU_WINDOW,
+    DEFAULT_QUALITY,
+    DEFAULT_QUANT,
+    NPU_QUANTS,
+    TARGET_DEVICES,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["export", "add_lora", "DEFAULT_QUANT", "DEFAULT_DRAFT_QUANT"]
 
-DEFAULT_QUANT = "auto"  # gguf for a GGUF target (its blocks kept exactly), else int4
-DEFAULT_DRAFT_QUANT = "int4"
-DEFAULT_BLOCK_SIZE = 32
-DEFAULT_DRAFT_BLOCK_SIZE = 128
-DEFAULT_MAX_CONTEXT = 4096
-DEFAULT_MAX_TARGET_KL = 0.1
 QUALITY_SAMPLE_TOKENS = 256
-TARGET_DEVICES = ("cpu", "gpu", "npu")
-NPU_QUANTS = ("fp32", "qdq", "qdq-w4")
 # quality="full": the fp32 graph against transformers running the source. Rounding moves logits by
 # ~1e-5 (tiny models) to ~1e-2 (28 layers); a wrong activation, norm or rope moves them by whole units
 MAX_SOURCE_KL, MIN_SOURCE_TOP1 = 1e-3, 0.98
@@ -51,13 +55,13 @@ def export(
     draft_block_size: int = DEFAULT_DRAFT_BLOCK_SIZE,
     lm_head_quant: str | None = None,
     max_context: int = DEFAULT_MAX_CONTEXT,
-    quality: str = "quant",
+    quality: str = DEFAULT_QUALITY,
     max_target_kl: float = DEFAULT_MAX_TARGET_KL,
     overwrite: bool = False,
     trust_remote_code: bool = False,
     ort_mobile: bool = False,
     target_device: str = "cpu",
-    npu_window: int = 8,
+    npu_window: int = DEFAULT_NPU_WINDOW,
     npu_quant: str = "fp32",
     npu_draft_quant: str | None = None,
     calibration_text: str | os.PathLike | None = None,

@@ -31,10 +31,10 @@ from edgellm.errors import ConfigError
 from edgellm.export.quantize import PackedWeight, concat_rows, quantize_blockwise
 from edgellm.export.families import Rope, rope_tables
 from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, Source, block_names
+from edgellm.options import QUANTS
 
 logger = logging.getLogger(__name__)
 
-QUANTS = ("int4", "int8", "fp16", "fp32", "gguf")
 OPSET = 17
 # IR 10 (onnx 1.16) covers opset 21, the newest the graphs use; onnx's default (the newest IR)
 # would lock out older onnxruntime builds, which phones and OpenVINO's onnxruntime still ship

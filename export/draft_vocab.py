@@ -27,6 +27,7 @@ from typing import Iterable
 import numpy as np
 
 from edgellm.errors import ConfigError
+from edgellm.options import DEFAULT_DRAFT_VOCAB as DEFAULT_SIZE
 
 CORPUS_CHARS = 8_000_000
 FILE_NAME = "vocab.i32"  # little-endian int32 token ids, ascending: column j of the logits is token ids[j]
@@ -89,7 +90,6 @@ def write_ids(path: Path, ids: np.ndarray) -> None:
     path.write_bytes(np.asarray(ids, "<i4").tobytes())
 
 
-DEFAULT_SIZE = 32768
 
 
 @dataclass(frozen=True)

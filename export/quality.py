@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edgellm.options import QUALITY_LEVELS
 from edgellm.runtimes.providers import resolve_provider
 from edgellm.runtimes.session import DecoderSession, KVLayout
 
 logger = logging.getLogger(__name__)
 
-QUALITY_LEVELS = ("none", "quant", "full")
 
 
 def sample_text() -> str:
