@@ -14,7 +14,7 @@ import numpy as np
 from edgellm.errors import BundleError, ConfigError
 from edgellm.lookup import SharedLookup
 from edgellm.manifest import Manifest, ModelEntry, check_bundle, read_manifest
-from edgellm.options import GRAPH_FORMATS
+from edgellm.options import DEFAULT_MAX_NEW_TOKENS, GRAPH_FORMATS
 from edgellm.prompt_cache import Entry, PromptCache, common_prefix
 from edgellm.sampling import SamplingConfig
 from edgellm.speculative import DecodeConfig, DecodeStats, Round, decode
@@ -155,7 +155,8 @@ class LLM:
         mode = mode or ("speculative" if self.draft else "target")
         return DecodeConfig(
             mode=mode,
-            max_new_tokens=max_new_tokens if max_new_tokens is not None else int(gen.get("max_new_tokens", 256)),
+            max_new_tokens=max_new_tokens if max_new_tokens is not None else int(gen.get("max_new_tokens",
+                                                                                          DEFAULT_MAX_NEW_TOKENS)),
             sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p),
             num_draft_tokens=num_draft_tokens,
             eos_token_ids=self.tokenizer.eos_token_ids,

@@ -185,7 +185,8 @@ def _gen_options(f):
     opts = [
         click.option("--mode", default=None, type=click.Choice(MODES),
                      help="speculative (default with a draft), target, or lookup (draft-free)."),
-        click.option("--max-new-tokens", default=256, show_default=True, type=int),
+        click.option("--max-new-tokens", default=None, type=int,
+                     help=f"[default: the bundle's generation.max_new_tokens, {O.DEFAULT_MAX_NEW_TOKENS} as exported]"),
         click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy."),
         click.option("--top-k", default=0, show_default=True, type=int),
         click.option("--top-p", default=1.0, show_default=True, type=float),

@@ -23,7 +23,7 @@
       "tokenizer": {"file": "tokenizer/tokenizer.json", "sha256": "...", "vocab_size": 151665,
                     "eos_token_ids": [151645, 151643], "bos_token_id": null,
                     "chat_template": "tokenizer/chat_template.jinja"},
-      "generation": {"num_draft_tokens": 4, ...},
+      "generation": {"max_new_tokens": 256},       # the default length (older bundles list more; unread)
       "quality_report": "quality.json",
       "adapters": {"pirate": {"target": "adapters/pirate.npz", "rank": 8, ...}},   # optional: LoRA
       "files": {"target/model.onnx": {"sha256": "...", "size": 123}, ...}

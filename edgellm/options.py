@@ -35,3 +35,6 @@ TARGET_DEVICES = ("cpu", "gpu", "npu")
 #: npu graph precision: fp32, qdq (uint8 weights), qdq-w4 (int4 weights); uint16 activations
 NPU_QUANTS = ("fp32", "qdq", "qdq-w4")
 DEFAULT_NPU_WINDOW = 8
+
+#: a generation's length when the request does not say (the manifest's generation.max_new_tokens)
+DEFAULT_MAX_NEW_TOKENS = 256

@@ -43,6 +43,7 @@ from typing import Any, AsyncIterator, Iterator
 from edgellm.api import DEFAULT_MAX_BATCH, LLM, GenerationResult, StreamEvent, check_text
 from edgellm.errors import ConfigError, ContextLengthError, EdgeLLMError
 from edgellm.lookup import DEFAULT_SHARED_LOOKUP
+from edgellm.options import DEFAULT_MAX_NEW_TOKENS
 from edgellm.prompt_cache import DEFAULT_PROMPT_CACHE, parse_bytes
 
 
@@ -278,7 +279,7 @@ def _max_tokens(llm: LLM, body: dict[str, Any], prompt_tokens: int) -> int:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     asked = _typed(body, name, (int,), f"an integer 1-{room}", None)
     if asked is None:
-        return min(int(llm.manifest.generation.get("max_new_tokens", 256)), room)
+        return min(int(llm.manifest.generation.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)), room)
     if not 1 <= asked <= room:
         raise ApiError(400, f"'{name}' = {_short.repr(asked)}; allowed: 1-{room} (the prompt has {prompt_tokens} of the "
                             f"{llm.manifest.target.max_context} context tokens)", param=name,

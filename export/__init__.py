@@ -25,6 +25,7 @@ from edgellm.options import (  # the defaults, shared with the CLI
     DEFAULT_DRAFT_QUANT,
     DEFAULT_DRAFT_VOCAB,
     DEFAULT_MAX_CONTEXT,
+    DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_TARGET_KL,
     DEFAULT_NPU_WINDOW,
     DEFAULT_QUALITY,
@@ -490,8 +491,8 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
         "edgellm_version": __version__,
         "models": models,
         "tokenizer": tok_entry,
-        "generation": {"num_draft_tokens": 4, "max_new_tokens": 256, "temperature": 0.0,
-                       "top_k": 0, "top_p": 1.0},
+        # what the runtime reads (gamma is adaptive, sampling is per request): only the default length
+        "generation": {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS},
         "quality_report": "quality.json",
         "files": files,
     }

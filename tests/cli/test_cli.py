@@ -34,6 +34,24 @@ def test_generate_json(tiny_bundle):
     assert json.loads(t.output.strip().splitlines()[-1])["token_ids"] == doc["token_ids"]
 
 
+def test_generate_takes_its_default_length_from_the_bundle(tiny_bundle, tmp_path):
+    import shutil
+
+    from edgellm.manifest import manifest_digest
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    doc = json.loads((bundle / "manifest.json").read_text())
+    assert doc["generation"] == {"max_new_tokens": 256}  # all the runtime reads of it
+    doc["generation"]["max_new_tokens"] = 5
+    doc["manifest_sha256"] = manifest_digest(doc)
+    (bundle / "manifest.json").write_text(json.dumps(doc))
+    r = run(["generate", str(bundle), "def foo(x): return", "--json", "--mode", "target", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])
+    assert len(out["token_ids"]) <= 5 and (out["finish_reason"] == "length") == (len(out["token_ids"]) == 5)
+
+
 def test_inspect_ok_and_tampered(tiny_bundle, tmp_path, capsys):
     r = run(["inspect", str(tiny_bundle), "--json"])
     assert r.exit_code == 0
