@@ -646,9 +646,10 @@ def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str,
     from edgellm.runtimes.session import KVLayout
 
     ids = _sample_ids(tmp, tok_entry, ctx)
+    lora = entry.get("lora")  # the fp32 reference graph's branches are fp32 whatever the exported graph computes in
     layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], ctx, entry["vocab_size"],
-                      io_names(entry["num_layers"]), lora=entry.get("lora"))
-    got_layout = KVLayout(**{**layout.__dict__, "dtype": entry["kv_layout"]["dtype"]})
+                      io_names(entry["num_layers"]), lora=lora and {**lora, "dtype": "float32"})
+    got_layout = KVLayout(**{**layout.__dict__, "dtype": entry["kv_layout"]["dtype"], "lora": lora})
     static = entry["kv_layout"]["kind"] == "static_window"
     vocab = tok_entry["vocab_size"]
     result: dict[str, Any] = {"quantization": entry["quantization"], "sample_tokens": int(len(ids)),

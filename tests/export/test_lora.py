@@ -311,3 +311,21 @@ def test_cli_generate_adapter_and_add_lora(lora_bundle, llm, adapters, tmp_path)
     assert r.exit_code == 0 and "adapter qv2: LoRA rank 4 on q_proj, v_proj" in r.output, r.output
     r = CliRunner().invoke(cli, ["add-lora", str(copy), "no-equals-sign"])
     assert r.exit_code != 0 and "NAME=PATH" in str(r.exception or r.output)
+
+
+def test_gpu_bundle_branches_compute_in_fp16(tiny_model_dir, adapters, tmp_path):
+    """--target-device gpu: the branches take fp16 matrices (runs on the CPU EP too), exact speculation."""
+    import edgellm
+    from edgellm.export import export
+
+    out = export(tiny_model_dir, draft=tiny_model_dir, output=tmp_path / "gpu", max_context=128, target_device="gpu",
+                 quant="fp16", draft_quant="fp16", lora={"qv": adapters["qv"]})
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["models"]["target"]["lora"]["dtype"] == "float16"
+    q = json.loads((out / "quality.json").read_text())["models"]["target"]["adapters"]["qv"]["quantized_vs_fp32"]
+    assert q["top1_agreement"] >= 0.95 and q["mean_kl"] < 1e-2
+    llm = edgellm.load(out, threads=1)
+    ref = llm.generate(PROMPT, mode="target", max_new_tokens=N, adapter="qv")
+    assert ref.token_ids != llm.generate(PROMPT, mode="target", max_new_tokens=N).token_ids
+    for mode in ("speculative", "lookup"):
+        assert llm.generate(PROMPT, mode=mode, max_new_tokens=N, adapter="qv").token_ids == ref.token_ids, mode
