@@ -9,7 +9,6 @@ from click.testing import CliRunner
 
 from edgellm.cli import cli, main
 
-pytest.importorskip("torch")
 
 
 def run(args):

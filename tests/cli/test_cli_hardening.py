@@ -21,7 +21,6 @@ from edgellm.cli import main
 from edgellm.errors import BundleError, ConfigError, ContextLengthError, ManifestError
 from edgellm.manifest import manifest_digest, sha256_file
 
-pytest.importorskip("torch")
 
 PROMPT = "def foo(x): return"
 

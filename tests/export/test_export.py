@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_tiny_hf_model
+from helpers import make_tiny_hf_model
 from edgellm.errors import ConfigError, ExportError, IncompatibleModelsError
 from edgellm.manifest import read_manifest
 

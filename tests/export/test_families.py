@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conftest import make_tiny_hf_model
+from helpers import make_tiny_hf_model
 from edgellm.errors import ExportError
 
 torch = pytest.importorskip("torch")

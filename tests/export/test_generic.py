@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_tiny_hf_model
+from helpers import make_tiny_hf_model
 from edgellm.errors import ConfigError, ExportError
 
 torch = pytest.importorskip("torch")

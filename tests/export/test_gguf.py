@@ -10,7 +10,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from conftest import _train_tokenizer  # noqa: E402
+from tiny import train_tokenizer as _train_tokenizer  # noqa: E402
 from edgellm.export.gguf_blocks import DECODERS, native_weight  # noqa: E402
 from tiny_gguf import write_tiny_gguf  # noqa: E402
 

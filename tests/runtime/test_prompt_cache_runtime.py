@@ -7,7 +7,6 @@ import pytest
 
 import edgellm
 
-pytest.importorskip("torch")
 
 SYSTEM = {"role": "system", "content": "You write short Python."}
 

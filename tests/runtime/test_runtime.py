@@ -11,7 +11,6 @@ import pytest
 import edgellm
 from edgellm.errors import BundleError, ConfigError, ContextLengthError, ManifestError, ProviderUnavailableError, RollbackError
 
-pytest.importorskip("torch")
 
 PROMPT = "def foo(x): return"
 

@@ -8,7 +8,6 @@ import pytest
 
 import edgellm
 
-pytest.importorskip("torch")
 
 REQUESTS = [  # different prompts, lengths, modes, gammas and sampling settings
     ("def foo(x): return", dict(mode="speculative", max_new_tokens=30)),

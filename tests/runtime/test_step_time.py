@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "step_time.py"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import slow_enabled
+from helpers import slow_enabled
 from edgellm.fetch import default_cache_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not slow_enabled(), reason="set EDGELLM_SLOW=1 (needs the real pair)")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FakeLM, greedy_reference
+from helpers import FakeLM, greedy_reference
 from edgellm.errors import BundleError, ConfigError
 from edgellm.export.draft_vocab import DraftVocabConfig, frequent_tokens, write_ids
 from edgellm.runtimes.session import expand_logits, read_token_ids

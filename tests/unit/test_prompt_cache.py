@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FakeLM
+from helpers import FakeLM
 from edgellm.errors import ConfigError
 from edgellm.prompt_cache import Entry, PromptCache, Snapshot, common_prefix, parse_bytes
 from edgellm.sampling import SamplingConfig

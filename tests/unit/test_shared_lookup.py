@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FakeLM, greedy_reference
+from helpers import FakeLM, greedy_reference
 from edgellm.errors import ConfigError
 from edgellm.lookup import SharedLookup
 from edgellm.speculative import DecodeConfig, DecodeStats, decode

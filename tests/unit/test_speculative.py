@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FakeLM, greedy_reference
+from helpers import FakeLM, greedy_reference
 from edgellm.errors import ConfigError, ContextLengthError
 from edgellm.sampling import SamplingConfig
 from edgellm.speculative import DecodeConfig, DecodeStats, DraftLengthController, decode
