@@ -29,6 +29,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
+from edgellm.controller import DraftLengthController
 from edgellm.errors import ConfigError, ContextLengthError
 from edgellm.lookup import SharedLookup, propose_lookup
 from edgellm.options import MODES
@@ -115,6 +116,34 @@ class Round:
     finish_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a round will propose: ``tokens`` from a free source (``lookup``, ``shared``), or
+    ``gamma`` tokens the draft model is to run (``source == "draft"``); nothing: a plain step."""
+
+    source: str
+    tokens: tuple[int, ...] = ()
+    gamma: int = 0
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A round's proposals.
+
+    Attributes:
+        tokens: the proposed token ids.
+        q: their distributions ``(len(tokens), V)`` when the draft sampled them; ``None`` for
+            deterministic proposals (greedy draft, lookup), one-hot for rejection sampling.
+        source: ``draft``, ``lookup`` or ``shared``.
+        draft_step_s: the draft's seconds per proposed token (``None`` when no draft ran).
+    """
+
+    tokens: list[int]
+    q: np.ndarray | None
+    source: str
+    draft_step_s: float | None = None
+
+
 @dataclass
 class DecodeStats:
     rounds: int = 0
@@ -134,111 +163,6 @@ class DecodeStats:
     @property
     def acceptance_rate(self) -> float | None:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
-
-    @property
-    def mean_tokens_per_round(self) -> float | None:
-        return self.emitted_tokens / self.rounds if self.rounds else None
-
-
-class DraftLengthController:
-    """Chooses gamma, and the source of proposals, from measured acceptance and measured costs.
-
-    Expected tokens of a round with gamma proposals: ``E(g) = 1 + sum_{i<=g} S(i)``, where
-    ``S(i)`` is the measured chance that the first i proposals are all accepted (a product of
-    per-position rejection rates, estimated from recent rounds and shrunk towards the pooled
-    rate). Acceptance comes in runs — a draft that got the first tokens right tends to get the
-    next ones right — which a single per-token rate ``a`` (``E = (1 - a**(g+1)) / (1 - a)``)
-    underestimates. The cost is ``g * t_draft + t_verify(g + 1)`` (lookup proposals cost
-    nothing). The controller picks the g (0 = plain target step) with the most tokens per second,
-    and probes g = 1 now and then after backing off so that a changed acceptance is noticed.
-    Everything is tracked per source (``draft``, ``lookup``).
-    """
-
-    def __init__(self, max_gamma: int, prior_acceptance: float = 0.7, max_lookup: int | None = None) -> None:
-        self.max_gamma = max_gamma
-        self.max_lookup = max_gamma if max_lookup is None else max_lookup
-        # pseudo-counts; lookup starts optimistic so that it gets tried (it is free) and learns fast
-        # (``shared``: proposals from other requests' text, :class:`edgellm.lookup.SharedLookup`)
-        self.counts = {"draft": [4.0 * prior_acceptance, 4.0], "lookup": [2.0 * 0.8, 2.0], "shared": [2.0 * 0.8, 2.0]}
-        # per source, per proposal position i (1-based): [rejected at i, reached i], decayed
-        self.positions: dict[str, dict[int, list[float]]] = {"draft": {}, "lookup": {}, "shared": {}}
-        self.t_draft: float | None = None
-        self.t_verify: dict[int, float] = {}
-        self.rounds_since_probe = 0
-
-    def alpha(self, source: str = "draft") -> float:
-        acc, trials = self.counts[source]
-        return min(acc / trials, 0.999)
-
-    def observe(self, gamma: int, accepted: int, draft_step_s: float | None, verify_s: float,
-                source: str = "draft") -> None:
-        """Record a round. ``draft_step_s``: draft seconds per proposed token (catch-up excluded)."""
-        decay = 0.9
-        if gamma:
-            c = self.counts[source]
-            c[0] = decay * c[0] + accepted
-            c[1] = decay * c[1] + accepted + (accepted < gamma)
-            pos = self.positions[source]
-            for counts in pos.values():
-                counts[0] *= decay
-                counts[1] *= decay
-            for i in range(1, min(gamma, accepted + 1) + 1):
-                counts = pos.setdefault(i, [0.0, 0.0])
-                counts[0] += i == accepted + 1
-                counts[1] += 1
-        if draft_step_s is not None:
-            self.t_draft = draft_step_s if self.t_draft is None else 0.8 * self.t_draft + 0.2 * draft_step_s
-        k = gamma + 1
-        old = self.t_verify.get(k)
-        self.t_verify[k] = verify_s if old is None else 0.8 * old + 0.2 * verify_s
-
-    def _verify_cost(self, k: int) -> float:
-        if k in self.t_verify:
-            return self.t_verify[k]
-        known = sorted(self.t_verify)
-        if not known:
-            return 1.0 + 0.1 * (k - 1)
-        lo = max([x for x in known if x < k], default=None)
-        hi = min([x for x in known if x > k], default=None)
-        if lo is not None and hi is not None:
-            w = (k - lo) / (hi - lo)
-            return (1 - w) * self.t_verify[lo] + w * self.t_verify[hi]
-        ref = lo if lo is not None else hi  # extrapolate: ~10% of a step per token, either way
-        return max(self.t_verify[ref] * (1 + 0.1 * (k - ref)), 0.2 * self.t_verify[ref])
-
-    def expected_tokens(self, g: int, source: str = "draft") -> float:
-        """``E(g)``: tokens a round with ``g`` proposals commits, on average (see the class doc)."""
-        pooled = 1.0 - self.alpha(source)
-        pos = self.positions[source]
-        total = survive = 1.0
-        for i in range(1, g + 1):
-            rejected, reached = pos.get(i, (0.0, 0.0))
-            survive *= 1.0 - (rejected + 2.0 * pooled) / (reached + 2.0)  # shrunk to the pooled rate
-            total += survive
-        return total
-
-    def rate(self, g: int, source: str = "draft") -> float:
-        """Expected tokens per second of a round with ``g`` proposals from ``source``."""
-        td = (self.t_draft or 0.0) if source == "draft" else 0.0
-        return self.expected_tokens(g, source) / (g * td + self._verify_cost(g + 1))
-
-    def choose(self, limit: int, source: str = "draft") -> int:
-        limit = min(limit, self.max_gamma if source == "draft" else self.max_lookup)
-        if limit <= 0:
-            return 0
-        if source == "draft" and self.t_draft is None:
-            return min(limit, 4)  # nothing measured yet
-        best = 0
-        for g in range(1, limit + 1):
-            if self.rate(g, source) > self.rate(best, source) * 1.02:  # a longer draft must pay clearly
-                best = g
-        if source != "draft":
-            return best
-        self.rounds_since_probe = self.rounds_since_probe + 1 if best == 0 else 0
-        if best == 0 and self.rounds_since_probe >= 16:  # look again: acceptance may have changed
-            self.rounds_since_probe = 0
-            return 1
-        return best
 
 
 def check_prompt_fits(prompt_tokens: int, max_context: int) -> None:
@@ -321,8 +245,8 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
         left = cfg.max_new_tokens - (len(seq) - len(prompt))
         limit = max(0, min(left - 1, target.max_context - len(seq) - 1))  # this round's output fits
         draft_room = draft.max_context - len(seq) if draft is not None else 0  # the draft caches gamma - 1 more
-        proposals, source = _plan_round(seq, cfg, ctl, limit, max(0, min(limit, draft_room)), shared)
-        rnd = _speculative_round(target, draft, seq, proposals, source, cfg, rng, stats, ctl)
+        plan = _plan_round(seq, cfg, ctl, limit, max(0, min(limit, draft_room)), shared)
+        rnd = _speculative_round(target, draft, seq, plan, cfg, rng, stats, ctl)
         done = _commit(seq, rnd.tokens, rnd.drafted, eos, cfg, stats, len(prompt), target.max_context)
         yield done
         if done.finish_reason:
@@ -356,14 +280,14 @@ def _lookup(seq: list[int], n: int, shared: SharedLookup | None,
 
 
 def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, limit: int,
-                draft_limit: int, shared: SharedLookup | None = None) -> tuple[list[int] | int, str]:
+                draft_limit: int, shared: SharedLookup | None = None) -> Plan:
     """Pick this round's proposals: free lookup tokens, or a number of draft tokens to run.
 
     ``limit`` bounds the proposals by the target's room (and ``max_new_tokens``), ``draft_limit``
     the draft model's by the draft's own context.
 
-    Returns ``(tokens, "lookup" | "shared")`` or ``(gamma, "draft")``. In ``lookup`` mode only
-    lookup is used; in ``speculative`` mode lookup wins when its expected rate is higher.
+    In ``lookup`` mode only lookup is used; in ``speculative`` mode lookup wins when its expected
+    rate is higher.
     Lookup takes the request's own n-gram match or ``shared``'s (other requests'), see :func:`_lookup`.
 
     ``target`` mode, and a speculative round whose draft length comes out 0, propose at most one
@@ -373,71 +297,83 @@ def _plan_round(seq: list[int], cfg: DecodeConfig, ctl: DraftLengthController, l
     the output is the target's own.
     """
     if cfg.mode == "target":
-        return _lookup(seq, min(limit, 1), shared, ctl)
+        look, src = _lookup(seq, min(limit, 1), shared, ctl)
+        return Plan(src, tuple(look))
     fixed = cfg.num_draft_tokens
     look, src = _lookup(seq, min(limit, fixed if fixed is not None else ctl.max_lookup), shared, ctl)
     if cfg.mode == "lookup":
-        return (look if fixed is not None else look[: max(1, ctl.choose(len(look), src))]), src
-    gamma = min(fixed, draft_limit) if fixed is not None else ctl.choose(draft_limit)
+        return Plan(src, tuple(look if fixed is not None else look[: max(1, ctl.choose_gamma(len(look), src))]))
+    gamma = min(fixed, draft_limit) if fixed is not None else ctl.choose_gamma(draft_limit)
     if look and fixed is None:
-        g_look = ctl.choose(len(look), src)
+        g_look = ctl.choose_gamma(len(look), src)
         if g_look and ctl.rate(g_look, src) > ctl.rate(gamma, "draft"):
-            return look[:g_look], src
+            return Plan(src, tuple(look[:g_look]))
     if gamma == 0:
-        return look[:1], src
-    return gamma, "draft"
+        return Plan(src, tuple(look[:1]))
+    return Plan("draft", gamma=gamma)
 
 
-def _speculative_round(target: Model, draft: Model | None, seq: list[int], plan: list[int] | int, source: str,
-                       cfg: DecodeConfig, rng: np.random.Generator, stats: DecodeStats,
-                       ctl: DraftLengthController) -> Round:
-    """One round: 1 draft, 2 verify in one target pass, 3 accept, 4 commit (by the caller), 5 roll back."""
-    v, greedy = cfg.vocab_size, cfg.sampling.greedy
+def _speculative_round(target: Model, draft: Model | None, seq: list[int], plan: Plan, cfg: DecodeConfig,
+                       rng: np.random.Generator, stats: DecodeStats, ctl: DraftLengthController) -> Round:
+    """One round: 1 propose, 2 verify in one target pass and 3 accept, 4 commit (by the caller), 5 roll back."""
     base = len(seq)  # committed tokens; the target's cache holds base - 1 of them
-
-    # 1. draft: proposals, and their distributions q when the draft model samples
     t0 = time.perf_counter()
-    step_s = None
-    if source != "draft":  # lookup or shared: deterministic proposals
-        proposals, q = list(plan), None
-    elif plan:
-        proposals, q, step_s = _draft_tokens(draft, seq, plan, cfg, rng)
-    else:
-        proposals, q = [], None
-    gamma = len(proposals)
+    prop = _propose(draft, seq, plan, cfg, rng)  # 1
     t1 = time.perf_counter()
-
-    # 2. verify: the last committed token plus all proposals, in one target pass
-    _check_fits(target, gamma + 1, "target")
-    logits = target.forward(np.asarray(seq[-1:] + proposals, np.int64), gamma + 1)[:, :v]
+    n, nxt = _verify_and_accept(target, seq, prop, cfg, rng)  # 2, 3
     t2 = time.perf_counter()
-
-    # 3. accept: longest matching prefix (greedy) or rejection sampling
-    if greedy:
-        n, nxt = greedy_accept(np.asarray(proposals, np.int64), logits.argmax(-1))
-    else:
-        p = probabilities(logits, cfg.sampling)
-        if q is None:  # deterministic proposals (lookup): q is one-hot
-            q = np.zeros((gamma, p.shape[1]))
-            q[np.arange(gamma), proposals] = 1.0
-        n, nxt = rejection_accept(np.asarray(proposals, np.int64), q, p, rng)
-
-    # 5. roll back what was not accepted: the target keeps base - 1 + n + 1 - 1 positions
-    target.rollback(base + n)
+    target.rollback(base + n)  # 5: the target keeps base - 1 + n + 1 - 1 positions
     if draft is not None:
         draft.rollback(min(draft.length, base + n))
+    _record(stats, ctl, prop, n, t1 - t0, t2 - t1)
+    return Round(prop.tokens[:n] + [nxt], [True] * n + [False])
+
+
+def _propose(draft: Model | None, seq: list[int], plan: Plan, cfg: DecodeConfig, rng: np.random.Generator) -> Proposal:
+    """The plan's proposals: its free tokens, or ``plan.gamma`` tokens from the draft model."""
+    if plan.source != "draft" or not plan.gamma:
+        return Proposal(list(plan.tokens), None, plan.source)
+    tokens, q, step_s = _draft_tokens(draft, seq, plan.gamma, cfg, rng)
+    return Proposal(tokens, q, "draft", step_s)
+
+
+def _verify_and_accept(target: Model, seq: list[int], prop: Proposal, cfg: DecodeConfig,
+                       rng: np.random.Generator) -> tuple[int, int]:
+    """Run the last committed token and the proposals through the target in one pass; return how many
+    proposals are accepted and the token after them (the target's correction or bonus token).
+
+    Greedy: the longest prefix equal to the target's argmax. Sampling: rejection sampling against
+    ``q`` (one-hot for deterministic proposals), so the output follows the target's distribution.
+    """
+    gamma, v = len(prop.tokens), cfg.vocab_size
+    _check_fits(target, gamma + 1, "target")
+    logits = target.forward(np.asarray(seq[-1:] + prop.tokens, np.int64), gamma + 1)[:, :v]
+    proposals = np.asarray(prop.tokens, np.int64)
+    if cfg.sampling.greedy:
+        return greedy_accept(proposals, logits.argmax(-1))
+    p = probabilities(logits, cfg.sampling)
+    q = prop.q
+    if q is None:
+        q = np.zeros((gamma, p.shape[1]))
+        q[np.arange(gamma), proposals] = 1.0
+    return rejection_accept(proposals, q, p, rng)
+
+
+def _record(stats: DecodeStats, ctl: DraftLengthController, prop: Proposal, accepted: int, draft_s: float,
+            verify_s: float) -> None:
+    """The round's bookkeeping: statistics, and what the controller learns from it."""
+    gamma = len(prop.tokens)
     stats.rounds += 1
     stats.drafted_tokens += gamma
-    stats.accepted_tokens += n
+    stats.accepted_tokens += accepted
     if gamma:
-        by = stats.by_source.setdefault(source, [0, 0])
-        by[0], by[1] = by[0] + gamma, by[1] + n
-    stats.draft_seconds += t1 - t0
-    stats.verify_seconds += t2 - t1
+        by = stats.by_source.setdefault(prop.source, [0, 0])
+        by[0], by[1] = by[0] + gamma, by[1] + accepted
+    stats.draft_seconds += draft_s
+    stats.verify_seconds += verify_s
     stats.verify_calls += 1
     stats.gammas.append(gamma)
-    ctl.observe(gamma, n, step_s, t2 - t1, source)
-    return Round(proposals[:n] + [nxt], [True] * n + [False])
+    ctl.observe(gamma, accepted, prop.draft_step_s, verify_s, prop.source)
 
 
 def _draft_tokens(draft: Model, seq: list[int], gamma: int, cfg: DecodeConfig,

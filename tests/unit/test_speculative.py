@@ -8,7 +8,8 @@ import pytest
 from helpers import FakeLM, greedy_reference
 from edgellm.errors import ConfigError, ContextLengthError
 from edgellm.sampling import SamplingConfig
-from edgellm.speculative import DecodeConfig, DecodeStats, DraftLengthController, decode
+from edgellm.controller import DraftLengthController
+from edgellm.speculative import DecodeConfig, DecodeStats, decode
 
 PROMPT = [5, 17, 3, 9, 22, 5, 17]
 
@@ -155,18 +156,18 @@ def test_adaptive_controller_backs_off_when_drafts_fail_and_grows_when_they_pass
     for _ in range(30):
         ctl.observe(gamma=3, accepted=0, draft_step_s=0.01, verify_s=0.1)
         ctl.observe(gamma=0, accepted=0, draft_step_s=None, verify_s=0.06)
-    assert ctl.choose(10) == 0
+    assert ctl.choose_gamma(10) == 0
     ctl = DraftLengthController(max_gamma=8)
     for _ in range(30):
         ctl.observe(gamma=4, accepted=4, draft_step_s=0.001, verify_s=0.07)
         ctl.observe(gamma=0, accepted=0, draft_step_s=None, verify_s=0.06)
-    assert ctl.choose(10) >= 4
+    assert ctl.choose_gamma(10) >= 4
     # free lookup proposals that are always accepted beat a paid, less accurate draft
     ctl = DraftLengthController(max_gamma=8)
     for _ in range(10):
         ctl.observe(gamma=4, accepted=3, draft_step_s=0.02, verify_s=0.07)
         ctl.observe(gamma=6, accepted=6, draft_step_s=None, verify_s=0.09, source="lookup")
-    assert ctl.rate(6, "lookup") > ctl.rate(ctl.choose(10), "draft")
+    assert ctl.rate(6, "lookup") > ctl.rate(ctl.choose_gamma(10), "draft")
 
 
 def test_controller_sees_acceptance_that_comes_in_runs():
@@ -179,7 +180,7 @@ def test_controller_sees_acceptance_that_comes_in_runs():
     ctl.observe(gamma=0, accepted=0, draft_step_s=None, verify_s=0.05)  # a plain step costs 50 ms
     assert abs(ctl.expected_tokens(8) - 5.0) < 0.3
     assert abs(ctl.expected_tokens(1) - 1.5) < 0.1
-    assert ctl.choose(8) >= 6
+    assert ctl.choose_gamma(8) >= 6
 
 
 def test_lookup_may_propose_longer_spans_than_the_draft():
@@ -188,8 +189,8 @@ def test_lookup_may_propose_longer_spans_than_the_draft():
     for _ in range(20):
         ctl.observe(gamma=12, accepted=12, draft_step_s=None, verify_s=0.05 + 0.004 * 13, source="lookup")
         ctl.observe(gamma=0, accepted=0, draft_step_s=None, verify_s=0.05)
-    assert 4 < ctl.choose(40, "lookup") <= 12
-    assert ctl.choose(40, "draft") <= 4
+    assert 4 < ctl.choose_gamma(40, "lookup") <= 12
+    assert ctl.choose_gamma(40, "draft") <= 4
 
 
 def test_adaptive_mode_is_exact():
