@@ -512,7 +512,7 @@ def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: st
     """
     path = Path(bundle).expanduser()
     manifest = read_manifest(path)
-    check_bundle(path, manifest, hashes=verify)
+    check_bundle(path, manifest, verify=verify)
     return LLM(path, manifest, provider=provider, draft_provider=draft_provider, threads=threads, fallback=fallback,
                graph_format=graph_format, prompt_cache_bytes=prompt_cache_bytes,
                shared_lookup_tokens=shared_lookup_tokens, max_batch=max_batch)

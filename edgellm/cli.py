@@ -138,13 +138,13 @@ def add_lora(bundle: Path, adapters: tuple[str, ...], draft_lora: tuple[str, ...
 # ---------------------------------------------------------------------------------- inspect
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--no-hashes", is_flag=True, help="Compare sizes only (fast).")
+@click.option("--no-verify", "--no-hashes", "no_verify", is_flag=True, help="Compare sizes only, not sha256 (fast).")
 @click.option("--json", "as_json", is_flag=True)
-def inspect(bundle: Path, no_hashes: bool, as_json: bool) -> None:
+def inspect(bundle: Path, no_verify: bool, as_json: bool) -> None:
     """Validate BUNDLE's manifest and file hashes and summarize it."""
     from edgellm.inspect import inspect_bundle
 
-    summary = inspect_bundle(bundle, hashes=not no_hashes)
+    summary = inspect_bundle(bundle, verify=not no_verify)
     if as_json:
         _json_out(summary)
     else:
@@ -360,7 +360,7 @@ def serve(bundle: Path, on_ray: bool, replicas: int, cpus_per_replica: float, **
         if o.pop("allowed_origins"):
             raise click.UsageError("--allowed-origin is not supported with --ray")
         run(ReplicaOptions(str(bundle), replicas=replicas, cpus_per_replica=cpus_per_replica,
-                           allowed_hosts=tuple(o.pop("allowed_hosts")), **o), host=host, port=port, echo=click.echo)
+                           allowed_hosts=tuple(o.pop("allowed_hosts")), **o), host=host, port=port, progress=click.echo)
         return
     ctx = click.get_current_context()
     if any(ctx.get_parameter_source(n) is not click.core.ParameterSource.DEFAULT
@@ -370,7 +370,7 @@ def serve(bundle: Path, on_ray: bool, replicas: int, cpus_per_replica: float, **
         from edgellm.server import serve as run_server
     except ImportError as e:
         raise click.ClickException(str(e)) from e
-    run_server(str(bundle), echo=click.echo, **o)
+    run_server(str(bundle), progress=click.echo, **o)
 
 
 # ---------------------------------------------------------------------------------- providers
@@ -407,7 +407,7 @@ def demo(cache_dir: Path | None, prompt: str | None, max_new_tokens: int, dry_ru
     """The main job: fetch the default pair, export it, generate with speculation, print the speedup."""
     from edgellm.demo import run_demo
 
-    run_demo(cache_dir=cache_dir, prompt=prompt, max_new_tokens=max_new_tokens, dry_run=dry_run, say=_err)
+    run_demo(cache_dir=cache_dir, prompt=prompt, max_new_tokens=max_new_tokens, dry_run=dry_run, progress=_err)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,15 +36,16 @@ Qwen2.5-Coder-0.5B-Instruct (draft), caching everything under {cache}:
 
 
 def run_demo(*, cache_dir: Path | None = None, prompt: str | None = None, max_new_tokens: int = 128,
-             dry_run: bool = False, say: Callable[[str], None] = print) -> dict | None:
+             dry_run: bool = False, progress: Callable[[str], None] = print) -> dict | None:
     """Run (or with ``dry_run`` only describe) the main job. Returns the summary dict."""
+    say = progress
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if dry_run:
         click.echo(STEPS.format(cache=cache))
         return None
     say(f"[1/3] fetching the default pair into {cache}/models")
-    target = fetch_model(DEFAULT_TARGET, cache, say=say)
-    draft = fetch_model(DEFAULT_DRAFT, cache, say=say)
+    target = fetch_model(DEFAULT_TARGET, cache, progress=say)
+    draft = fetch_model(DEFAULT_DRAFT, cache, progress=say)
 
     bundle = cache / "bundles" / BUNDLE_NAME
     if _bundle_ok(bundle):
@@ -53,7 +54,7 @@ def run_demo(*, cache_dir: Path | None = None, prompt: str | None = None, max_ne
         say(f"[2/3] exporting the bundle to {bundle} (a few minutes)")
         from edgellm.export import export
 
-        export(target, draft=draft, output=bundle, overwrite=True, progress=say)
+        export(target, draft=draft, output=bundle, overwrite=True, progress=progress)
 
     import edgellm
 
@@ -88,6 +89,6 @@ def _bundle_ok(bundle: Path) -> bool:
     from edgellm.manifest import read_manifest, verify_files
 
     try:
-        return not verify_files(bundle, read_manifest(bundle), hashes=False)
+        return not verify_files(bundle, read_manifest(bundle), verify=False)
     except BundleError:
         return False

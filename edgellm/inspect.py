@@ -16,7 +16,7 @@ def _device(e) -> str:
     return "gpu (fp16)" if e.kv_layout.get("dtype") == "float16" else "cpu"
 
 
-def inspect_bundle(bundle: str | Path, *, hashes: bool = True) -> dict[str, Any]:
+def inspect_bundle(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
     """Validate the manifest and files of ``bundle``; return a summary with ``problems``.
 
     Raises:
@@ -24,7 +24,7 @@ def inspect_bundle(bundle: str | Path, *, hashes: bool = True) -> dict[str, Any]
     """
     path = Path(bundle).expanduser()
     m = read_manifest(path)
-    problems = verify_files(path, m, hashes=hashes)
+    problems = verify_files(path, m, verify=verify)
     quality = _quality_models(path, m.quality_report, problems)
     models = {}
     for role, e in m.models.items():
@@ -50,7 +50,7 @@ def inspect_bundle(bundle: str | Path, *, hashes: bool = True) -> dict[str, Any]
                      | {"quality": _score((quality.get("target") or {}).get("adapters", {}).get(name))}
                      for name, a in m.adapters.items()},
         "files": len(m.files),
-        "hashes_checked": hashes,
+        "hashes_checked": verify,
         "manifest_integrity": m.integrity,
         "problems": problems,
     }

@@ -431,13 +431,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def verify_files(bundle: Path, manifest: Manifest, *, hashes: bool = True) -> list[str]:
+def verify_files(bundle: Path, manifest: Manifest, *, verify: bool = True) -> list[str]:
     """Check every file the manifest lists. Returns the problems found (empty when intact).
 
     Args:
         bundle: the bundle folder.
         manifest: its parsed manifest.
-        hashes: compare sha256 too (sizes are always compared).
+        verify: compare sha256 too (sizes are always compared); the same name as ``edgellm.load``'s.
     """
     problems = []
     if manifest.integrity == "edited":
@@ -454,13 +454,13 @@ def verify_files(bundle: Path, manifest: Manifest, *, hashes: bool = True) -> li
         size = p.stat().st_size
         if size != meta["size"]:
             problems.append(f"{rel}: size {size} bytes, manifest says {meta['size']} (truncated or replaced)")
-        elif hashes and sha256_file(p) != meta["sha256"]:
+        elif verify and sha256_file(p) != meta["sha256"]:
             problems.append(f"{rel}: sha256 does not match the manifest (modified after export)")
     return problems
 
 
-def check_bundle(bundle: Path, manifest: Manifest, *, hashes: bool = True) -> None:
+def check_bundle(bundle: Path, manifest: Manifest, *, verify: bool = True) -> None:
     """Raise :class:`BundleError` naming every damaged file, if any."""
-    problems = verify_files(bundle, manifest, hashes=hashes)
+    problems = verify_files(bundle, manifest, verify=verify)
     if problems:
         raise BundleError(f"bundle {str(bundle)!r} is damaged: " + "; ".join(problems))

@@ -108,7 +108,7 @@ def app_builder(args: dict[str, Any]):
     return application(ReplicaOptions(**kw))
 
 
-def run(opts: ReplicaOptions, *, host: str = "127.0.0.1", port: int = 8000, echo=print) -> None:
+def run(opts: ReplicaOptions, *, host: str = "127.0.0.1", port: int = 8000, progress=print) -> None:
     """Start (or join, with ``RAY_ADDRESS``) a Ray instance, deploy the replicas and block until interrupted."""
     from edgellm.server import resolve_api_key, urls
 
@@ -119,11 +119,11 @@ def run(opts: ReplicaOptions, *, host: str = "127.0.0.1", port: int = 8000, echo
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(opts), name="edgellm", route_prefix="/")
-    echo(f"edgellm: {opts.replicas} replica(s) of {opts.bundle} on Ray Serve at:")
+    progress(f"edgellm: {opts.replicas} replica(s) of {opts.bundle} on Ray Serve at:")
     for url in urls(host, port):
-        echo(f"  {url}")
+        progress(f"  {url}")
     if key is not None:
-        echo(f"  API key{' (generated)' if generated else ''}: {key}")
+        progress(f"  API key{' (generated)' if generated else ''}: {key}")
     signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: shut Ray down too
     try:
         while True:

@@ -878,7 +878,7 @@ def prepare(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: 
             mode: str | None = None, max_queue: int = 8, max_batch: int = DEFAULT_MAX_BATCH, allowed_hosts: tuple[str, ...] | list[str] = (),
             allowed_origins: tuple[str, ...] | list[str] = (), prompt_cache_bytes: int | str = DEFAULT_PROMPT_CACHE,
             shared_lookup_tokens: int = DEFAULT_SHARED_LOOKUP, fallback: bool = False, graph_format: str = "onnx",
-            echo=print):
+            progress=print):
     """Load ``bundle``, build the app and print where to reach it; returns a ready ``uvicorn.Server``.
 
     Binding anything but a loopback address requires an API key: the given one, or one generated
@@ -902,12 +902,12 @@ def prepare(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: 
                graph_format=graph_format, prompt_cache_bytes=parse_bytes(prompt_cache_bytes),
                shared_lookup_tokens=shared_lookup_tokens, max_batch=max_batch)
     app = create_app(llm, api_key=key, mode=mode, max_queue=max_queue, guard=guard)
-    echo(f"edgellm: serving {llm.bundle.name} (target on {llm.providers['target']}) at:")
+    progress(f"edgellm: serving {llm.bundle.name} (target on {llm.providers['target']}) at:")
     for url in urls(host, port):
-        echo(f"  {url}")
+        progress(f"  {url}")
     if key is not None:
-        echo(f"  API key{' (generated)' if generated else ''}: {key}")
-        echo("  (the page asks for it once; clients send 'Authorization: Bearer <key>')")
+        progress(f"  API key{' (generated)' if generated else ''}: {key}")
+        progress("  (the page asks for it once; clients send 'Authorization: Bearer <key>')")
     return uvicorn.Server(server_config(app, host, port))
 
 

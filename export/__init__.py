@@ -473,7 +473,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     if ort_mobile:
         from edgellm.export.ort_mobile import write_ort_models
 
-        ort_entry = write_ort_models(tmp, list(models), say=say)
+        ort_entry = write_ort_models(tmp, list(models), progress=say)
         for role, entry in models.items():
             entry["ort_graph"] = f"{role}/model.ort"
             if entry.get("step_graph"):

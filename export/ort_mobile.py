@@ -19,7 +19,7 @@ CONFIG_NAME = "required_operators.config"
 
 
 def write_ort_models(bundle: Path, roles: list[str], target_platform: str = "arm",
-                     say: Callable[[str], None] = lambda m: None) -> dict:
+                     progress: Callable[[str], None] = lambda m: None) -> dict:
     """Write ``<role>/model.ort`` beside each ``<role>/model.onnx`` and ``required_operators.config``.
 
     Returns:
@@ -27,7 +27,7 @@ def write_ort_models(bundle: Path, roles: list[str], target_platform: str = "arm
     """
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-    say(f"ORT Mobile: converting {', '.join(roles)} to .ort (optimized for {target_platform})")
+    progress(f"ORT Mobile: converting {', '.join(roles)} to .ort (optimized for {target_platform})")
     convert_onnx_models_to_ort(bundle, optimization_styles=[OptimizationStyle.Fixed], target_platform=target_platform)
     missing = [r for r in roles if not (bundle / r / "model.ort").is_file()]
     if missing:

@@ -162,7 +162,7 @@ def test_non_loopback_bind_requires_a_key(tiny_bundle):
 
     lines: list[str] = []
     port = free_port()
-    running = Running(prepare(str(tiny_bundle), host="0.0.0.0", port=port, threads=1, echo=lines.append), port)
+    running = Running(prepare(str(tiny_bundle), host="0.0.0.0", port=port, threads=1, progress=lines.append), port)
     try:
         key = next(line.split(": ", 1)[1] for line in lines if "API key (generated)" in line)
         assert any(f":{port}/" in line for line in lines)
