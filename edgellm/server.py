@@ -41,7 +41,7 @@ from importlib import resources
 from typing import Any, AsyncIterator, Iterator
 
 from edgellm.api import DEFAULT_MAX_BATCH, LLM, GenerationResult, StreamEvent, check_text
-from edgellm.errors import ConfigError, ContextLengthError, EdgeLLMError
+from edgellm.errors import ConfigError, ContextLengthError
 from edgellm.lookup import DEFAULT_SHARED_LOOKUP
 from edgellm.options import DEFAULT_MAX_NEW_TOKENS
 from edgellm.prompt_cache import DEFAULT_PROMPT_CACHE, parse_bytes

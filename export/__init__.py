@@ -5,20 +5,18 @@ The only part of edgellm that may import torch / transformers, and only inside f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from edgellm.errors import ConfigError, EdgeLLMError, ExportError
 from edgellm.export.draft_vocab import DraftVocabConfig, write_ids
+from edgellm.export.output import PARTIAL_OWNER, progress_printer, replace_folder, sigterm_as_exit, start_output
+from edgellm.export.report import judge, model_quality, sample_ids, warn
 from edgellm.options import (  # the defaults, shared with the CLI
     DEFAULT_BLOCK_SIZE,
     DEFAULT_DRAFT_BLOCK_SIZE,
@@ -38,11 +36,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["export", "add_lora", "DEFAULT_QUANT", "DEFAULT_DRAFT_QUANT"]
 
-QUALITY_SAMPLE_TOKENS = 256
-# quality="full": the fp32 graph against transformers running the source. Rounding moves logits by
-# ~1e-5 (tiny models) to ~1e-2 (28 layers); a wrong activation, norm or rope moves them by whole units
-MAX_SOURCE_KL, MIN_SOURCE_TOP1 = 1e-3, 0.98
-MIN_DRAFT_TOP1 = 0.5  # below this a draft costs more than it saves: warn  # qdq: uint8 weights; qdq-w4: int4 weights (both uint16 activations)
 
 
 def export(
@@ -128,7 +121,7 @@ def export(
         IncompatibleModelsError: draft and target do not share a tokenizer.
     """
     from edgellm.export.builder import QuantConfig
-    from edgellm.export.quality import QUALITY_LEVELS
+    from edgellm.options import QUALITY_LEVELS
 
     from edgellm.export.lora import parse_lora_args
 
@@ -186,16 +179,16 @@ def export(
         qcfg["draft"] = dict(quant=draft_quant, block_size=draft_block_size, lm_head_quant=None,
                              activations=activations)
     t0 = time.perf_counter()
-    say = _progress_printer(progress, t0)
-    with _sigterm_as_exit():  # before the temporary folder exists: a SIGTERM at any point cleans it up
-        tmp = _start_output(out, overwrite)
+    say = progress_printer(progress, t0)
+    with sigterm_as_exit():  # before the temporary folder exists: a SIGTERM at any point cleans it up
+        tmp = start_output(out, overwrite)
         try:
             _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
                          say, npu_window if target_device == "npu" else None,
                          {"target": npu_quant, "draft": npu_draft_quant or npu_quant}, calibration_text,
                          vocab_cfg, {"target": adapters, "draft": draft_adapters})
             (tmp / PARTIAL_OWNER).unlink()  # it marks a folder being written, not part of the bundle
-            _replace(tmp, out)
+            replace_folder(tmp, out)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, (EdgeLLMError, KeyboardInterrupt, SystemExit, MemoryError)):
@@ -203,9 +196,6 @@ def export(
             raise ExportError(f"export failed: {type(e).__name__}: {e}") from e
     say(f"bundle written to {out}")
     return out
-
-
-PARTIAL_OWNER = ".edgellm-export-pid"  # inside a partial folder: the pid of the export writing it
 
 
 def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str], *, replace: bool = False,
@@ -241,7 +231,7 @@ def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str],
     if not adapters_given:
         raise ConfigError("lora: no adapter given; allowed: NAME=PATH, one or more", param="lora")
     drafts_given = parse_lora_args(draft_lora)
-    say = _progress_printer(progress, time.perf_counter())
+    say = progress_printer(progress, time.perf_counter())
     manifest = read_manifest(out)
     check_bundle(out, manifest)
     _check_draft_lora(drafts_given, adapters_given, manifest.draft is not None)
@@ -258,8 +248,8 @@ def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str],
     drafts = [read_adapter(name, path, draft_table) for name, path in drafts_given.items()]
     doc = manifest.to_dict()
     entry = doc["models"]["target"]
-    with _sigterm_as_exit():
-        tmp = _start_output(out, overwrite=True)
+    with sigterm_as_exit():
+        tmp = start_output(out, overwrite=True)
         try:
             for rel in manifest.files:  # unchanged files: hard links (no copy of the weights) where the disk allows
                 dst = tmp / rel
@@ -287,7 +277,7 @@ def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str],
             parse_manifest(doc)
             (tmp / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
             (tmp / PARTIAL_OWNER).unlink()
-            _replace(tmp, out)
+            replace_folder(tmp, out)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, (EdgeLLMError, KeyboardInterrupt, SystemExit, MemoryError)):
@@ -295,81 +285,6 @@ def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str],
             raise ExportError(f"add_lora failed: {type(e).__name__}: {e}") from e
     say(f"added {', '.join(a.name for a in adapters)} to {out}")
     return out
-
-
-def _start_output(out: Path, overwrite: bool) -> Path:
-    """Check ``out`` can be written (before any work) and create the temporary folder beside it.
-
-    Also removes what earlier exports of the same ``out`` left behind when they died
-    (``.NAME.partial-*`` folders whose process is gone, ``.NAME.old-*`` folders).
-
-    Raises:
-        ConfigError: ``out`` exists (without ``overwrite``), is a file, or is a folder that is not a
-            bundle; its parent cannot be created or written.
-    """
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise ConfigError(f"output {str(out)!r} already exists; pass overwrite=True (--overwrite) to replace it",
-                              param="output")
-        if out.is_symlink() or not out.is_dir():
-            raise ConfigError(f"output {str(out)!r} is {'a link' if out.is_symlink() else 'a file'}, not a bundle "
-                              "folder; refusing to replace it (give a folder path)", param="output")
-        if not (out / "manifest.json").is_file() and any(out.iterdir()):
-            raise ConfigError(f"output {str(out)!r} is a non-empty folder that is not a bundle; refusing to replace it",
-                              param="output")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        (tmp / PARTIAL_OWNER).write_text(str(os.getpid()))
-    except OSError as e:
-        where = e.filename or out.parent
-        raise ConfigError(f"output {str(out)!r}: cannot create the bundle there: {e.strerror or e} ({where}); give a "
-                          "folder path whose parent is a writable folder", param="output") from None
-    return tmp
-
-
-def _remove_stale(out: Path) -> None:
-    """Remove leftovers of earlier exports of ``out`` whose process no longer runs."""
-    for p in out.parent.glob(f".{out.name}.partial-*"):
-        try:
-            pid = int((p / PARTIAL_OWNER).read_text())
-        except (OSError, ValueError):
-            pid = None  # no owner file: written by an edgellm before it had one, or half-created
-        if pid is not None and pid != os.getpid() and _alive(pid):
-            continue  # another export of the same output is running: leave its folder alone
-        logger.info("removing %s, left by an export that did not finish", p)
-        shutil.rmtree(p, ignore_errors=True)
-    for p in out.parent.glob(f".{out.name}.old-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def _sigterm_as_exit():
-    """Turn SIGTERM into ``SystemExit(143)`` while exporting, so the temporary folder is removed
-    as on Ctrl-C (only in the main thread: signal handlers cannot be set elsewhere)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _quant_config(src, *, quant: str, block_size: int, lm_head_quant: str | None, activations: str = "fp32"):
@@ -384,26 +299,6 @@ def _quant_config(src, *, quant: str, block_size: int, lm_head_quant: str | None
     if lm_head_quant is None:
         lm_head_quant = "int8" if quant == "int4" else quant
     return QuantConfig(quant, block_size, lm_head_quant=lm_head_quant, activations=activations)
-
-
-def _progress_printer(progress: Callable[[str], None] | None, t0: float) -> Callable[[str], None]:
-    def say(msg: str) -> None:
-        line = f"[{time.perf_counter() - t0:7.1f}s] {msg}"
-        logger.info(line)
-        if progress:
-            progress(line)
-
-    return say
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{int(time.time())}")
-        out.rename(trash)
-        tmp.rename(out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
@@ -438,7 +333,7 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     for role, src in sources.items():
         ctx = min(max_context, src.spec.source_context_length)
         if ctx < max_context:
-            _warn(f"{role}: max_context={max_context} is more than the model was trained for "
+            warn(f"{role}: max_context={max_context} is more than the model was trained for "
                   f"({src.spec.source_context_length} positions); its bundle uses {ctx}")
         if src.kind == "hf-generic":
             models[role], result = _export_generic_model(tmp, role, src, qcfg[role], ctx, quality, tok_entry, say,
@@ -466,9 +361,9 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
             saved = share_weights(tmp / models[role]["graph"], tmp / models[role]["step_graph"])
             say(f"{role}: the step graph reads {saved / 1e6:.0f} MB of weights from the window graph's file")
         if quality != "none":
-            report["models"][role] = _quality(tmp, role, src, qcfg[role], models[role], ctx, quality,
+            report["models"][role] = model_quality(tmp, role, src, qcfg[role], models[role], ctx, quality,
                                               tok_entry, say, tokens, adapters[role][0])
-    _judge(report, max_target_kl, say)
+    judge(report, max_target_kl, say)
     ort_entry = None
     if ort_mobile:
         from edgellm.export.ort_mobile import write_ort_models
@@ -630,113 +525,6 @@ def _quantize_npu(tmp: Path, role: str, entry: dict, tok_entry: dict, say, weigh
                              "float_layers": [f"*{s} (fp16 weights)" for s in keep_float]}
 
 
-def _quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level: str, tok_entry: dict, say,
-             logits_tokens=None, adapters=()) -> dict:
-    """Measure the exported graph against an fp32 graph (and the source model at level ``full``).
-
-    A draft whose head keeps ``logits_tokens`` only is scored on them: KL and logit differences
-    over those columns (renormalized), top-1 agreement over the whole vocabulary, and
-    ``draft_vocab_coverage``, how often the fp32 graph's top token is among them.
-    """
-    import numpy as np
-    from tokenizers import Tokenizer
-
-    from edgellm.export.builder import DecoderBuilder, QuantConfig, io_names
-    from edgellm.export.quality import compare_logits, graph_logits, sample_text, source_logits, static_graph_logits
-    from edgellm.runtimes.session import KVLayout
-
-    ids = _sample_ids(tmp, tok_entry, ctx)
-    lora = entry.get("lora")  # the fp32 reference graph's branches are fp32 whatever the exported graph computes in
-    layout = KVLayout(entry["num_layers"], entry["num_kv_heads"], entry["head_dim"], ctx, entry["vocab_size"],
-                      io_names(entry["num_layers"]), lora=lora and {**lora, "dtype": "float32"})
-    got_layout = KVLayout(**{**layout.__dict__, "dtype": entry["kv_layout"]["dtype"], "lora": lora})
-    static = entry["kv_layout"]["kind"] == "static_window"
-    vocab = tok_entry["vocab_size"]
-    result: dict[str, Any] = {"quantization": entry["quantization"], "sample_tokens": int(len(ids)),
-                              "import": _import_note(src, entry["quantization"])}
-    ref_dir = tmp / f"_fp32_{role}"
-    try:
-        if qcfg.quant == "fp32" and not static and logits_tokens is None:
-            ref = graph_logits(tmp / entry["graph"], layout, ids)
-        else:
-            say(f"{role}: building an fp32 reference graph for the quality report")
-            ref_dir.mkdir()
-            ref_graph = DecoderBuilder(src, QuantConfig("fp32"), ctx).build(ref_dir)
-            if adapters:
-                from edgellm.export.lora import add_branches, sites
-
-                add_branches(ref_graph, list(entry["lora"]["sites"]), sites(src.spec))
-            ref = graph_logits(ref_graph, layout, ids)
-            say(f"{role}: scoring the {'npu' if static else qcfg.quant} graph against fp32")
-            if static:
-                got = static_graph_logits(tmp / entry["graph"], dict(entry), ids)
-            else:
-                got = graph_logits(tmp / entry["graph"], got_layout, ids, logits_tokens=logits_tokens)
-            if logits_tokens is not None:
-                top1 = ref[:, :vocab].argmax(-1)
-                result["quantized_vs_fp32"] = compare_logits(ref[:, logits_tokens], got[:, logits_tokens],
-                                                             len(logits_tokens)) | {
-                    "top1_agreement": float((top1 == got[:, :vocab].argmax(-1)).mean()),
-                    "draft_vocab_coverage": float(np.isin(top1, logits_tokens).mean())}
-            else:
-                result["npu_graph_vs_fp32" if static else "quantized_vs_fp32"] = compare_logits(ref, got, vocab)
-            del got
-            if entry.get("step_graph"):
-                step = entry | {"kv_layout": entry["kv_layout"] | {"window": 1}}
-                got = static_graph_logits(tmp / entry["step_graph"], step, ids)
-                result["npu_step_graph_vs_fp32"] = compare_logits(ref, got, vocab)
-                del got
-        if level == "full":
-            say(f"{role}: running the source model in transformers")
-            result["fp32_vs_source"] = compare_logits(source_logits(src, ids), ref, vocab)
-        if adapters:
-            ref_graph = ref_dir / "model.onnx" if ref_dir.exists() else tmp / entry["graph"]
-            result["adapters"] = _adapter_quality(tmp / entry["graph"], ref_graph, layout, got_layout, ids, vocab,
-                                                  adapters, src if level == "full" else None, say, logits_tokens)
-    finally:
-        shutil.rmtree(ref_dir, ignore_errors=True)
-    return result
-
-
-def _adapter_quality(graph: Path, ref_graph: Path, layout, got_layout, ids, vocab: int, adapters, src, say,
-                     logits_tokens=None) -> dict:
-    """Each adapter's quality report: the exported graph with it against the fp32 graph with it, and
-    (``src`` given: level ``full``) the fp32 graph with it against transformers + PEFT, merged.
-    A draft with a reduced LM head (``logits_tokens``) is scored on its tokens, as without adapters."""
-    from edgellm.export.lora import ort_values
-    from edgellm.export.quality import compare_logits, graph_logits, source_logits
-
-    out = {}
-    for a in adapters:
-        say(f"adapter {a.name}: scoring the graph with it")
-        ref = graph_logits(ref_graph, layout, ids, adapter=(a.name, ort_values(a)))
-        got = graph_logits(graph, got_layout, ids, logits_tokens=logits_tokens,
-                           adapter=(a.name, ort_values(a, got_layout.dtype)))
-        if logits_tokens is None:
-            r = {"quantized_vs_fp32": compare_logits(ref, got, vocab)}
-        else:
-            top1 = float((ref[:, :vocab].argmax(-1) == got[:, :vocab].argmax(-1)).mean())
-            r = {"quantized_vs_fp32": compare_logits(ref[:, logits_tokens], got[:, logits_tokens], len(logits_tokens))
-                 | {"top1_agreement": top1}}
-        del got
-        if src is not None:
-            say(f"adapter {a.name}: running the source model with it merged (transformers + PEFT)")
-            r["fp32_vs_source"] = compare_logits(source_logits(src, ids, adapter=a.path), ref, vocab)
-        out[a.name] = r
-    return out
-
-
-def _sample_ids(tmp: Path, tok_entry: dict, ctx: int):
-    """The quality sample's token ids, int64 ``(n,)``, at most ``ctx`` of them."""
-    import numpy as np
-    from tokenizers import Tokenizer
-
-    from edgellm.export.quality import sample_text
-
-    tok = Tokenizer.from_file(str(tmp / tok_entry["file"]))
-    return np.array(tok.encode(sample_text()).ids[: min(QUALITY_SAMPLE_TOKENS, ctx)], np.int64)
-
-
 def _export_generic_model(tmp: Path, role: str, src, qcfg, ctx: int, quality: str, tok_entry: dict, say,
                           npu_window: int | None) -> tuple[dict[str, Any], dict | None]:
     """A model type without a family record, through optimum: its manifest entry and quality report."""
@@ -754,7 +542,7 @@ def _export_generic_model(tmp: Path, role: str, src, qcfg, ctx: int, quality: st
     try:
         if quality == "none":
             return entry, None
-        ids, vocab = _sample_ids(tmp, tok_entry, ctx), tok_entry["vocab_size"]
+        ids, vocab = sample_ids(tmp, tok_entry, ctx), tok_entry["vocab_size"]
         say(f"{role}: scoring the generic graph")
         got = full_logits(folder / "model.onnx", ids)
         ref = full_logits(fp32, ids) if fp32 else got
@@ -771,85 +559,3 @@ def _export_generic_model(tmp: Path, role: str, src, qcfg, ctx: int, quality: st
             shutil.rmtree(fp32.parent, ignore_errors=True)
 
 
-def _import_note(src, quantization: dict) -> dict:
-    """Was the import lossless? (Did any weight get rounded on its way into the graph?)"""
-    quant = quantization["quant"]
-    if src.kind != "gguf":
-        return {"lossless": quant == "fp32", "note": "weights read from safetensors"}
-    if quant != "gguf":
-        return {"lossless": quant == "fp32", "lossless_matmul_weights": quant == "fp32",
-                "note": ("GGUF blocks dequantized to fp32, then re-quantized" if quant != "fp32"
-                         else "GGUF blocks dequantized to fp32 exactly"),
-                "gguf_tensor_types": src.quant_types()}
-    matmuls_exact = not quantization["requantized_int8"]
-    return {"lossless": False, "lossless_matmul_weights": matmuls_exact,
-            "note": ("every matmul weight keeps its GGUF blocks exactly" if matmuls_exact else
-                     f"GGUF blocks kept exactly except {len(quantization['requantized_int8'])} weights "
-                     "re-quantized to int8") + "; the token embedding is dequantized and stored fp16 "
-                    "(rounding <= 2^-11 relative)",
-            "gguf_tensor_types": src.quant_types()}
-
-
-def _graph_score(r: dict) -> dict | None:
-    """The exported graph's score against fp32 in one model's quality report (cpu/gpu or npu graph)."""
-    return r.get("quantized_vs_fp32") or r.get("npu_graph_vs_fp32")
-
-
-def _judge(report: dict, max_target_kl: float, say) -> None:
-    target = _graph_score(report["models"].get("target", {}))
-    scored = list(report["models"].items())
-    scored += [(f"target with adapter {n}", r) for n, r in report["models"].get("target", {}).get("adapters", {}).items()]
-    for role, r in scored:
-        q = _graph_score(r)
-        if q:
-            say(f"quality {role}: top-1 agreement {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.4f} "
-                f"over {q['positions']} tokens vs fp32")
-        if q and "draft_vocab_coverage" in q:
-            say(f"quality {role}: its LM head's tokens hold the fp32 graph's top token at "
-                f"{q['draft_vocab_coverage']:.3f} of the positions")
-        if role == "draft" and q and q.get("draft_vocab_coverage", 1.0) < MIN_DRAFT_TOP1:
-            _warn(f"the draft's LM head keeps tokens that hold its fp32 graph's top token at only "
-                  f"{q['draft_vocab_coverage']:.3f} of the sample's positions (< {MIN_DRAFT_TOP1}): raise "
-                  "--draft-vocab, or count over text like yours with --draft-vocab-corpus")
-        elif role == "draft" and q and q["top1_agreement"] < MIN_DRAFT_TOP1:
-            _warn(f"the draft's quantization leaves top-1 agreement {q['top1_agreement']:.3f} with its fp32 graph "
-                  f"(< {MIN_DRAFT_TOP1}): the target will reject most of its proposals. "
-                  + _less_quantized_hint(r.get("quantization", {})))
-        src = r.get("fp32_vs_source")
-        if src:
-            say(f"quality {role}: fp32 graph vs source max |logit diff| {src['max_abs_diff']:.2e}, "
-                f"mean KL {src['mean_kl']:.2e}, top-1 agreement {src['top1_agreement']:.3f}")
-            if src["mean_kl"] > MAX_SOURCE_KL or src["top1_agreement"] < MIN_SOURCE_TOP1:
-                raise ExportError(f"{role}: the fp32 graph differs from the source model beyond rounding (mean KL "
-                                  f"{src['mean_kl']:.3g}, allowed <= {MAX_SOURCE_KL}; top-1 agreement "
-                                  f"{src['top1_agreement']:.3f}, allowed >= {MIN_SOURCE_TOP1}): a config field this "
-                                  "exporter does not implement? Nothing was written; please report the model")
-    report["max_target_kl"] = max_target_kl
-    report["target_within_threshold"] = None if target is None else target["mean_kl"] <= max_target_kl
-    if target is not None and target["mean_kl"] > max_target_kl:
-        _warn(f"the target's quantization costs mean KL {target['mean_kl']:.4f} > max_target_kl {max_target_kl} "
-              f"(top-1 agreement {target['top1_agreement']:.3f}); its output quality suffers. "
-              + _less_quantized_hint(report["models"]["target"].get("quantization", {}), target=True))
-
-
-def _warn(msg: str) -> None:
-    """One warning, shown once, through ``warnings`` (the CLI prints it as ``Warning: ...``)."""
-    import warnings
-
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
-def _less_quantized_hint(quantization: dict, *, target: bool = False) -> str:
-    """What to export instead, from what this model is now (never the option it already has)."""
-    q = quantization.get("quant")
-    flag = "--quant" if target else "--draft-quant"
-    npu_flag = "--npu-quant" if target else "--npu-draft-quant"
-    better = {"qdq-w4": f"{npu_flag} qdq", "qdq": f"{npu_flag} fp32", "int4": f"{flag} int8",
-              "int8": f"{flag} fp16", "fp16": f"{flag} fp32"}
-    if q == "int4":
-        hint = f"{flag} int8, or a smaller {'--block-size' if target else '--draft-block-size'}"
-        if quantization.get("block_size", 0) <= 16:
-            hint = f"{flag} int8"
-    else:
-        hint = better.get(q)
-    return f"Export it with {hint}." if hint else "Use a closer draft model." if not target else ""

@@ -95,10 +95,8 @@ def prepare_for_qdq(graph: Path, entry: dict, ids: np.ndarray) -> dict:
         the same weights then stay shareable).
     """
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(str(graph), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer}
     bias = {n.output[0]: next(i for i in n.input if i != "attention_mask") for n in model.graph.node
             if n.op_type == "Mul" and "attention_mask" in n.input}
     scores = {}  # mask-value initializer -> the scores it is added to

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.options import QUALITY_LEVELS
 from edgellm.runtimes.providers import resolve_provider
 from edgellm.runtimes.session import DecoderSession, KVLayout
 

@@ -205,7 +205,7 @@ def test_context_past_the_model_warns_once(tmp_path, tiny_model_dir, capsys):
 
 
 def test_low_acceptance_hint_names_a_weaker_quantization():
-    from edgellm.export import _judge
+    from edgellm.export.report import judge as _judge
 
     say: list[str] = []
     bad = {"top1_agreement": 0.2, "mean_kl": 3.0, "positions": 10}

@@ -299,7 +299,7 @@ def test_npu_qdq_export_is_calibrated_and_exact(model_dir, tmp_path):
 
 
 def test_quality_judge_warns_about_a_damaged_target_or_a_useless_draft():
-    from edgellm.export import _judge
+    from edgellm.export.report import judge as _judge
 
     def report(target, draft, key="npu_graph_vs_fp32"):
         quant = {"quant": "qdq" if key == "npu_graph_vs_fp32" else "int4", "block_size": 32}
