@@ -28,18 +28,13 @@ from typing import Callable
 import numpy as np
 
 from edgellm.errors import ConfigError
-from edgellm.export.quantize import PackedWeight, concat_rows, quantize_blockwise
+from edgellm.export.graph import IR_VERSION, MS_DOMAIN, OPSET, GraphWriter, LinearLayers
 from edgellm.export.families import Rope, rope_tables
 from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, Source, block_names
 from edgellm.options import QUANTS
 
 logger = logging.getLogger(__name__)
 
-OPSET = 17
-# IR 10 (onnx 1.16) covers opset 21, the newest the graphs use; onnx's default (the newest IR)
-# would lock out older onnxruntime builds, which phones and OpenVINO's onnxruntime still ship
-IR_VERSION = 10
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -109,150 +104,16 @@ def io_names(num_layers: int) -> dict:
     }
 
 
-class _GraphWriter:
-    """Collects nodes; streams large initializers to one external data file."""
-
-    def __init__(self, data_path: Path) -> None:
-        from onnx import TensorProto, helper, numpy_helper
-
-        self.helper, self.numpy_helper, self.TensorProto = helper, numpy_helper, TensorProto
-        self.data_path = data_path
-        self._f = open(data_path, "wb")
-        self.nodes: list = []
-        self.inits: list = []
-        self._n = 0
-
-    def close(self) -> None:
-        self._f.close()
-
-    def name(self, prefix: str) -> str:
-        self._n += 1
-        return f"{prefix}_{self._n}"
-
-    def const(self, name: str, arr: np.ndarray) -> str:
-        arr = np.ascontiguousarray(arr)
-        if arr.nbytes < 4096:
-            self.inits.append(self.numpy_helper.from_array(arr, name))
-            return name
-        pad = (-self._f.tell()) % 4096  # page-aligned so onnxruntime can map it
-        self._f.write(b"\0" * pad)
-        offset = self._f.tell()
-        self._f.write(arr.tobytes())
-        t = self.TensorProto()
-        t.name = name
-        t.data_type = self.helper.np_dtype_to_tensor_dtype(arr.dtype)
-        t.dims.extend(arr.shape)
-        t.data_location = self.TensorProto.EXTERNAL
-        for k, v in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(arr.nbytes))):
-            e = t.external_data.add()
-            e.key, e.value = k, v
-        self.inits.append(t)
-        return name
-
-    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
-        outs = [self.name(op) for _ in range(n_out)]
-        self.nodes.append(self.helper.make_node(op, inputs, outs, name=outs[0], domain=domain or None, **attrs))
-        return outs
-
-
-class DecoderBuilder:
+class DecoderBuilder(LinearLayers):
     """Turns a :class:`Source` into an ONNX decoder graph (see module docstring)."""
 
     def __init__(self, source: Source, quant: QuantConfig, max_context: int,
                  progress: Callable[[str], None] | None = None, logits_tokens: np.ndarray | None = None) -> None:
         """``logits_tokens``: int ``(n,)`` ascending token ids whose LM head rows are kept (column j of
         the logits is token ``logits_tokens[j]``; see :mod:`edgellm.export.draft_vocab`), or all."""
-        self.src, self.spec, self.q = source, source.spec, quant
-        self.features = source.spec.features
+        super().__init__(source, quant, progress)
         self.logits_tokens = logits_tokens
         self.max_context = max_context
-        self.progress = progress or (lambda msg: None)
-        # quant="gguf": which weights kept their GGUF blocks exactly, and which were re-quantized
-        self.kept: dict[str, str] = {}
-        self.requantized: list[str] = []
-        self.act = np.float16 if quant.activations == "fp16" else np.float32  # activation dtype
-
-    # ------------------------------------------------------------------ linear layers
-    def _linear(self, g: _GraphWriter, x: str, names: list[str], quant: str, tag: str,
-                rows: np.ndarray | None = None) -> str:
-        """``x @ concat(W_names).T`` (+ biases when the source has them), only output ``rows`` if given.
-
-        Its output is named ``<tag>.output``: where :func:`edgellm.export.lora.add_branches` adds a
-        LoRA branch (a renamed tensor: the graph and its speed do not change).
-        """
-        y = self._linear_body(g, x, names, quant, tag, rows)
-        last = g.nodes[-1]
-        assert last.output[0] == y, "the linear layer's output comes from the node written last"
-        last.output[0] = f"{tag}.output"
-        return last.output[0]
-
-    def _linear_body(self, g: _GraphWriter, x: str, names: list[str], quant: str, tag: str,
-                     rows: np.ndarray | None = None) -> str:
-        if quant == "gguf":
-            natives = [self.src.native(n) for n in names]
-            if all(w is not None for w in natives):
-                if rows is not None:
-                    natives = [w.permute_rows(rows) for w in natives]
-                y = self._native_linear(g, x, natives, tag)
-                self.kept.update({n: w.source_type for n, w in zip(names, natives)})
-                return self._add_bias(g, y, names, tag, rows)
-            del natives
-            self.requantized += names
-            quant = "int8"
-        mats = [self.src.tensor(n) if rows is None else self.src.tensor(n)[rows] for n in names]
-        if quant in ("int4", "int8"):
-            bits = 4 if quant == "int4" else 8
-            packed = concat_rows([quantize_blockwise(m, bits, self.q.block_size, self.q.symmetric) for m in mats])
-            del mats
-            y = self._matmul_nbits(g, x, packed, tag)
-        else:
-            w = np.concatenate(mats, axis=0).T
-            del mats
-            dtype = np.float16 if quant == "fp16" else np.float32
-            wname = g.const(tag + ".weight", np.ascontiguousarray(w.astype(dtype)))
-            if dtype != self.act:
-                (wname,) = g.node("Cast", [wname], to=self._act_type)
-            (y,) = g.node("MatMul", [x, wname])
-        return self._add_bias(g, y, names, tag, rows)
-
-    def _add_bias(self, g: _GraphWriter, y: str, names: list[str], tag: str, rows: np.ndarray | None = None) -> str:
-        biases = [n.replace(".weight", ".bias") for n in names]
-        if all(self.src.has(b) for b in biases):
-            bias = np.concatenate([self.src.tensor(b) for b in biases]).astype(self.act)
-            bias = bias if rows is None else bias[rows]
-            (y,) = g.node("Add", [y, g.const(tag + ".bias", bias)])
-        return y
-
-    def _native_linear(self, g: _GraphWriter, x: str, natives: list, tag: str) -> str:
-        """GGUF blocks as MatMulNBits; weights stored alike share one node, the rest are concatenated."""
-        from edgellm.export.gguf_blocks import stack
-
-        groups: list[list] = []
-        for w in natives:
-            if groups and groups[-1][0].key == w.key:
-                groups[-1].append(w)
-            else:
-                groups.append([w])
-        outs = []
-        for j, group in enumerate(groups):
-            w, t = stack(group), tag if len(groups) == 1 else f"{tag}.{j}"
-            y = self._matmul_nbits(g, x, w.packed(), t)
-            if w.minimum is not None:  # x @ W.T = MatMulNBits(x) - blocksum(x) @ minimum.T
-                nb = w.codes.shape[1] // w.block_size
-                (xb,) = g.node("Reshape", [x, g.const(t + ".block_shape", np.array([0, 0, nb, w.block_size], np.int64))])
-                (sums,) = g.node("ReduceSum", [xb, g.const(t + ".last_axis", np.array([-1], np.int64))], keepdims=0)
-                (corr,) = g.node("MatMul", [sums, g.const(t + ".minimum", np.ascontiguousarray(w.minimum.T))])
-                (y,) = g.node("Sub", [y, corr])
-            outs.append(y)
-        return outs[0] if len(outs) == 1 else g.node("Concat", outs, axis=-1)[0]
-
-    def _matmul_nbits(self, g: _GraphWriter, x: str, p: PackedWeight, tag: str) -> str:
-        ins = [x, g.const(tag + ".qweight", p.data), g.const(tag + ".scales", p.scales.astype(self.act))]
-        if p.zero_points is not None:
-            ins.append(g.const(tag + ".zero_points", p.zero_points))
-        (y,) = g.node("MatMulNBits", ins, domain=MS_DOMAIN, K=p.K, N=p.N, bits=p.bits,
-                      block_size=p.block_size, accuracy_level=self.q.accuracy_level)
-        return y
 
     # ------------------------------------------------------------------ graph
     def build(self, out_dir: Path, model_name: str = "model.onnx") -> Path:
@@ -260,11 +121,9 @@ class DecoderBuilder:
         import onnx
         from onnx import TensorProto, helper
 
-        self.TensorProto = TensorProto
-        self._act_type = TensorProto.FLOAT16 if self.act == np.float16 else TensorProto.FLOAT
         kv_type = self._act_type
         s = self.spec
-        g = _GraphWriter(out_dir / (model_name + ".data"))
+        g = GraphWriter(out_dir / (model_name + ".data"))
         kv_shape = ["batch", s.num_kv_heads, self.max_context, s.head_dim]
         inputs = [
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
@@ -315,7 +174,7 @@ class DecoderBuilder:
         onnx.save(model, str(path))
         return path
 
-    def _rope_caches(self, g: _GraphWriter) -> dict[Rope, tuple[str, str]]:
+    def _rope_caches(self, g: GraphWriter) -> dict[Rope, tuple[str, str]]:
         """cos/sin caches ``(max_context, rotary_dim / 2)`` per kind of rotary layer.
 
         longrope switches to its long factors once the text passes ``original_max_position_embeddings``
@@ -336,7 +195,7 @@ class DecoderBuilder:
             caches[rope] = tuple(short)
         return caches
 
-    def _embedding(self, g: _GraphWriter) -> str:
+    def _embedding(self, g: GraphWriter) -> str:
         table = self.src.tensor(EMBED)
         if self.q.quant == "fp32":
             (x,) = g.node("Gather", [g.const("embed_tokens", table), "input_ids"])
@@ -350,12 +209,12 @@ class DecoderBuilder:
             (x,) = g.node("Mul", [x, g.const("embed_scale", np.array(scale, self.act))])
         return x
 
-    def _norm_weight(self, g: _GraphWriter, name: str, tag: str) -> str:
+    def _norm_weight(self, g: GraphWriter, name: str, tag: str) -> str:
         """An RMSNorm's multiplier: ``offset + weight`` (Gemma's offset 1 is added in fp32, as transformers does)."""
         w = self.src.tensor(name).astype(np.float32) + np.float32(self.features.family.norm_offset)
         return g.const(tag, w.astype(self.act))
 
-    def _layer(self, g: _GraphWriter, i: int, x: str, resid: str | None, ropes: dict) -> tuple[str, str]:
+    def _layer(self, g: GraphWriter, i: int, x: str, resid: str | None, ropes: dict) -> tuple[str, str]:
         """One decoder block. ``x`` is the previous block's output delta (or the embedding), ``resid``
         the residual stream before it; returns this block's delta and the stream before it."""
         n, ms, eps = block_names(i, self.features.family), MS_DOMAIN, self.spec.rms_norm_eps
@@ -384,7 +243,7 @@ class DecoderBuilder:
         y = self._linear(g, act, [n["down"]], self.q.quant, f"l{i}.down")
         return self._branch_output(g, y, n.get("mlp_out_norm"), f"l{i}.mlp_out"), resid
 
-    def _branch_output(self, g: _GraphWriter, y: str, norm: str | None, tag: str) -> str:
+    def _branch_output(self, g: GraphWriter, y: str, norm: str | None, tag: str) -> str:
         """An attention or MLP output before its residual add: its own norm (Gemma 2/3, OLMo-2)
         and Granite's ``residual_multiplier``."""
         if norm:
@@ -394,7 +253,7 @@ class DecoderBuilder:
             (y,) = g.node("Mul", [y, g.const(tag + "_multiplier", np.array(self.features.residual_multiplier, self.act))])
         return y
 
-    def _attention(self, g: _GraphWriter, i: int, h: str, n: dict, ropes: dict) -> str:
+    def _attention(self, g: GraphWriter, i: int, h: str, n: dict, ropes: dict) -> str:
         """Grouped-query attention of block ``i`` over the shared KV buffer; returns ``(B, S, heads * head_dim)``."""
         s, f = self.spec, self.features
         qkv = self._linear(g, h, n["qkv"], self.q.quant, f"l{i}.qkv")
@@ -420,7 +279,7 @@ class DecoderBuilder:
         ))
         return attn
 
-    def _qk_norm(self, g: _GraphWriter, x: str, name: str, heads: int, tag: str) -> str:
+    def _qk_norm(self, g: GraphWriter, x: str, name: str, heads: int, tag: str) -> str:
         """RMSNorm of ``x`` ``(B, S, width)`` over each of ``heads`` equal slices (1: the whole width)."""
         if heads == 1:
             return g.node("SimplifiedLayerNormalization", [x, self._norm_weight(g, name, tag)], axis=-1,
@@ -431,7 +290,7 @@ class DecoderBuilder:
         (y,) = g.node("Reshape", [y, g.const(tag + ".flat", np.array([0, 0, heads * self.spec.head_dim], np.int64))])
         return y
 
-    def _activation(self, g: _GraphWriter, x: str) -> str:
+    def _activation(self, g: GraphWriter, x: str) -> str:
         """The MLP's gate activation: SiLU, tanh-approximated GELU (FastGelu) or exact GELU."""
         kind = self.features.activation
         if kind == "silu":

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.export.builder import IR_VERSION, DecoderBuilder, QuantConfig, _GraphWriter
+from edgellm.export.builder import QuantConfig
+from edgellm.export.graph import IR_VERSION, GraphWriter, LinearLayers
 from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, Source, layer_names
 
 MASK_VALUE = -30000.0
@@ -55,12 +56,13 @@ def static_io_names(num_layers: int) -> dict:
             "num_layers": num_layers}
 
 
-class StaticDecoderBuilder(DecoderBuilder):
-    """A :class:`DecoderBuilder` that writes the static, standard-operator graph above."""
+class StaticDecoderBuilder(LinearLayers):
+    """Writes the static, standard-operator graph above (a sibling of :class:`~edgellm.export.builder.DecoderBuilder`)."""
 
     def __init__(self, source: Source, max_context: int, window: int, progress=None,
                  cache_length: int | None = None) -> None:
-        super().__init__(source, QuantConfig("fp32"), max_context, progress)
+        super().__init__(source, QuantConfig("fp32"), progress)
+        self.max_context = max_context
         self.window = window
         self.cache_length = cache_length or max_context + window  # L above
 
@@ -78,7 +80,7 @@ class StaticDecoderBuilder(DecoderBuilder):
                   helper.make_tensor_value_info("write_positions", TensorProto.INT64, [1, 1, S, 1]),
                   helper.make_tensor_value_info("attention_mask", f32, [1, 1, G * S, L])]
         outputs = [helper.make_tensor_value_info("logits", f32, [1, S, s.vocab_size])]
-        g = _GraphWriter(out_dir / (model_name + ".data"))
+        g = GraphWriter(out_dir / (model_name + ".data"))
         try:
             (x,) = g.node("Gather", [g.const("embed_tokens", self.src.tensor(EMBED)), "input_ids"])
             axis1 = g.const("axis_1_i64", np.array([1], np.int64))
@@ -110,7 +112,7 @@ class StaticDecoderBuilder(DecoderBuilder):
         return path
 
     # ------------------------------------------------------------------ pieces
-    def _rms_norm(self, g: _GraphWriter, x: str, weight: np.ndarray, tag: str) -> str:
+    def _rms_norm(self, g: GraphWriter, x: str, weight: np.ndarray, tag: str) -> str:
         """RMSNorm of rows scaled by their largest magnitude first: an NPU may compute in fp16,
         where the squares of the residual stream's large activations (thousands, in Qwen2.5)
         overflow. ``x / sqrt(mean(x^2) + eps) = u / sqrt(mean(u^2) + eps / m^2)``, ``u = x / m``."""
@@ -125,14 +127,14 @@ class StaticDecoderBuilder(DecoderBuilder):
         (y,) = g.node("Mul", [y, g.const(tag + ".weight", weight.astype(np.float32))])
         return y
 
-    def _heads(self, g: _GraphWriter, x: str, heads: int, tag: str) -> str:
+    def _heads(self, g: GraphWriter, x: str, heads: int, tag: str) -> str:
         """``[1, S, heads*D]`` -> ``[1, heads, S, D]``."""
         (y,) = g.node("Reshape", [x, g.const(tag + ".shape", np.array([1, self.window, heads, self.spec.head_dim],
                                                                        np.int64))])
         (y,) = g.node("Transpose", [y], perm=[0, 2, 1, 3])
         return y
 
-    def _rotary(self, g: _GraphWriter, x: str) -> str:
+    def _rotary(self, g: GraphWriter, x: str) -> str:
         """rotate_half rotary on ``[1, heads, S, D]`` with cos/sin ``[1, S, D/2]`` inputs."""
         x1, x2 = g.node("Split", [x, self._rope_split], n_out=2, axis=-1)
         c, sn = self._cos, self._sin
@@ -142,7 +144,7 @@ class StaticDecoderBuilder(DecoderBuilder):
         second = g.node("Add", [a, b])[0]
         return g.node("Concat", [first, second], axis=-1)[0]
 
-    def _static_layer(self, g: _GraphWriter, i: int, x: str) -> str:
+    def _static_layer(self, g: GraphWriter, i: int, x: str) -> str:
         s, n, S = self.spec, layer_names(i), self.window
         G, D, kvh = s.num_heads // s.num_kv_heads, s.head_dim, s.num_kv_heads
         h = self._rms_norm(g, x, self.src.tensor(n["input_norm"]), f"l{i}.input_norm")
