@@ -14,22 +14,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgellm.errors import ConfigError, EdgeLLMError, ExportError
-from edgellm.export.draft_vocab import DraftVocabConfig, write_ids
+from edgellm.export.draft_vocab import write_ids
 from edgellm.export.output import PARTIAL_OWNER, progress_printer, replace_folder, sigterm_as_exit, start_output
 from edgellm.export.report import judge, model_quality, sample_ids, warn
 from edgellm.options import (  # the defaults, shared with the CLI
     DEFAULT_BLOCK_SIZE,
     DEFAULT_DRAFT_BLOCK_SIZE,
     DEFAULT_DRAFT_QUANT,
-    DEFAULT_DRAFT_VOCAB,
     DEFAULT_MAX_CONTEXT,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_TARGET_KL,
     DEFAULT_NPU_WINDOW,
     DEFAULT_QUALITY,
     DEFAULT_QUANT,
-    NPU_QUANTS,
-    TARGET_DEVICES,
 )
 
 logger = logging.getLogger(__name__)
@@ -120,73 +117,22 @@ def export(
         ExportError: a model cannot be read or converted.
         IncompatibleModelsError: draft and target do not share a tokenizer.
     """
-    from edgellm.export.builder import QuantConfig
-    from edgellm.options import QUALITY_LEVELS
-
-    from edgellm.export.lora import parse_lora_args
+    from edgellm.export.options import ExportOptions
 
     out = Path(output).expanduser()
-    adapters = parse_lora_args(lora)
-    draft_adapters = parse_lora_args(draft_lora)
-    _check_draft_lora(draft_adapters, adapters, draft is not None)
-    if adapters and (target_device == "npu" or ort_mobile):
-        raise ConfigError(f"lora with {'target_device=npu' if target_device == 'npu' else 'ort_mobile'}: LoRA "
-                          "branches are in the cpu and gpu graphs only; leave that option out", param="lora")
-    if quality not in QUALITY_LEVELS:
-        raise ConfigError(f"quality={quality!r}; allowed: {', '.join(QUALITY_LEVELS)}")
-    from edgellm.manifest import MAX_CONTEXT
-
-    if not isinstance(max_context, int) or isinstance(max_context, bool) or not 64 <= max_context <= MAX_CONTEXT:
-        raise ConfigError(f"max_context={max_context!r}; allowed: an integer 64-{MAX_CONTEXT}", param="max_context")
-    if target_device not in TARGET_DEVICES:
-        raise ConfigError(f"target_device={target_device!r}; allowed: {', '.join(TARGET_DEVICES)}")
-    if target_device == "npu":
-        if quant not in ("auto", "fp32") or draft_quant not in ("int4", "fp32"):
-            raise ConfigError(f"quant={quant!r} with target_device='npu': npu graphs take their precision from "
-                              "npu_quant (--npu-quant fp32 or qdq); leave --quant at auto")
-        if not 1 <= npu_window <= 64:
-            raise ConfigError(f"npu_window={npu_window}; allowed: 1-64")
-        npu_draft_quant = npu_draft_quant or npu_quant
-        for name, value in (("npu_quant", npu_quant), ("npu_draft_quant", npu_draft_quant)):
-            if value not in NPU_QUANTS:
-                raise ConfigError(f"{name}={value!r}; allowed: {', '.join(NPU_QUANTS)}")
-        quant, draft_quant, lm_head_quant = "fp32", "fp32", None
-    for name, value in (("quant", quant), ("draft_quant", draft_quant)):  # fail before any work
-        if value != "auto":
-            QuantConfig(value, block_size if name == "quant" else draft_block_size, lm_head_quant=lm_head_quant)
-    if target_device != "npu" and (npu_quant != "fp32" or npu_draft_quant is not None):
-        raise ConfigError(f"npu_quant={npu_quant!r} / npu_draft_quant={npu_draft_quant!r} quantize npu graphs; "
-                          f"target_device={target_device!r} does not write any (add --target-device npu)")
-    if calibration_text is not None:
-        if target_device != "npu" or {npu_quant, npu_draft_quant or npu_quant} == {"fp32"}:
-            raise ConfigError("calibration_text is read by QDQ quantization only; add --target-device npu "
-                              "--npu-quant qdq (or qdq-w4)")
-        calibration_text = _read_calibration_text(calibration_text)
-    if draft_vocab not in (None, 0) and target_device == "npu":
-        raise ConfigError(f"draft_vocab={draft_vocab!r} with target_device='npu': static npu graphs keep the whole "
-                          "vocabulary; leave --draft-vocab out", param="draft_vocab")
-    vocab_cfg = DraftVocabConfig(0 if target_device == "npu" else DEFAULT_DRAFT_VOCAB if draft_vocab is None
-                                 else draft_vocab, None if draft_vocab_corpus is None else str(draft_vocab_corpus))
-    activations = "fp16" if target_device == "gpu" else "fp32"
-    if activations == "fp16":
-        quant = "int4" if quant == "auto" else quant  # GGUF blocks need fp32 arithmetic (the K-quant minimum)
-        draft_quant = "int4" if draft_quant == "auto" else draft_quant
-        for name, value in (("quant", quant), ("draft_quant", draft_quant), ("lm_head_quant", lm_head_quant)):
-            if value in ("fp32", "gguf"):
-                raise ConfigError(f"{name}={value!r} with target_device='gpu' (fp16 graphs); allowed: int4, int8, fp16")
-    qcfg = {"target": dict(quant=quant, block_size=block_size, lm_head_quant=lm_head_quant, activations=activations)}
-    if draft is not None:
-        qcfg["draft"] = dict(quant=draft_quant, block_size=draft_block_size, lm_head_quant=None,
-                             activations=activations)
+    opts = ExportOptions(quant=quant, draft_quant=draft_quant, block_size=block_size, draft_block_size=draft_block_size,
+                         lm_head_quant=lm_head_quant, max_context=max_context, quality=quality,
+                         max_target_kl=max_target_kl, trust_remote_code=trust_remote_code, ort_mobile=ort_mobile,
+                         target_device=target_device, npu_window=npu_window, npu_quant=npu_quant,
+                         npu_draft_quant=npu_draft_quant, calibration_text=calibration_text, draft_vocab=draft_vocab,
+                         draft_vocab_corpus=draft_vocab_corpus, lora=lora, draft_lora=draft_lora,
+                         has_draft=draft is not None)
     t0 = time.perf_counter()
     say = progress_printer(progress, t0)
     with sigterm_as_exit():  # before the temporary folder exists: a SIGTERM at any point cleans it up
         tmp = start_output(out, overwrite)
         try:
-            _export_into(tmp, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
-                         say, npu_window if target_device == "npu" else None,
-                         {"target": npu_quant, "draft": npu_draft_quant or npu_quant}, calibration_text,
-                         vocab_cfg, {"target": adapters, "draft": draft_adapters})
+            _export_into(tmp, target, draft, opts, say)
             (tmp / PARTIAL_OWNER).unlink()  # it marks a folder being written, not part of the bundle
             replace_folder(tmp, out)
         except BaseException as e:
@@ -224,6 +170,7 @@ def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str],
         BundleError: the bundle is damaged.
     """
     from edgellm.export.lora import attach, entry_sites, parse_lora_args, read_adapter
+    from edgellm.export.options import check_draft_lora
     from edgellm.manifest import MANIFEST_NAME, check_bundle, manifest_digest, parse_manifest, read_manifest, sha256_file
 
     out = Path(bundle).expanduser()
@@ -234,7 +181,7 @@ def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str],
     say = progress_printer(progress, time.perf_counter())
     manifest = read_manifest(out)
     check_bundle(out, manifest)
-    _check_draft_lora(drafts_given, adapters_given, manifest.draft is not None)
+    check_draft_lora(drafts_given, adapters_given, manifest.draft is not None)
     clash = sorted(set(adapters_given) & set(manifest.adapters))
     if clash and not replace:
         raise ConfigError(f"the bundle has an adapter named {clash[0]!r} already; pass replace=True (--replace) to "
@@ -301,10 +248,8 @@ def _quant_config(src, *, quant: str, block_size: int, lm_head_quant: str | None
     return QuantConfig(quant, block_size, lm_head_quant=lm_head_quant, activations=activations)
 
 
-def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_target_kl, trust_remote_code, ort_mobile,
-                 say, npu_window: int | None = None, npu_quant: dict | None = None,
-                 calibration_text: tuple[str, str] | None = None,
-                 vocab_cfg: DraftVocabConfig = DraftVocabConfig(0), lora: dict[str, dict] | None = None) -> None:
+def _export_into(tmp: Path, target, draft, opts, say) -> None:
+    """The export's steps, writing into the temporary folder ``tmp`` (``opts``: :class:`ExportOptions`)."""
     from edgellm import __version__
     from edgellm.export.source import open_source
     from edgellm.export.tokenizer import check_compatible, tokenizer_files, write_tokenizer
@@ -313,21 +258,21 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     sources = {"target": open_source(target)}
     if draft is not None:
         sources["draft"] = open_source(draft)
-    lora = lora or {}
-    adapters = {role: _read_adapters(lora.get(role, {}), src, say) for role, src in sources.items()}
+    adapters = {role: _read_adapters(opts.lora_of(role), src, say) for role, src in sources.items()}
+    max_context, quality, npu_window = opts.max_context, opts.quality, opts.static_window
     say("reading tokenizers")
-    toks = {role: tokenizer_files(src, trust_remote_code=trust_remote_code) for role, src in sources.items()}
+    toks = {role: tokenizer_files(src, trust_remote_code=opts.trust_remote_code) for role, src in sources.items()}
     if "draft" in sources:
         check_compatible(toks["target"], toks["draft"], sources["target"].spec.vocab_size,
                          sources["draft"].spec.vocab_size)
     tok_entry = write_tokenizer(toks["target"], tmp / "tokenizer")
 
-    qcfg = {role: _quant_config(src, **qcfg[role]) for role, src in sources.items()}
+    qcfg = {role: _quant_config(src, **opts.quant_plan(role)) for role, src in sources.items()}
     vocab = None
     if "draft" in sources and sources["draft"].kind == "hf-generic":
         say("draft: a generic (optimum) graph keeps its whole LM head")
     elif "draft" in sources:
-        vocab = vocab_cfg.choose(tmp / tok_entry["file"], sources["draft"].spec.vocab_size,
+        vocab = opts.vocab.choose(tmp / tok_entry["file"], sources["draft"].spec.vocab_size,
                                  toks["target"].eos_token_ids)
     models, report, manifest_adapters = {}, {"models": {}}, {}
     for role, src in sources.items():
@@ -352,9 +297,9 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
         if tokens is not None:
             write_ids(tmp / vocab[1]["file"], tokens)
             models[role]["draft_vocab"] = vocab[1]
-        if npu_window and npu_quant[role] != "fp32":
-            _quantize_npu(tmp, role, models[role], tok_entry, say, 4 if npu_quant[role] == "qdq-w4" else 8,
-                          calibration_text)
+        if npu_window and opts.npu_quant_of(role) != "fp32":
+            _quantize_npu(tmp, role, models[role], tok_entry, say, 4 if opts.npu_quant_of(role) == "qdq-w4" else 8,
+                          opts.calibration)
         if models[role].get("step_graph"):
             from edgellm.export.shared_weights import share_weights
 
@@ -363,9 +308,9 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
         if quality != "none":
             report["models"][role] = model_quality(tmp, role, src, qcfg[role], models[role], ctx, quality,
                                               tok_entry, say, tokens, adapters[role][0])
-    judge(report, max_target_kl, say)
+    judge(report, opts.max_target_kl, say)
     ort_entry = None
-    if ort_mobile:
+    if opts.ort_mobile:
         from edgellm.export.ort_mobile import write_ort_models
 
         ort_entry = write_ort_models(tmp, list(models), progress=say)
@@ -398,15 +343,6 @@ def _export_into(tmp: Path, target, draft, qcfg, max_context, quality, max_targe
     manifest["manifest_sha256"] = manifest_digest(manifest)
     parse_manifest(manifest)  # the exporter never writes what the runtime would refuse
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-
-
-def _check_draft_lora(draft_adapters: dict, adapters: dict, has_draft: bool) -> None:
-    if draft_adapters and not has_draft:
-        raise ConfigError("draft_lora without a draft model; add --draft, or leave --draft-lora out", param="draft_lora")
-    stray = sorted(set(draft_adapters) - set(adapters))
-    if stray:
-        raise ConfigError(f"draft_lora names {stray[0]!r}, which is not an adapter of the target; a draft adapter "
-                          "goes with the target adapter of the same name (give it with --lora too)", param="draft_lora")
 
 
 def _read_adapters(lora: dict[str, Path], src, say) -> tuple[list, dict]:
@@ -486,19 +422,6 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
         "quantization": quantization,
         "source": {k: v for k, v in src.describe().items() if k != "path"} | {"name": Path(str(src.path)).name},
     } | ({"step_graph": step_graph} if step_graph else {})
-
-
-def _read_calibration_text(path: str | os.PathLike) -> tuple[str, str]:
-    """``(name, text)`` of a calibration text file, or a ConfigError naming what is wrong with it."""
-    p = Path(path).expanduser()
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"calibration_text {str(p)!r}: cannot read it as UTF-8 text ({e})") from None
-    if len(text.strip()) < 200:
-        raise ConfigError(f"calibration_text {str(p)!r} holds {len(text.strip())} characters; give at least 200 "
-                          "(a few hundred tokens of text like the model's inputs)")
-    return p.name, text
 
 
 def _quantize_npu(tmp: Path, role: str, entry: dict, tok_entry: dict, say, weight_bits: int,
