@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from edgellm.errors import ConfigError, EdgeLLMError, ExportError
+from edgellm.errors import ConfigError, ExportError
 from edgellm.export.draft_vocab import write_ids
-from edgellm.export.output import PARTIAL_OWNER, progress_printer, replace_folder, sigterm_as_exit, start_output
+from edgellm.export.output import PARTIAL_OWNER, progress_printer, writing
 from edgellm.export.report import judge, model_quality, sample_ids, warn
 from edgellm.options import (  # the defaults, shared with the CLI
     DEFAULT_BLOCK_SIZE,
@@ -129,17 +129,8 @@ def export(
                          has_draft=draft is not None)
     t0 = time.perf_counter()
     say = progress_printer(progress, t0)
-    with sigterm_as_exit():  # before the temporary folder exists: a SIGTERM at any point cleans it up
-        tmp = start_output(out, overwrite)
-        try:
-            _export_into(tmp, target, draft, opts, say)
-            (tmp / PARTIAL_OWNER).unlink()  # it marks a folder being written, not part of the bundle
-            replace_folder(tmp, out)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, (EdgeLLMError, KeyboardInterrupt, SystemExit, MemoryError)):
-                raise
-            raise ExportError(f"export failed: {type(e).__name__}: {e}") from e
+    with writing(out, overwrite) as tmp:
+        _export_into(tmp, target, draft, opts, say)
     say(f"bundle written to {out}")
     return out
 
@@ -195,41 +186,32 @@ def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str],
     drafts = [read_adapter(name, path, draft_table) for name, path in drafts_given.items()]
     doc = manifest.to_dict()
     entry = doc["models"]["target"]
-    with sigterm_as_exit():
-        tmp = start_output(out, overwrite=True)
-        try:
-            for rel in manifest.files:  # unchanged files: hard links (no copy of the weights) where the disk allows
-                dst = tmp / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(out / rel, dst)
-                except OSError:
-                    shutil.copy2(out / rel, dst)
-            adapters_doc = dict(manifest.adapters)
-            attach(tmp, entry, adapters, table, adapters_doc, say)
-            if drafts:
-                attach(tmp, doc["models"]["draft"], drafts, draft_table, adapters_doc, say, "draft")
-            doc["adapters"] = adapters_doc
-            files = dict(manifest.files)
-            used = {a[r] for a in adapters_doc.values() for r in ("target", "draft") if a.get(r)}
-            for rel in [r for r in files if r.startswith("adapters/") and r not in used]:  # a replaced one's
-                del files[rel]
-                (tmp / rel).unlink()
-            changed = [m["graph"] for m in doc["models"].values()]
-            for rel in changed + [a[r] for a in adapters_doc.values() for r in ("target", "draft") if a.get(r)]:
-                files[rel] = {"sha256": sha256_file(tmp / rel), "size": (tmp / rel).stat().st_size}
-            doc["files"] = files
-            doc.pop("manifest_sha256", None)
-            doc["manifest_sha256"] = manifest_digest(doc)
-            parse_manifest(doc)
-            (tmp / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
-            (tmp / PARTIAL_OWNER).unlink()
-            replace_folder(tmp, out)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, (EdgeLLMError, KeyboardInterrupt, SystemExit, MemoryError)):
-                raise
-            raise ExportError(f"add_lora failed: {type(e).__name__}: {e}") from e
+    with writing(out, True, "add_lora") as tmp:
+        for rel in manifest.files:  # unchanged files: hard links (no copy of the weights) where the disk allows
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(out / rel, dst)
+            except OSError:
+                shutil.copy2(out / rel, dst)
+        adapters_doc = dict(manifest.adapters)
+        attach(tmp, entry, adapters, table, adapters_doc, say)
+        if drafts:
+            attach(tmp, doc["models"]["draft"], drafts, draft_table, adapters_doc, say, "draft")
+        doc["adapters"] = adapters_doc
+        files = dict(manifest.files)
+        used = {a[r] for a in adapters_doc.values() for r in ("target", "draft") if a.get(r)}
+        for rel in [r for r in files if r.startswith("adapters/") and r not in used]:  # a replaced one's
+            del files[rel]
+            (tmp / rel).unlink()
+        changed = [m["graph"] for m in doc["models"].values()]
+        for rel in changed + sorted(used):
+            files[rel] = {"sha256": sha256_file(tmp / rel), "size": (tmp / rel).stat().st_size}
+        doc["files"] = files
+        doc.pop("manifest_sha256", None)
+        doc["manifest_sha256"] = manifest_digest(doc)
+        parse_manifest(doc)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
     say(f"added {', '.join(a.name for a in adapters)} to {out}")
     return out
 

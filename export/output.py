@@ -17,9 +17,32 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edgellm.errors import ConfigError
+from edgellm.errors import ConfigError, EdgeLLMError, ExportError
 
 logger = logging.getLogger(__name__)
+
+@contextlib.contextmanager
+def writing(out: Path, overwrite: bool, what: str = "export"):
+    """A temporary folder beside ``out`` that replaces ``out`` when the block ends, and is removed
+    if it does not (an error, Ctrl-C, SIGTERM): ``with writing(out, overwrite) as tmp: ...``.
+
+    Raises:
+        ConfigError: see :func:`start_output`.
+        ExportError: ``"<what> failed: ..."`` for an unexpected error inside the block (edgellm's
+            own errors, interrupts and MemoryError pass through as they are).
+    """
+    with sigterm_as_exit():  # before the temporary folder exists: a SIGTERM at any point cleans it up
+        tmp = start_output(out, overwrite)
+        try:
+            yield tmp
+            (tmp / PARTIAL_OWNER).unlink()  # it marks a folder being written, not part of the bundle
+            replace_folder(tmp, out)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (EdgeLLMError, KeyboardInterrupt, SystemExit, MemoryError)):
+                raise
+            raise ExportError(f"{what} failed: {type(e).__name__}: {e}") from e
+
 
 PARTIAL_OWNER = ".edgellm-export-pid"  # inside a partial folder: the pid of the export writing it
 
