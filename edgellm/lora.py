@@ -29,24 +29,28 @@ def load_adapter(path: Path, sites: dict[str, list[int]], dtype: str = "float32"
     Raises:
         BundleError: the file is not such an archive, or names a site or shape the graph lacks.
     """
-    import onnxruntime as ort
-
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise BundleError(f"{path}: not an adapter archive ({e})") from None
-    out = {}
     for key, arr in arrays.items():
         tag, _, part = key.rpartition(".")
         if tag not in sites or part not in ("a", "b"):
             raise BundleError(f"{path}: {key!r} is not a LoRA site of this graph (the bundle mixes two exports?)")
         other = arrays.get(f"{tag}.{'b' if part == 'a' else 'a'}")
         din, dout = sites[tag]
-        rank = arr.shape[1] if part == "a" else arr.shape[0] if arr.ndim == 2 else -1
+        rank = (arr.shape[1] if part == "a" else arr.shape[0]) if arr.ndim == 2 else -1
         want = (din, rank) if part == "a" else (rank, dout)
         if arr.ndim != 2 or arr.shape != want or other is None or other.ndim != 2 or rank not in other.shape:
             raise BundleError(f"{path}: {key} has shape {list(arr.shape)}; the graph's site takes [{din}, r] and "
                               f"[r, {dout}] with the same r")
-        out[key] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr, dtype=np.dtype(dtype)))
-    return out
+    return ort_values(arrays, dtype)
+
+
+def ort_values(arrays: dict[str, np.ndarray], dtype: str = "float32") -> dict[str, Any]:
+    """Branch matrices by name as OrtValues of ``dtype`` (what a session binds; see ``set_adapter``)."""
+    import onnxruntime as ort
+
+    return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v, dtype=np.dtype(dtype)))
+            for k, v in arrays.items()}

@@ -371,7 +371,6 @@ def attach(tmp: Path, entry: dict[str, Any], adapters: list[LoraAdapter], all_si
 
 def ort_values(adapter: LoraAdapter, dtype: str = "float32") -> dict[str, Any]:
     """The adapter's matrices as OrtValues (what a session binds), without writing them first."""
-    import onnxruntime as ort
+    from edgellm.lora import ort_values as to_ort
 
-    return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v, dtype=np.dtype(dtype)))
-            for k, v in adapter.arrays.items()}
+    return to_ort(adapter.arrays, dtype)

@@ -329,3 +329,22 @@ def test_gpu_bundle_branches_compute_in_fp16(tiny_model_dir, adapters, tmp_path)
     assert ref.token_ids != llm.generate(PROMPT, mode="target", max_new_tokens=N).token_ids
     for mode in ("speculative", "lookup"):
         assert llm.generate(PROMPT, mode=mode, max_new_tokens=N, adapter="qv").token_ids == ref.token_ids, mode
+
+
+@pytest.mark.parametrize("arrays,match", [
+    ({"l0.qkv.a": np.zeros(64, np.float32), "l0.qkv.b": np.zeros((1, 128), np.float32)}, "has shape \\[64\\]"),
+    ({"l0.qkv.a": np.zeros((64, 2), np.float32)}, "the same r"),
+    ({"l0.qkv.a": np.zeros((64, 2), np.float32), "l0.qkv.b": np.zeros((3, 128), np.float32)}, "the same r"),
+    ({"l0.lm_head.a": np.zeros((64, 2), np.float32)}, "is not a LoRA site of this graph"),
+])
+def test_a_damaged_adapter_file_is_a_bundle_error(tmp_path, arrays, match):
+    from edgellm.errors import BundleError
+    from edgellm.lora import load_adapter
+
+    path = tmp_path / "a.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(BundleError, match=match):
+        load_adapter(path, {"l0.qkv": [64, 128]})
+    path.write_bytes(b"not a zip")
+    with pytest.raises(BundleError, match="not an adapter archive"):
+        load_adapter(path, {"l0.qkv": [64, 128]})
