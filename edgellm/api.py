@@ -114,12 +114,7 @@ class LLM:
         """The slot of ``free`` whose live cache (computed with ``adapter``) shares the longest prefix
         with ``prompt_ids`` (a chat's next turn finds its own conversation); the first one on a tie."""
         prompt = np.asarray(prompt_ids, np.int64)
-
-        def shared(k: int) -> int:
-            t = self.slots[k].target.session
-            return common_prefix(t.cached_ids(), prompt) if t.adapter == adapter else 0
-
-        return max(free, key=lambda k: (shared(k), -k))
+        return max(free, key=lambda k: (_live_prefix(self.slots[k].target.session, prompt, adapter), -k))
 
     def check_adapter(self, adapter: str | None) -> Adapter | None:
         """The branch matrices of ``adapter`` (``None``: the base model, no matrices).
@@ -215,7 +210,7 @@ class LLM:
         t = target.session
         if not self.prompt_cache.max_bytes or not t.reuses_prefix:
             return
-        live = common_prefix(t.cached_ids(), prompt) if t.adapter == adapter else 0
+        live = _live_prefix(t, prompt, adapter)
         entry = self.prompt_cache.take_best(prompt, better_than=live, adapter=adapter)
         if entry is None and t.length - live <= KEEP_WHEN_LOSING:
             return
@@ -374,6 +369,12 @@ def _adapters(bundle: Path, manifest: Manifest) -> dict[str, Adapter]:
 
     return {name: Adapter(load("target", a["target"]), load("draft", a.get("draft")))
             for name, a in manifest.adapters.items()}
+
+
+def _live_prefix(session, prompt: np.ndarray, adapter: str | None) -> int:
+    """Tokens of ``prompt`` (int64 ``(n,)``) a session's live cache holds and may serve: none when the
+    cache was computed with another adapter."""
+    return common_prefix(session.cached_ids(), prompt) if session.adapter == adapter else 0
 
 
 def _bind_adapter(target: _Bound, draft: _Bound | None, name: str | None, adapter: Adapter | None) -> None:

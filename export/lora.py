@@ -329,14 +329,6 @@ def _linear_input(node, producer: dict) -> str:
     return node.input[0]
 
 
-def graph_sites(graph: Path) -> list[str]:
-    """The site tags the graph at ``graph`` has LoRA branches on."""
-    import onnx
-
-    model = onnx.load(str(graph), load_external_data=False)
-    return sorted(i.name[len("lora."):-len(".a")] for i in model.graph.input
-                  if i.name.startswith("lora.") and i.name.endswith(".a"))
-
 
 # ---------------------------------------------------------------------------------------- bundles
 def site_order(tag: str) -> tuple[int, int]:
