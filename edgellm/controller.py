@@ -6,6 +6,8 @@ for gamma (:meth:`DraftLengthController.choose_gamma`) and reports each round (`
 
 from __future__ import annotations
 
+FIXED_DRAFT_COST = 0.3  # a draft token's cost in one-row target passes, when costs are not measured
+
 
 class DraftLengthController:
     """Chooses gamma, and the source of proposals, from measured acceptance and measured costs.
@@ -19,17 +21,24 @@ class DraftLengthController:
     nothing). The controller picks the g (0 = plain target step) with the most tokens per second,
     and probes g = 1 now and then after backing off so that a changed acceptance is noticed.
     Everything is tracked per source (``draft``, ``lookup``).
+
+    With ``clock=False`` the costs are not measured but fixed (a draft token costs
+    :data:`FIXED_DRAFT_COST` of a one-row target pass, each verified row 10 % more), so that the
+    choices depend on the request's tokens alone: a seeded sampled request, whose samples follow
+    its proposals, then gives the same text on every run.
     """
 
-    def __init__(self, max_gamma: int, prior_acceptance: float = 0.7, max_lookup: int | None = None) -> None:
+    def __init__(self, max_gamma: int, prior_acceptance: float = 0.7, max_lookup: int | None = None,
+                 clock: bool = True) -> None:
         self.max_gamma = max_gamma
+        self.clock = clock
         self.max_lookup = max_gamma if max_lookup is None else max_lookup
         # pseudo-counts; lookup starts optimistic so that it gets tried (it is free) and learns fast
         # (``shared``: proposals from other requests' text, :class:`edgellm.lookup.SharedLookup`)
         self.counts = {"draft": [4.0 * prior_acceptance, 4.0], "lookup": [2.0 * 0.8, 2.0], "shared": [2.0 * 0.8, 2.0]}
         # per source, per proposal position i (1-based): [rejected at i, reached i], decayed
         self.positions: dict[str, dict[int, list[float]]] = {"draft": {}, "lookup": {}, "shared": {}}
-        self.t_draft: float | None = None
+        self.t_draft: float | None = None if clock else FIXED_DRAFT_COST
         self.t_verify: dict[int, float] = {}
         self.rounds_since_probe = 0
 
@@ -53,6 +62,8 @@ class DraftLengthController:
                 counts = pos.setdefault(i, [0.0, 0.0])
                 counts[0] += i == accepted + 1
                 counts[1] += 1
+        if not self.clock:
+            return
         if draft_step_s is not None:
             self.t_draft = draft_step_s if self.t_draft is None else 0.8 * self.t_draft + 0.2 * draft_step_s
         k = gamma + 1

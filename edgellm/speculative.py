@@ -240,7 +240,9 @@ def decode(target: Model, prompt: list[int], cfg: DecodeConfig, draft: Model | N
     if done.finish_reason:
         return
 
-    ctl = DraftLengthController(cfg.max_draft_tokens, max_lookup=cfg.max_lookup_tokens)
+    # a seeded sampled request's draws follow its proposals: their number must not follow the clock
+    clock = cfg.sampling.greedy or cfg.seed is None
+    ctl = DraftLengthController(cfg.max_draft_tokens, max_lookup=cfg.max_lookup_tokens, clock=clock)
     while True:
         left = cfg.max_new_tokens - (len(seq) - len(prompt))
         limit = max(0, min(left - 1, target.max_context - len(seq) - 1))  # this round's output fits

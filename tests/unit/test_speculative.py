@@ -128,6 +128,25 @@ def test_sampled_speculative_is_reproducible_and_in_vocab():
     assert a == b and len(a) == 40
 
 
+@pytest.mark.parametrize("mode", ["speculative", "lookup"])
+def test_seeded_sampling_with_adaptive_gamma_does_not_follow_the_clock(monkeypatch, mode):
+    """The draws follow the proposals, so a seeded request must choose its draft lengths from its
+    tokens alone: under a clock that jitters run to run, the same seed gives the same text."""
+    import edgellm.speculative as spec
+
+    target = FakeLM(seed=1, temperature=1.0)
+    kw = dict(mode=mode, sampling=SamplingConfig(temperature=1.0), seed=5)
+    outs, gammas = [], []
+    for clock_seed in range(4):
+        jitter = np.random.default_rng(clock_seed)
+        monkeypatch.setattr(spec.time, "perf_counter", lambda: float(jitter.uniform(0, 1e3)))
+        tokens, _, stats = run(target, FakeLM(seed=2, temperature=1.0), **kw)
+        outs.append(tokens)
+        gammas.append(stats.gammas)
+    assert all(o == outs[0] for o in outs) and all(g == gammas[0] for g in gammas)
+    assert mode == "lookup" or len(set(gammas[0])) > 1  # the controller did adapt
+
+
 def test_sampled_speculative_matches_target_distribution():
     """First two generated tokens: speculative vs target-only sampling, many seeds."""
     v = 5
