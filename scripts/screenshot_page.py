@@ -1,6 +1,6 @@
 """Serve a bundle and photograph the chat page at phone size in headless Chromium: a code answer, and a race.
 
-    .venv/bin/python scripts/screenshot_page.py BUNDLE [OUT_DIR] [--max-tokens N]
+    .venv/bin/python scripts/screenshot_page.py BUNDLE [OUT_DIR] [--max-tokens N] [--window 1280x800]
 
 Writes OUT_DIR/page-code.png (a rendered code answer, streamed with speculation) and
 OUT_DIR/page-race.png (the same kind of question raced: target alone, then speculative) and
@@ -29,10 +29,10 @@ CODE_QUESTION = ("Write a Python function that checks whether a string is a pali
 RACE_QUESTION = "Write a Python function that returns the n-th Fibonacci number iteratively."
 
 
-def phone() -> webdriver.Chrome:
+def phone(window: str = "390x844") -> webdriver.Chrome:
     opts = Options()
     opts.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=390,844",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=" + window.replace("x", ","),
                 "--force-device-scale-factor=2"):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
@@ -45,7 +45,7 @@ def ask(browser: webdriver.Chrome, question: str, button: str, done_css: str) ->
                                       and b.find_element(By.ID, "send").text == "Send")
 
 
-def main(bundle: str, out_dir: str, max_tokens: int) -> None:
+def main(bundle: str, out_dir: str, max_tokens: int, window: str = "390x844") -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
@@ -55,7 +55,7 @@ def main(bundle: str, out_dir: str, max_tokens: int) -> None:
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    browser = phone()
+    browser = phone(window)
     try:
         browser.get(f"http://127.0.0.1:{port}/")
         WebDriverWait(browser, 30).until(lambda b: "·" in b.find_element(By.ID, "model").text)
@@ -81,5 +81,6 @@ if __name__ == "__main__":
     p.add_argument("bundle")
     p.add_argument("out_dir", nargs="?", default="docs")
     p.add_argument("--max-tokens", type=int, default=160)
+    p.add_argument("--window", default="390x844", help="browser size, WIDTHxHEIGHT (a phone by default)")
     a = p.parse_args()
-    main(a.bundle, a.out_dir, a.max_tokens)
+    main(a.bundle, a.out_dir, a.max_tokens, a.window)
