@@ -5,20 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from edgellm.errors import BundleError, ConfigError
+from edgellm.generation import (GenerationOptions, GenerationResult, StreamEvent, TextStream, check_text,
+                                stats_dict)
 from edgellm.lookup import SharedLookup
 from edgellm.manifest import Manifest, ModelEntry, check_bundle, read_manifest
 from edgellm.options import DEFAULT_MAX_NEW_TOKENS, GRAPH_FORMATS
 from edgellm.prompt_cache import Entry, PromptCache, common_prefix
-from edgellm.sampling import SamplingConfig
 from edgellm.speculative import DecodeConfig, DecodeStats, Round, decode
-from edgellm.tokenizer import StreamDecoder, TextTokenizer
+from edgellm.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -28,50 +28,6 @@ DEFAULT_MAX_BATCH = 4
 #: live cached tokens a new prompt may overwrite before they are stored in the prompt cache
 #: first (fewer: the same conversation going on, whose re-rendered last turn differs a little)
 KEEP_WHEN_LOSING = 32
-
-@dataclass
-class GenerationResult:
-    """What :meth:`LLM.generate` returns.
-
-    Attributes:
-        text: the generated text (prompt excluded).
-        token_ids: the generated token ids (prompt and eos excluded).
-        finish_reason: ``stop`` (eos or a stop string) or ``length``.
-        stats: timings and speculation statistics (see :func:`stats_dict`).
-        drafted: per generated token, whether it was a draft proposal the target accepted.
-    """
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    stats: dict[str, Any]
-    drafted: list[bool] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
-                "stats": self.stats}
-
-
-@dataclass
-class StreamEvent:
-    """One generated token of a streamed generation; the last event carries ``result``.
-
-    Attributes:
-        text: text decided by this token (may be empty: a multi-byte character or a possible
-            stop string is held back until it is complete).
-        token_ids: ``[token]``, or ``[]`` for the final event.
-        drafted: ``[True]`` when the token was a proposal (draft or lookup) the target accepted.
-        result: the whole :class:`GenerationResult`, on the final event only.
-        round_end: the last token of a decoding round (the next event costs a model pass);
-            the server's scheduler switches sequences here.
-    """
-
-    text: str
-    token_ids: list[int]
-    drafted: list[bool]
-    result: GenerationResult | None = None
-    round_end: bool = False
-
 
 class LLM:
     """A loaded bundle: target (and draft) sessions, tokenizer, defaults."""
@@ -142,24 +98,14 @@ class LLM:
         text = self.tokenizer.apply_chat_template(prompt)
         return self.tokenizer.encode(check_text(text, "the chat messages"), add_special_tokens=False)
 
-    def decode_config(self, *, mode: str | None = None, max_new_tokens: int | None = None, temperature: float = 0.0,
-                      top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                      num_draft_tokens: int | None = None, cache_prompt: bool = True,
-                      prefill_chunk: int | None = None) -> DecodeConfig:
-        gen = self.manifest.generation
-        mode = mode or ("speculative" if self.draft else "target")
-        return DecodeConfig(
-            mode=mode,
-            max_new_tokens=max_new_tokens if max_new_tokens is not None else int(gen.get("max_new_tokens",
+    def decode_config(self, options: GenerationOptions | None = None, /, **overrides: Any) -> DecodeConfig:
+        """The decoding loop's configuration for ``options`` (fields in ``overrides`` replaced), with
+        this bundle's defaults (mode, ``max_new_tokens``), end-of-text tokens and vocabulary size."""
+        opts = GenerationOptions.of(options, **overrides)
+        return opts.decode_config(default_mode="speculative" if self.draft else "target",
+                                  default_max_new_tokens=int(self.manifest.generation.get("max_new_tokens",
                                                                                           DEFAULT_MAX_NEW_TOKENS)),
-            sampling=SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p),
-            num_draft_tokens=num_draft_tokens,
-            eos_token_ids=self.tokenizer.eos_token_ids,
-            vocab_size=self.tokenizer.vocab_size,
-            seed=seed,
-            cache_prompt=cache_prompt,
-            prefill_chunk=prefill_chunk,
-        )
+                                  eos_token_ids=self.tokenizer.eos_token_ids, vocab_size=self.tokenizer.vocab_size)
 
     # ------------------------------------------------------------------ generation
     def generate_tokens(self, prompt_ids: Sequence[int], cfg: DecodeConfig,
@@ -225,82 +171,56 @@ class LLM:
             elif draft is not None:
                 draft.rollback(0)
 
-    def stream_events(self, prompt: str | list[dict[str, str]], *, stop: Sequence[str] | str | None = None,
-                      slot: int = 0, prompt_ids: Sequence[int] | None = None, adapter: str | None = None,
-                      **kwargs: Any) -> Iterator[StreamEvent]:
-        """Stream :class:`StreamEvent` pieces; the last one carries the :class:`GenerationResult`.
+    def stream_events(self, prompt: str | list[dict[str, str]], options: GenerationOptions | None = None, /, *,
+                      slot: int = 0, prompt_ids: Sequence[int] | None = None, **overrides: Any) -> Iterator[StreamEvent]:
+        """Stream :class:`StreamEvent` pieces, one per token; the last one carries the :class:`GenerationResult`.
 
-        Keyword arguments are those of :meth:`decode_config`; ``slot`` and ``adapter`` those of
-        :meth:`generate_tokens`; ``prompt_ids``: ``prompt`` already tokenized with :meth:`prompt_ids`
-        (the server has it).
+        Args:
+            prompt: as for :meth:`generate`.
+            options: how to generate (:class:`GenerationOptions`; default: all defaults).
+            slot: which cache slot to use (see :meth:`generate_tokens`).
+            prompt_ids: ``prompt`` already tokenized with :meth:`prompt_ids` (the server has it).
+            **overrides: :class:`GenerationOptions` fields replacing those of ``options``.
         """
-        cfg = self.decode_config(**kwargs)
-        self.check_adapter(adapter)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ConfigError(f"stop={stop!r}; allowed: a non-empty string or a list of them", param="stop")
-        for s in stops:
-            check_text(s, "a stop string", param="stop")
+        opts = GenerationOptions.of(options, **overrides)
+        cfg = self.decode_config(opts)
+        self.check_adapter(opts.adapter)
         ids = list(prompt_ids) if prompt_ids is not None else self.prompt_ids(prompt)
-        stats, dec = DecodeStats(), StreamDecoder(self.tokenizer)
-        out_ids: list[int] = []
-        drafted: list[bool] = []
-        text, sent, finish, t_first, cut = "", 0, "length", None, None
-        hold = max((len(s) for s in stops), default=1) - 1
-        t0 = time.perf_counter()
-        for rnd in self.generate_tokens(ids, cfg, stats, slot=slot, adapter=adapter):
-            if not rnd.tokens and rnd.finish_reason is None:  # a prefill piece: a turn boundary, no text
-                yield StreamEvent("", [], [], round_end=True)
-                continue
-            t_first = t_first or time.perf_counter()
-            # One event per token, so a client can tell drafted tokens from the target's own;
-            # a round that only ends the generation (eos) has no token but still finishes it.
-            steps = list(zip(rnd.tokens, rnd.drafted)) or [(None, False)]
-            for i, (tok, was_drafted) in enumerate(steps):
-                last = rnd.finish_reason is not None and i == len(steps) - 1
-                if tok is not None:
-                    out_ids.append(tok)
-                    drafted.append(was_drafted)
-                    text += dec.push([tok])
-                if last:
-                    text += dec.flush()
-                    finish = rnd.finish_reason
-                cut = _find_stop(text, stops)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                safe = len(text) if (cut is not None or last) else max(sent, len(text) - hold)
-                if safe > sent or tok is not None:
-                    yield StreamEvent(text[sent:safe], [] if tok is None else [tok],
-                                      [] if tok is None else [was_drafted], round_end=i == len(steps) - 1)
-                    sent = safe
-                if cut is not None:
-                    break
-            if cut is not None:
+        stats, text = DecodeStats(), TextStream(self.tokenizer, opts.stop)
+        t0, t_first = time.perf_counter(), None
+        for rnd in self.generate_tokens(ids, cfg, stats, slot=slot, adapter=opts.adapter):
+            if rnd.tokens or rnd.finish_reason is not None:
+                t_first = t_first or time.perf_counter()
+            yield from text.push(rnd)
+            if text.stopped:
                 break
         t_end = time.perf_counter()
-        result = GenerationResult(text, out_ids, finish, stats_dict(stats, cfg, len(ids), t0, t_first, t_end)
-                                  | {"adapter": adapter}, drafted)
+        result = GenerationResult(text.text, text.token_ids, text.finish_reason or "length",
+                                  stats_dict(stats, cfg, len(ids), t0, t_first, t_end) | {"adapter": opts.adapter},
+                                  text.drafted)
         yield StreamEvent("", [], [], result)
 
-    def generate(self, prompt: str | list[dict[str, str]], **kwargs: Any) -> GenerationResult:
+    def generate(self, prompt: str | list[dict[str, str]], options: GenerationOptions | None = None, /,
+                 **overrides: Any) -> GenerationResult:
         """Generate a completion of ``prompt`` (a string, or chat messages).
 
         Args:
             prompt: text, or ``[{"role": "user", "content": "..."}]`` (rendered with the chat template).
-            **kwargs: ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``,
-                ``mode`` (``speculative`` | ``target`` | ``lookup``), ``num_draft_tokens``,
-                ``cache_prompt`` (reuse cached prompt prefixes; default true, same output),
-                ``adapter`` (a LoRA adapter of the bundle, see :attr:`adapters`; default the base).
+            options: how to generate: mode, length, sampling, seed, stop strings, adapter, ... (see
+                :class:`GenerationOptions`; default: all defaults).
+            **overrides: :class:`GenerationOptions` fields replacing those of ``options``, e.g.
+                ``llm.generate(p, max_new_tokens=64, temperature=0.7)``; an unknown name is a ConfigError.
         """
         result = None
-        for ev in self.stream_events(prompt, **kwargs):
+        for ev in self.stream_events(prompt, options, **overrides):
             result = ev.result or result
         assert result is not None  # stream_events always ends with a result
         return result
 
-    def stream(self, prompt: str | list[dict[str, str]], **kwargs: Any) -> Iterator[str]:
+    def stream(self, prompt: str | list[dict[str, str]], options: GenerationOptions | None = None, /,
+               **overrides: Any) -> Iterator[str]:
         """Yield text pieces as they are decided (same arguments as :meth:`generate`)."""
-        for ev in self.stream_events(prompt, **kwargs):
+        for ev in self.stream_events(prompt, options, **overrides):
             if ev.text:
                 yield ev.text
 
@@ -432,56 +352,6 @@ def _layout(entry: ModelEntry):
     from edgellm.runtimes.session import KVLayout
 
     return KVLayout.from_entry(entry.to_dict())
-
-
-def check_text(text: str, what: str, *, param: str = "prompt") -> str:
-    """``text`` itself, or a ConfigError when it is not valid Unicode.
-
-    A lone surrogate (``"\\ud800"`` in JSON, or undecodable bytes in a command line, which
-    Python keeps as surrogates) cannot be encoded to UTF-8, so the tokenizer could not read it.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        bad = text[e.start:e.end]
-        raise ConfigError(f"{what} is not valid Unicode text: {bad!r} at character {e.start} (a lone surrogate, "
-                          "or bytes that are not UTF-8); allowed: UTF-8 text", param=param) from None
-    return text
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def stats_dict(stats: DecodeStats, cfg: DecodeConfig, prompt_tokens: int, t0: float, t_first: float | None,
-               t_end: float) -> dict[str, Any]:
-    """Flatten :class:`DecodeStats` into the documented ``stats`` fields."""
-    n = stats.emitted_tokens
-    t_first = t_first or t_end
-    decode_s = t_end - t_first
-    rounds = max(stats.rounds, 1)
-    return {
-        "mode": cfg.mode,
-        "prompt_tokens": prompt_tokens,
-        "generated_tokens": n,
-        "time_to_first_token_s": t_first - t0,
-        "total_s": t_end - t0,
-        # decode speed: tokens after the first one over the time after the first one
-        "tokens_per_second": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
-        "acceptance_rate": stats.acceptance_rate,
-        "mean_tokens_per_round": (n - 1) / stats.rounds if stats.rounds else None,
-        "rounds": stats.rounds,
-        "drafted_tokens": stats.drafted_tokens,
-        "accepted_tokens": stats.accepted_tokens,
-        "draft_ms_per_round": 1e3 * stats.draft_seconds / rounds if stats.rounds else None,
-        "verify_ms_per_round": 1e3 * stats.verify_seconds / rounds if stats.rounds else None,
-        "target_ms_per_step": 1e3 * stats.verify_seconds / stats.verify_calls if cfg.mode == "target" and stats.verify_calls else None,
-        "mean_gamma": sum(stats.gammas) / len(stats.gammas) if stats.gammas else None,
-        "context_full": stats.context_full,
-        "cached_tokens": stats.cached_tokens,
-        "proposals_by_source": {k: {"proposed": v[0], "accepted": v[1]} for k, v in stats.by_source.items()},
-    }
 
 
 def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: str | None = None,

@@ -181,6 +181,17 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------- generate
+#: the flags of _gen_options, each a field of edgellm.GenerationOptions
+GENERATION_FLAGS = ("mode", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "num_draft_tokens", "adapter")
+
+
+def _generation(o: dict[str, Any], **more: Any):
+    """The GenerationOptions of a command's flags (taken out of ``o``) and ``more`` fields."""
+    from edgellm.generation import GenerationOptions
+
+    return GenerationOptions(**{k: o.pop(k) for k in GENERATION_FLAGS}, **more)
+
+
 def _gen_options(f):
     opts = [
         click.option("--mode", default=None, type=click.Choice(MODES),
@@ -230,10 +241,11 @@ def _load(bundle: Path, o: dict[str, Any]):
 @_gen_options
 def generate(bundle: Path, prompt: str, chat: bool, stop: tuple[str, ...], as_json: bool, **o: Any) -> None:
     """Generate a completion of PROMPT with BUNDLE (streams to the terminal)."""
+    options = _generation(o, stop=stop)
     llm = _load(bundle, o)
     p = [{"role": "user", "content": prompt}] if chat else prompt
     result = None
-    for ev in llm.stream_events(p, stop=list(stop), **o):
+    for ev in llm.stream_events(p, options):
         if not as_json and ev.text:
             click.echo(ev.text, nl=False)
         result = ev.result or result
@@ -262,6 +274,7 @@ def _stats_line(s: dict[str, Any]) -> str:
 @_gen_options
 def chat(bundle: Path, system: str | None, **o: Any) -> None:
     """Interactive chat with BUNDLE (empty line or Ctrl-D to quit)."""
+    options = _generation(o)
     llm = _load(bundle, o)
     messages = [{"role": "system", "content": system}] if system else []
     while True:
@@ -278,7 +291,7 @@ def chat(bundle: Path, system: str | None, **o: Any) -> None:
                  f"dropped its {dropped} oldest message(s)]")
         click.echo("assistant> ", nl=False)
         result = None
-        for ev in llm.stream_events(messages, **o):
+        for ev in llm.stream_events(messages, options):
             click.echo(ev.text, nl=False)
             result = ev.result or result
         click.echo()

@@ -127,6 +127,20 @@ def test_bad_generation_values(llm):
         llm.generate("hello " * 400)
 
 
+def test_options_object_and_keyword_overrides_are_one_thing(llm):
+    opts = edgellm.GenerationOptions(mode="speculative", max_new_tokens=12, temperature=0.8, seed=3, stop=("zz",))
+    a = llm.generate(PROMPT, opts)
+    b = llm.generate(PROMPT, mode="speculative", max_new_tokens=12, temperature=0.8, seed=3, stop="zz")
+    c = llm.generate(PROMPT, edgellm.GenerationOptions(max_new_tokens=12), mode="speculative", temperature=0.8,
+                     seed=3, stop=["zz"])
+    assert a.token_ids == b.token_ids == c.token_ids and len(a.token_ids) >= 1
+    assert "".join(llm.stream(PROMPT, opts)) == a.text
+    with pytest.raises(ConfigError, match="unknown generation option 'max_tokens'; allowed: mode, max_new_tokens"):
+        llm.generate(PROMPT, max_tokens=5)
+    with pytest.raises(ConfigError, match="adapter='x' is not in this bundle"):
+        llm.generate(PROMPT, opts, adapter="x")
+
+
 def test_bundle_errors(tiny_bundle, tmp_path):
     with pytest.raises(BundleError, match="does not exist"):
         edgellm.load(tmp_path / "nope")

@@ -203,8 +203,8 @@ class SlowLLM:
     def __getattr__(self, name):
         return getattr(self._llm, name)
 
-    def stream_events(self, prompt, **kw):
-        for ev in self._llm.stream_events(prompt, **kw):
+    def stream_events(self, prompt, *args, **kw):
+        for ev in self._llm.stream_events(prompt, *args, **kw):
             time.sleep(0.02)
             if ev.result is not None:
                 self.finished += 1

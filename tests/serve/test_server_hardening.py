@@ -147,7 +147,7 @@ def test_huge_chunked_body_is_refused_while_reading(server):
 
 
 def test_half_open_connection_is_closed(server, monkeypatch):
-    import edgellm.server as srv
+    import edgellm.server.guard as srv
 
     monkeypatch.setattr(srv, "HEADER_TIMEOUT_S", 0.5)
     host, port = server.url.removeprefix("http://").split(":")
@@ -161,7 +161,7 @@ def test_half_open_connection_is_closed(server, monkeypatch):
 
 
 def test_slow_body_times_out(server, monkeypatch):
-    import edgellm.server as srv
+    import edgellm.server.guard as srv
 
     monkeypatch.setattr(srv, "BODY_TIMEOUT_S", 0.5)
     host, port = server.url.removeprefix("http://").split(":")
