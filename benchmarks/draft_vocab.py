@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 def build_draft(llm, model: str, size: int, head: str, out: Path):
     """A draft session for ``size`` kept tokens (0: all) with its head stored as ``head``; (session, seconds)."""
     from edgellm.api import _Bound
-    from edgellm.export import _quant_config
+    from edgellm.export.pipeline import _quant_config
     from edgellm.export.builder import DecoderBuilder
     from edgellm.export.draft_vocab import DraftVocabConfig
     from edgellm.export.source import open_source
