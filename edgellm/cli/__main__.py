@@ -1,0 +1,7 @@
+"""``python -m edgellm.cli``: the ``edgellm`` command."""
+
+import sys
+
+from edgellm.cli import main
+
+sys.exit(main())
