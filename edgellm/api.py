@@ -17,7 +17,8 @@ from edgellm.lookup import SharedLookup
 from edgellm.manifest import Manifest, ModelEntry, check_bundle, read_manifest
 from edgellm.options import DEFAULT_MAX_NEW_TOKENS, GRAPH_FORMATS
 from edgellm.prompt_cache import Entry, PromptCache, common_prefix
-from edgellm.speculative import DecodeConfig, DecodeStats, Round, decode
+from edgellm.decode_types import DecodeConfig, DecodeStats, Round
+from edgellm.speculative import decode
 from edgellm.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 from edgellm.errors import ConfigError
 from edgellm.sampling import SamplingConfig
-from edgellm.speculative import DecodeConfig, DecodeStats, Round
+from edgellm.decode_types import DecodeConfig, DecodeStats, Round
 from edgellm.tokenizer import StreamDecoder, TextTokenizer
 
 
