@@ -312,7 +312,7 @@ def main() -> None:
         print(json.dumps(plot(doc, a.out_dir, doc["date"])))
         return
 
-    from edgellm.manifest import read_manifest
+    from edgellm.bundle import read_manifest
     from edgellm.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer(a.bundle, read_manifest(a.bundle))

@@ -143,7 +143,7 @@ def llamacpp_bin_engine(a: argparse.Namespace) -> tuple[dict[str, Any], Callable
     import subprocess
     from pathlib import Path
 
-    from edgellm.manifest import read_manifest
+    from edgellm.bundle import read_manifest
     from edgellm.tokenizer import TextTokenizer
 
     bins = Path(a.llama_bin)

@@ -59,7 +59,7 @@ def op_times(profile: Path) -> tuple[dict[str, list[float]], list[float]]:
 def bundle_runner(bundle: Path, role: str, threads: int, prefix: str) -> tuple[Any, Callable[[int, int], None]]:
     """A profiled session of a bundle's ``role`` graph and a function running one k-row pass at ``past``."""
     from edgellm.api import _logits_tokens
-    from edgellm.manifest import read_manifest
+    from edgellm.bundle import read_manifest
     from edgellm.runtimes.providers import resolve_provider
     from edgellm.runtimes.session import DecoderSession, KVLayout
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def main() -> None:
     from edgellm.api import _layout
-    from edgellm.manifest import read_manifest
+    from edgellm.bundle import read_manifest
     from edgellm.runtimes.providers import resolve_provider
     from edgellm.runtimes.session import DecoderSession
 

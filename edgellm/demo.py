@@ -86,7 +86,7 @@ def run_demo(*, cache_dir: Path | None = None, prompt: str | None = None, max_ne
 
 def _bundle_ok(bundle: Path) -> bool:
     from edgellm.errors import BundleError
-    from edgellm.manifest import read_manifest, verify_files
+    from edgellm.bundle import read_manifest, verify_files
 
     try:
         return not verify_files(bundle, read_manifest(bundle), verify=False)

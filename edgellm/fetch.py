@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgellm.errors import FetchError
-from edgellm.manifest import sha256_file
+from edgellm.bundle import sha256_file
 
 Downloader = Callable[[str, str, Path], Path]
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgellm.manifest import read_manifest, verify_files
+from edgellm.bundle import read_manifest, verify_files
 
 
 def _device(e) -> str:

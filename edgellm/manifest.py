@@ -32,8 +32,9 @@
 A target with LoRA branches also has ``"lora": {"sites": {"l0.qkv": [in, out], ...}, "dtype": ...}``
 (see ``edgellm/lora.py``).
 
-:func:`read_manifest` validates the document before any session is created; :func:`verify_files`
-checks sizes and hashes. Paths must stay inside the bundle.
+:func:`parse_manifest` validates the document (:func:`edgellm.bundle.read_manifest` reads it from a
+bundle before any session is created; :func:`edgellm.bundle.verify_files` checks sizes and
+hashes). Paths must stay inside the bundle.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
-from edgellm.errors import BundleError, ManifestError
+from edgellm.errors import ManifestError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -320,16 +321,7 @@ def parse_manifest(doc: Any) -> Manifest:
         ManifestError: a field is missing, has the wrong type, names a path outside the
             bundle, or ``format_version`` is not one this runtime reads.
     """
-    if not isinstance(doc, dict):
-        raise ManifestError(f"manifest: expected a JSON object, got {type(doc).__name__}")
-    version = doc.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ManifestError(f"format_version must be an integer, got {version!r}")
-    if version != FORMAT_VERSION:
-        raise ManifestError(
-            f"format_version {version} is not supported by this edgellm (reads {FORMAT_VERSION}); "
-            "re-export the bundle with this version or upgrade edgellm"
-        )
+    version = _check_version(doc)
     models = doc.get("models")
     if not isinstance(models, dict) or "target" not in models:
         raise ManifestError("manifest: 'models' must be an object with at least a 'target'")
@@ -341,37 +333,15 @@ def parse_manifest(doc: Any) -> Manifest:
     if not isinstance(tok, dict) or "file" not in tok:
         raise ManifestError("manifest: 'tokenizer' must name its 'file'")
     _check_tokenizer(tok)
-    files = doc.get("files")
-    if not isinstance(files, dict) or not files:
-        raise ManifestError("manifest: 'files' must list every file with its sha256 and size")
+    files = _check_files(doc.get("files"))
     digest = doc.get("manifest_sha256")
     if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
         raise ManifestError(f"manifest_sha256={digest!r}; expected 64 hex digits")
-    for rel, meta in files.items():
-        safe_relpath(rel, "files")
-        if (not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not _is_int(meta.get("size"))
-                or meta["size"] < 0 or not _SHA256.fullmatch(meta["sha256"])):
-            raise ManifestError(f"files[{rel!r}]: expected {{'sha256': 64 hex digits, 'size': an integer >= 0}}, "
-                                f"got {meta!r}")
-        if rel == MANIFEST_NAME:
-            raise ManifestError(f"files: {MANIFEST_NAME} cannot list itself; its hash is manifest_sha256")
     report = doc.get("quality_report")
     if report is not None:
         safe_relpath(report, "quality_report")
-    # every file the runtime or inspect opens is listed, so its size and hash are checked and a
-    # symlink pointing out of the bundle is caught (verify_files resolves each listed path)
-    named = [(f"models.{r}.graph", m.graph) for r, m in entries.items()]
-    named += [(f"models.{r}.{k}", getattr(m, k)) for r, m in entries.items() for k in ModelEntry.OPTIONAL_GRAPHS
-              if getattr(m, k)]
-    named += [("tokenizer.file", tok["file"])] + ([("tokenizer.chat_template", tok["chat_template"])]
-                                                  if tok.get("chat_template") else [])
-    named += [("quality_report", report)] if report is not None else []
-    named += [(f"models.{r}.draft_vocab.file", m.draft_vocab["file"]) for r, m in entries.items() if m.draft_vocab]
     adapters = doc.get("adapters") or {}
-    named += _check_adapters(adapters, entries)
-    for what, rel in named:
-        if rel not in files:
-            raise ManifestError(f"{what} {rel!r} is not listed in 'files' (so its hash cannot be checked)")
+    _check_listed(entries, tok, report, adapters, files)
     for r, m in entries.items():
         if m.vocab_size < tok.get("vocab_size", 0):
             raise ManifestError(f"models.{r}.vocab_size={m.vocab_size} is smaller than the tokenizer's "
@@ -394,73 +364,47 @@ def parse_manifest(doc: Any) -> Manifest:
     )
 
 
-def read_manifest(bundle: Path) -> Manifest:
-    """Read and validate ``bundle/manifest.json``.
-
-    Raises:
-        BundleError: the folder or the manifest does not exist.
-        ManifestError: the manifest is not valid JSON or not a valid manifest.
-    """
-    if not bundle.exists():
-        raise BundleError(f"bundle {str(bundle)!r} does not exist")
-    if not bundle.is_dir():
-        raise BundleError(f"bundle {str(bundle)!r} is not a folder (expected the folder `edgellm export` wrote)")
-    path = bundle / MANIFEST_NAME
-    if not path.is_file():
-        raise BundleError(f"{str(bundle)!r} is not an edgellm bundle: no {MANIFEST_NAME}")
-    if path.resolve().parent != bundle.resolve():
-        raise BundleError(f"{path}: a link to a file outside the bundle; the manifest must be inside it")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except OSError as e:
-        raise BundleError(f"{path}: cannot read it ({e.strerror or e})") from e
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})") from None
-    return parse_manifest(doc)
+def _check_version(doc: Any) -> int:
+    if not isinstance(doc, dict):
+        raise ManifestError(f"manifest: expected a JSON object, got {type(doc).__name__}")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ManifestError(f"format_version must be an integer, got {version!r}")
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"format_version {version} is not supported by this edgellm (reads {FORMAT_VERSION}); "
+            "re-export the bundle with this version or upgrade edgellm"
+        )
+    return version
 
 
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON value")
+def _check_files(files: Any) -> dict[str, dict[str, Any]]:
+    """The ``files`` table: a safe relative path -> ``{"sha256", "size"}`` for every file but the manifest."""
+    if not isinstance(files, dict) or not files:
+        raise ManifestError("manifest: 'files' must list every file with its sha256 and size")
+    for rel, meta in files.items():
+        safe_relpath(rel, "files")
+        if (not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not _is_int(meta.get("size"))
+                or meta["size"] < 0 or not _SHA256.fullmatch(meta["sha256"])):
+            raise ManifestError(f"files[{rel!r}]: expected {{'sha256': 64 hex digits, 'size': an integer >= 0}}, "
+                                f"got {meta!r}")
+        if rel == MANIFEST_NAME:
+            raise ManifestError(f"files: {MANIFEST_NAME} cannot list itself; its hash is manifest_sha256")
+    return files
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_files(bundle: Path, manifest: Manifest, *, verify: bool = True) -> list[str]:
-    """Check every file the manifest lists. Returns the problems found (empty when intact).
-
-    Args:
-        bundle: the bundle folder.
-        manifest: its parsed manifest.
-        verify: compare sha256 too (sizes are always compared); the same name as ``edgellm.load``'s.
-    """
-    problems = []
-    if manifest.integrity == "edited":
-        problems.append(f"{MANIFEST_NAME}: edited after export (its contents do not match its manifest_sha256)")
-    root = bundle.resolve()
-    for rel, meta in manifest.files.items():
-        p = (bundle / rel).resolve()
-        if root not in p.parents:
-            problems.append(f"{rel}: resolves outside the bundle")
-            continue
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-            continue
-        size = p.stat().st_size
-        if size != meta["size"]:
-            problems.append(f"{rel}: size {size} bytes, manifest says {meta['size']} (truncated or replaced)")
-        elif verify and sha256_file(p) != meta["sha256"]:
-            problems.append(f"{rel}: sha256 does not match the manifest (modified after export)")
-    return problems
-
-
-def check_bundle(bundle: Path, manifest: Manifest, *, verify: bool = True) -> None:
-    """Raise :class:`BundleError` naming every damaged file, if any."""
-    problems = verify_files(bundle, manifest, verify=verify)
-    if problems:
-        raise BundleError(f"bundle {str(bundle)!r} is damaged: " + "; ".join(problems))
+def _check_listed(entries: dict[str, ModelEntry], tok: dict[str, Any], report: str | None, adapters: Any,
+                  files: dict[str, Any]) -> None:
+    """Every file the runtime or inspect opens is listed, so its size and hash are checked and a
+    symlink pointing out of the bundle is caught (``verify_files`` resolves each listed path)."""
+    named = [(f"models.{r}.graph", m.graph) for r, m in entries.items()]
+    named += [(f"models.{r}.{k}", getattr(m, k)) for r, m in entries.items() for k in ModelEntry.OPTIONAL_GRAPHS
+              if getattr(m, k)]
+    named += [("tokenizer.file", tok["file"])] + ([("tokenizer.chat_template", tok["chat_template"])]
+                                                  if tok.get("chat_template") else [])
+    named += [("quality_report", report)] if report is not None else []
+    named += [(f"models.{r}.draft_vocab.file", m.draft_vocab["file"]) for r, m in entries.items() if m.draft_vocab]
+    named += _check_adapters(adapters, entries)
+    for what, rel in named:
+        if rel not in files:
+            raise ManifestError(f"{what} {rel!r} is not listed in 'files' (so its hash cannot be checked)")

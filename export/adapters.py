@@ -40,7 +40,7 @@ def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str],
     """
     from edgellm.export.lora import entry_sites, parse_lora_args, read_adapter
     from edgellm.export.options import check_draft_lora
-    from edgellm.manifest import check_bundle, read_manifest
+    from edgellm.bundle import check_bundle, read_manifest
 
     out = Path(bundle).expanduser()
     adapters_given = parse_lora_args(lora)
@@ -85,7 +85,8 @@ def _write_with_adapters(tmp: Path, manifest, adapters: list, table: dict, draft
     """In the copy ``tmp``: the adapters' files and branches, the files a replaced adapter leaves
     unused removed, and a new manifest hashing what changed."""
     from edgellm.export.lora import attach
-    from edgellm.manifest import MANIFEST_NAME, manifest_digest, parse_manifest, sha256_file
+    from edgellm.bundle import sha256_file
+    from edgellm.manifest import MANIFEST_NAME, manifest_digest, parse_manifest
 
     doc = manifest.to_dict()
     adapters_doc = dict(manifest.adapters)

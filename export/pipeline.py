@@ -236,7 +236,8 @@ def _ort_mobile(tmp: Path, models: dict, say) -> dict:
 def _write_manifest(tmp: Path, models: dict, tok_entry: dict, ort_entry: dict | None, adapters: dict, say) -> None:
     """Hash every file written and write the manifest (checked as the runtime will read it)."""
     from edgellm import __version__
-    from edgellm.manifest import FORMAT_VERSION, MANIFEST_NAME, manifest_digest, parse_manifest, sha256_file
+    from edgellm.bundle import sha256_file
+    from edgellm.manifest import FORMAT_VERSION, MANIFEST_NAME, manifest_digest, parse_manifest
 
     files = {}
     for p in sorted(tmp.rglob("*")):

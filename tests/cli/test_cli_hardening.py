@@ -19,7 +19,8 @@ import pytest
 import edgellm
 from edgellm.cli import main
 from edgellm.errors import BundleError, ConfigError, ContextLengthError, ManifestError
-from edgellm.manifest import manifest_digest, sha256_file
+from edgellm.bundle import sha256_file
+from edgellm.manifest import manifest_digest
 
 
 PROMPT = "def foo(x): return"

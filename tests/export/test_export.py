@@ -9,7 +9,7 @@ import pytest
 
 from helpers import make_tiny_hf_model
 from edgellm.errors import ConfigError, ExportError, IncompatibleModelsError
-from edgellm.manifest import read_manifest
+from edgellm.bundle import read_manifest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -21,7 +21,7 @@ import edgellm  # noqa: E402
 from edgellm.export import export  # noqa: E402
 from edgellm.runtimes.providers import resolve_provider  # noqa: E402
 from edgellm.runtimes.session import DecoderSession, KVLayout  # noqa: E402
-from edgellm.manifest import read_manifest  # noqa: E402
+from edgellm.bundle import read_manifest  # noqa: E402
 
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2)

@@ -17,7 +17,7 @@ pytest.importorskip("optimum.exporters.onnx")
 
 import edgellm  # noqa: E402
 from edgellm.export import export  # noqa: E402
-from edgellm.manifest import read_manifest  # noqa: E402
+from edgellm.bundle import read_manifest  # noqa: E402
 
 MODELS = {
     "gpt2": lambda: transformers.GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=256,

@@ -86,7 +86,7 @@ def test_lossless_graph_matches_the_dequantized_fp32_graph(tiny_gguf, tmp_path):
 def test_export_gguf_defaults_to_lossless_and_reports_it(tiny_gguf, tmp_path):
     import edgellm
     from edgellm.export import export
-    from edgellm.manifest import read_manifest
+    from edgellm.bundle import read_manifest
 
     out = export(tiny_gguf, draft=tiny_gguf, output=tmp_path / "b", max_context=128)
     m = read_manifest(out)

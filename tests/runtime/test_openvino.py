@@ -40,7 +40,7 @@ def _loads_without_cpu_fallback(graph) -> bool:
 
 def test_bundle_runs_on_openvino_like_on_cpu(bundle):
     import edgellm
-    from edgellm.manifest import read_manifest
+    from edgellm.bundle import read_manifest
 
     kind, path = bundle
     ref = edgellm.load(path, threads=1).generate(PROMPT, mode="target", max_new_tokens=12).token_ids

@@ -67,7 +67,7 @@ def test_target_rows_do_not_depend_on_batching(tiny_bundle, min_rows, exact):
     """With min_rows=2 (the target's setting) a position's logits are bit-identical whether it
     is decoded alone or verified with others; min_rows=1 may differ in the last bits."""
     from edgellm.api import _layout
-    from edgellm.manifest import read_manifest
+    from edgellm.bundle import read_manifest
     from edgellm.runtimes.providers import resolve_provider
     from edgellm.runtimes.session import DecoderSession
 

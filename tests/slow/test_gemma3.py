@@ -68,7 +68,7 @@ def test_sliding_layers_past_the_window(gguf, reference):
     import torch
 
     from edgellm.api import _layout
-    from edgellm.manifest import read_manifest
+    from edgellm.bundle import read_manifest
     from edgellm.runtimes.providers import resolve_provider
     from edgellm.runtimes.session import DecoderSession
 

@@ -7,7 +7,8 @@ import copy
 import pytest
 
 from edgellm.errors import BundleError, ManifestError
-from edgellm.manifest import parse_manifest, read_manifest, safe_relpath
+from edgellm.bundle import read_manifest
+from edgellm.manifest import parse_manifest, safe_relpath
 
 IO = {"input_ids": "input_ids", "num_logits": "num_logits", "seqlens_k": "seqlens_k",
       "total_sequence_length": "total_sequence_length", "past_key": "past_key_values.%d.key",
