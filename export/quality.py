@@ -52,7 +52,7 @@ def source_logits(src, ids: np.ndarray, adapter: Path | None = None) -> np.ndarr
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgellm.export.source import GGUFSource
+    from edgellm.export.gguf_source import GGUFSource
 
     if isinstance(src, GGUFSource):
         model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name,

@@ -4,8 +4,8 @@ Two readers, both without torch and without holding the whole model in memory:
 
 * :class:`HFSource` reads a Hugging Face folder (``config.json`` + ``*.safetensors``),
   memory-mapping the safetensors files (F32, F16 and BF16 are decoded here).
-* :class:`GGUFSource` reads a ``.gguf`` file with the ``gguf`` package and dequantizes one
-  tensor at a time to float32.
+* :class:`~edgellm.export.gguf_source.GGUFSource` reads a ``.gguf`` file with the ``gguf``
+  package and dequantizes one tensor at a time to float32.
 
 Both expose weights under Hugging Face names (``model.layers.0.self_attn.q_proj.weight``) with
 Hugging Face shapes (``(out_features, in_features)``), so the graph builder has one vocabulary.
@@ -14,7 +14,6 @@ Hugging Face shapes (``(out_features, in_features)``), so the graph builder has 
 from __future__ import annotations
 
 import json
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,8 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import ConfigError, ExportError
-from edgellm.export.families import FAMILIES, GGUF_FAMILIES, Family, Features, read_features
+from edgellm.export.families import FAMILIES, Family, Features, read_features
 
-logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
@@ -247,167 +245,14 @@ def safetensors_tensor(entry: tuple[Path, dict[str, Any], int], name: str) -> np
     return np.asarray(arr, dtype=np.float32)
 
 
-# --------------------------------------------------------------------------- GGUF
-
-_GGUF_LAYER = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "post_attention_norm.weight": "post_attention_layernorm.weight",
-    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
-}
-# families whose attention output has its own norm call the MLP's input norm pre_feedforward_layernorm
-_GGUF_SANDWICH = {"ffn_norm.weight": "pre_feedforward_layernorm.weight"}
-_GGUF_GLOBAL = {"token_embd.weight": EMBED, "output_norm.weight": FINAL_NORM, "output.weight": LM_HEAD}
-
-
-def _hf_name(gguf_name: str, family: Family) -> str | None:
-    if gguf_name in _GGUF_GLOBAL:
-        return _GGUF_GLOBAL[gguf_name]
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    names = _GGUF_LAYER | (_GGUF_SANDWICH if family.norms == "sandwich" else {})
-    if m and m.group(2) in names:
-        return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
-    return None
-
-
-def _unpermute_llama(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (interleaved rope -> Hugging Face rotate_half)."""
-    out, dim = w.shape[0], w.shape[1:]
-    return w.reshape(heads, 2, out // heads // 2, *dim).swapaxes(1, 2).reshape(out, *dim)
-
-
-class GGUFSource(Source):
-    """A GGUF file; quantized tensors are dequantized to float32 one at a time."""
-
-    kind = "gguf"
-
-    def __init__(self, path: Path) -> None:
-        import gguf  # export extra
-
-        self.path = path
-        try:
-            self.reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # the gguf package raises bare ValueErrors and struct errors
-            raise ExportError(f"{path} is not a readable GGUF file: {e}") from e
-        self._gguf = gguf
-        self.fields = {k: self._field(k) for k in self.reader.fields}
-        arch = self.fields.get("general.architecture")
-        if arch not in GGUF_FAMILIES:
-            raise ExportError(
-                f"{path}: GGUF architecture {arch!r} is not supported; allowed: {', '.join(GGUF_FAMILIES)}"
-            )
-        self.family = FAMILIES[GGUF_FAMILIES[arch]]
-        if any(t.name == "rope_freqs.weight" for t in self.reader.tensors):
-            raise ExportError(f"{path}: per-frequency rope factors (rope_freqs, llama.cpp's form of Llama 3.1+ "
-                              "rope scaling) are not read from GGUF; export the model's Hugging Face folder instead")
-        self._tensors = {}
-        for t in self.reader.tensors:
-            hf = _hf_name(t.name, self.family)
-            if hf:
-                self._tensors[hf] = t
-        self.spec = spec_from_hf_config(self._config(arch), str(path))
-
-    def _field(self, key: str) -> Any:
-        f = self.reader.fields[key]
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                   "tokenizer.ggml.scores"):
-            return None  # large; read on demand by the tokenizer converter
-        try:
-            return f.contents()
-        except Exception:  # noqa: BLE001 - exotic field types are not needed
-            return None
-
-    def _config(self, arch: str) -> dict[str, Any]:
-        """The GGUF metadata as a Hugging Face ``config.json`` (what transformers' GGUF loader reads)."""
-        f = lambda key, default=None: self.fields.get(f"{arch}.{key}", default)  # noqa: E731
-        heads = int(f("attention.head_count"))
-        hidden = int(f("embedding_length"))
-        head_dim = int(f("attention.key_length") or hidden // heads)
-        cfg = {
-            "model_type": GGUF_FAMILIES[arch], "hidden_size": hidden, "intermediate_size": int(f("feed_forward_length")),
-            "num_hidden_layers": int(f("block_count")), "num_attention_heads": heads,
-            "num_key_value_heads": int(f("attention.head_count_kv") or heads), "head_dim": head_dim,
-            "vocab_size": int(self._tensors[EMBED].shape[1]),
-            "rms_norm_eps": float(f("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": float(f("rope.freq_base", 10000.0)),
-            "max_position_embeddings": int(f("context_length", 4096)),
-            "tie_word_embeddings": LM_HEAD not in self._tensors,
-            "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._tensors,
-            # GGUF files are made for llama.cpp, which scales attention by head_dim ** -0.5 here
-            "query_pre_attn_scalar": head_dim,
-            "attn_logit_softcapping": f("attn_logit_softcapping"),
-            "final_logit_softcapping": f("final_logit_softcapping"),
-        }
-        if f("attention.sliding_window"):
-            cfg["sliding_window"] = int(f("attention.sliding_window"))
-        kind = f("rope.scaling.type")
-        if kind and kind != "none":
-            cfg["rope_scaling"] = {"rope_type": kind, "factor": float(f("rope.scaling.factor", 1.0))}
-            if f("rope.scaling.original_context_length"):
-                cfg["rope_scaling"]["original_max_position_embeddings"] = int(f("rope.scaling.original_context_length"))
-        return cfg
-
-    def has(self, name: str) -> bool:
-        return name in self._tensors
-
-    def tensor(self, name: str) -> np.ndarray:
-        if name not in self._tensors:
-            raise ExportError(f"{self.path}: weight {name!r} not found in the GGUF file")
-        t = self._tensors[name]
-        arr = self._gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        shape = tuple(int(x) for x in reversed(t.shape))
-        arr = arr.reshape(shape)
-        if self.family.norm_offset and name.endswith("norm.weight"):
-            arr = arr - np.float32(self.family.norm_offset)  # llama.cpp stores Gemma's norms as (1 + w)
-        if self.spec.architecture == "llama":
-            if name.endswith("q_proj.weight"):
-                arr = _unpermute_llama(arr, self.spec.num_heads)
-            elif name.endswith("k_proj.weight"):
-                arr = _unpermute_llama(arr, self.spec.num_kv_heads)
-        return arr
-
-    def native(self, name: str):
-        """Weight ``name`` as its GGUF blocks, when MatMulNBits can hold them exactly (else ``None``)."""
-        from edgellm.export.gguf_blocks import native_weight
-
-        t = self._tensors.get(name)
-        if t is None or len(t.shape) != 2:
-            return None
-        n, k = (int(x) for x in reversed(t.shape))
-        w = native_weight(t.data, t.tensor_type.name, (n, k))
-        if w is not None and self.spec.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = self.spec.num_heads if name.endswith("q_proj.weight") else self.spec.num_kv_heads
-            w = w.permute_rows(_unpermute_llama(np.arange(n)[:, None], heads)[:, 0])
-        return w
-
-    def quant_types(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for t in self._tensors.values():
-            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-        return counts
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": str(self.path), "gguf_tensor_types": self.quant_types()}
-
-
 def open_source(model: str | Path) -> Source:
     """Open ``model``: a local HF folder, a ``.gguf`` file, or a hub id (downloaded when online).
 
     Raises:
         ExportError: the path does not exist or is not a model, or a hub id cannot be fetched.
     """
+    from edgellm.export.gguf_source import GGUFSource
+
     p = Path(model).expanduser()
     if p.is_file() and p.suffix.lower() == ".gguf":
         return GGUFSource(p)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.errors import ExportError, IncompatibleModelsError
-from edgellm.export.source import GGUFSource, Source
+from edgellm.export.gguf_source import GGUFSource
+from edgellm.export.source import Source
 
 logger = logging.getLogger(__name__)
 
