@@ -77,7 +77,7 @@ def bundle_runner(bundle: Path, role: str, threads: int, prefix: str) -> tuple[A
 def genai_runner(folder: Path, threads: int, prefix: str) -> tuple[Any, Callable[[int, int], None]]:
     """The same for an onnxruntime-genai model folder, fed as its runtime feeds it (past in, present out)."""
     from edgellm.runtimes.providers import resolve_provider
-    from edgellm.runtimes.session import open_session
+    from edgellm.runtimes.graphs import open_session
 
     cfg = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
     session, _ = open_session(folder / cfg["filename"], resolve_provider("cpu"), threads, profile_prefix=prefix)

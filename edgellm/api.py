@@ -310,7 +310,8 @@ def _bind_adapter(target: _Bound, draft: _Bound | None, name: str | None, adapte
 def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threads: int | None, min_rows: int = 1):
     """The session for one model: dynamic graphs (cpu export), static window graphs (npu export) or
     generic graphs (optimum export, separate past and present)."""
-    from edgellm.runtimes.session import ConcatCacheSession, DecoderSession, matmul_row_multiple
+    from edgellm.runtimes.graphs import matmul_row_multiple
+    from edgellm.runtimes.session import ConcatCacheSession, DecoderSession
     from edgellm.runtimes.static_session import StaticDecoderSession
 
     path = bundle / _graph(entry, graph_format)
@@ -327,7 +328,7 @@ def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threa
 
 def _logits_tokens(bundle: Path, entry: ModelEntry):
     """The token ids of a reduced draft LM head's columns (``draft_vocab``), or ``None``."""
-    from edgellm.runtimes.session import read_token_ids
+    from edgellm.runtimes.graphs import read_token_ids
 
     if entry.draft_vocab is None:
         return None

@@ -170,7 +170,7 @@ def probe_provider(name: str) -> dict[str, str]:
 
     import numpy as np
 
-    from edgellm.runtimes.session import open_session
+    from edgellm.runtimes.graphs import open_session
 
     choice = resolve_provider(name)
     ort_name = PROVIDERS[choice.name].ort_name

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from edgellm.errors import ContextLengthError
+from edgellm.runtimes.graphs import check_graph, open_session
 from edgellm.runtimes.providers import ProviderChoice
 from edgellm.runtimes.rotary import cos_sin, inv_freq
-from edgellm.runtimes.session import CachedSession, KVLayout, check_graph, open_session
+from edgellm.runtimes.session import CachedSession, KVLayout
 
 
 

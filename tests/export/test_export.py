@@ -372,7 +372,7 @@ def test_draft_vocab_keeps_frequent_tokens_and_the_output_exact(model_dir, tmp_p
     import onnx
 
     import edgellm
-    from edgellm.runtimes.session import read_token_ids
+    from edgellm.runtimes.graphs import read_token_ids
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("def foo(x): return x + 1\n" * 20)  # few distinct tokens: low coverage, a warning

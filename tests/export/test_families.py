@@ -180,7 +180,7 @@ def test_wide_heads_give_every_row_the_same_bits_in_any_pass(tmp_path):
     """head_dim 256 (Gemma): onnxruntime's CPU attention sums q . k in one slice up to 64 keys and
     in two beyond, so the session never lets a pass hold rows on both sides of 64 keys; then a row
     decoded alone and the same row verified among others agree bit for bit."""
-    from edgellm.runtimes.session import attention_boundaries
+    from edgellm.runtimes.graphs import attention_boundaries
 
     assert attention_boundaries(128) == () and attention_boundaries(256) == (64,)
     assert attention_boundaries(512) == (32, 64)
@@ -232,7 +232,7 @@ def test_blocks_of_64_keep_rows_in_pairs(tmp_path):
     sess = _session(bundle, m.target, "onnx", resolve_provider("cpu"), 1, min_rows=2)
     assert sess.row_multiple == 2
     from edgellm.export.builder import QuantConfig
-    from edgellm.runtimes.session import matmul_row_multiple
+    from edgellm.runtimes.graphs import matmul_row_multiple
 
     # an fp16 body with an int4 head still has blocks of 64 to pad for
     assert matmul_row_multiple(QuantConfig("fp16", 64, lm_head_quant="int4").to_dict()) == 2

@@ -41,7 +41,7 @@ def test_npu_graphs_are_placed_on_qnn(npu_bundle, tmp_path):
 
     from edgellm.bundle import read_manifest
     from edgellm.runtimes.providers import resolve_provider
-    from edgellm.runtimes.session import open_session
+    from edgellm.runtimes.graphs import open_session
     from edgellm.runtimes.static_session import StaticDecoderSession
 
     m = read_manifest(npu_bundle)

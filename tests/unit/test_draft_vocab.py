@@ -8,7 +8,7 @@ import pytest
 from helpers import FakeLM, greedy_reference
 from edgellm.errors import BundleError, ConfigError
 from edgellm.export.draft_vocab import DraftVocabConfig, frequent_tokens, write_ids
-from edgellm.runtimes.session import expand_logits, read_token_ids
+from edgellm.runtimes.graphs import expand_logits, read_token_ids
 from edgellm.sampling import SamplingConfig
 from edgellm.speculative import DecodeConfig, DecodeStats, decode
 
