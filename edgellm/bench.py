@@ -89,6 +89,7 @@ def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str
     construction and tested statistically (tests/unit/test_speculative.py).
     """
     import edgellm
+    from edgellm.generation import GenerationOptions
 
     say = progress or (lambda m: None)
     modes = modes or ["target", "speculative", "lookup"]
@@ -96,9 +97,10 @@ def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str
         modes = ["target"] + modes  # the baseline always runs
     if repeats < 1:
         raise ConfigError(f"repeats={repeats}; allowed: >= 1")
-    from edgellm.sampling import SamplingConfig
-
-    SamplingConfig(temperature=temperature)  # a bad temperature fails before the bundle loads
+    # cache_prompt=False: every mode prefills the whole prompt, as in a first request; a bad
+    # value fails here, before the bundle loads
+    options = GenerationOptions(max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens,
+                                temperature=temperature, cache_prompt=False, adapter=adapter)
     prompts = load_prompts(prompts_file)
     t0 = time.perf_counter()
     llm = edgellm.load(bundle, provider=provider, draft_provider=draft_provider, threads=threads, fallback=fallback,
@@ -108,35 +110,38 @@ def run_bench(bundle: Path, *, prompts_file: Path | None = None, modes: list[str
     if "speculative" in modes and llm.draft is None:
         say("bundle has no draft: skipping mode speculative")
         modes = [m for m in modes if m != "speculative"]
-    sampled = temperature > 0
     say("warm-up")
     for mode in modes:
-        llm.generate(prompts[0]["prompt"], mode=mode, max_new_tokens=16, num_draft_tokens=num_draft_tokens,
-                     temperature=temperature, seed=0, adapter=adapter)
+        llm.generate(prompts[0]["prompt"], options, mode=mode, max_new_tokens=16, seed=0)
     runs: list[dict[str, Any]] = []
     for r in range(repeats):
         for i, pr in enumerate(prompts):
-            ref = None
-            for mode in modes:
-                # cache_prompt=False: every mode prefills the whole prompt, as in a first request
-                res = llm.generate(pr["prompt"], mode=mode, max_new_tokens=max_new_tokens,
-                                   num_draft_tokens=num_draft_tokens, temperature=temperature, seed=r * 1000 + i,
-                                   cache_prompt=False, adapter=adapter)
-                if mode == "target":
-                    ref = res.token_ids
-                s = res.stats
-                exact = None if sampled else res.token_ids == ref
-                tie = None if exact in (None, True) else near_tie(llm, pr["prompt"], ref, res.token_ids)
-                runs.append({"repeat": r, "prompt": pr["id"], "category": pr["category"], "mode": mode,
-                             "exact": exact, "divergence": tie, **s})
-                say(f"repeat {r + 1}/{repeats} {pr['id']:>10} {mode:11} {s['tokens_per_second'] or 0:6.1f} tok/s"
-                    + (f"  acceptance {s['acceptance_rate']:.2f}" if s.get("acceptance_rate") is not None else ""))
+            runs += _run_prompt(llm, pr, modes, options, r, seed=r * 1000 + i, say=lambda m: say(
+                f"repeat {r + 1}/{repeats} {pr['id']:>10} {m}"))
     return {
         "bundle": str(bundle), "adapter": adapter, "max_new_tokens": max_new_tokens, "repeats": repeats,
         "temperature": temperature,
         "load_s": load_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "environment": environment(llm), "summary": summarize(runs, modes), "runs": runs,
     }
+
+
+def _run_prompt(llm, pr: dict[str, Any], modes: list[str], options, repeat: int, seed: int,
+                say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One prompt in every mode (target first: the others' outputs are compared with its own)."""
+    runs, ref, sampled = [], None, options.temperature > 0
+    for mode in modes:
+        res = llm.generate(pr["prompt"], options, mode=mode, seed=seed)
+        if mode == "target":
+            ref = res.token_ids
+        s = res.stats
+        exact = None if sampled else res.token_ids == ref
+        tie = None if exact in (None, True) else near_tie(llm, pr["prompt"], ref, res.token_ids)
+        runs.append({"repeat": repeat, "prompt": pr["id"], "category": pr["category"], "mode": mode,
+                     "exact": exact, "divergence": tie, **s})
+        say(f"{mode:11} {s['tokens_per_second'] or 0:6.1f} tok/s"
+            + (f"  acceptance {s['acceptance_rate']:.2f}" if s.get("acceptance_rate") is not None else ""))
+    return runs
 
 
 def near_tie(llm, prompt, ref: list[int], other: list[int]) -> dict[str, Any]:

@@ -28,10 +28,8 @@ def model_quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level:
     over those columns (renormalized), top-1 agreement over the whole vocabulary, and
     ``draft_vocab_coverage``, how often the fp32 graph's top token is among them.
     """
-    import numpy as np
-
     from edgellm.export.builder import DecoderBuilder, QuantConfig, io_names
-    from edgellm.export.quality import compare_logits, graph_logits, source_logits, static_graph_logits
+    from edgellm.export.quality import compare_logits, graph_logits, source_logits
     from edgellm.runtimes.session import KVLayout
 
     ids = sample_ids(tmp, tok_entry, ctx)
@@ -57,24 +55,7 @@ def model_quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level:
                 add_branches(ref_graph, list(entry["lora"]["sites"]), sites(src.spec))
             ref = graph_logits(ref_graph, layout, ids)
             say(f"{role}: scoring the {'npu' if static else qcfg.quant} graph against fp32")
-            if static:
-                got = static_graph_logits(tmp / entry["graph"], dict(entry), ids)
-            else:
-                got = graph_logits(tmp / entry["graph"], got_layout, ids, logits_tokens=logits_tokens)
-            if logits_tokens is not None:
-                top1 = ref[:, :vocab].argmax(-1)
-                result["quantized_vs_fp32"] = compare_logits(ref[:, logits_tokens], got[:, logits_tokens],
-                                                             len(logits_tokens)) | {
-                    "top1_agreement": float((top1 == got[:, :vocab].argmax(-1)).mean()),
-                    "draft_vocab_coverage": float(np.isin(top1, logits_tokens).mean())}
-            else:
-                result["npu_graph_vs_fp32" if static else "quantized_vs_fp32"] = compare_logits(ref, got, vocab)
-            del got
-            if entry.get("step_graph"):
-                step = entry | {"kv_layout": entry["kv_layout"] | {"window": 1}}
-                got = static_graph_logits(tmp / entry["step_graph"], step, ids)
-                result["npu_step_graph_vs_fp32"] = compare_logits(ref, got, vocab)
-                del got
+            result.update(_against_fp32(tmp, entry, ref, got_layout, ids, vocab, logits_tokens))
         if level == "full":
             say(f"{role}: running the source model in transformers")
             result["fp32_vs_source"] = compare_logits(source_logits(src, ids), ref, vocab)
@@ -85,6 +66,29 @@ def model_quality(tmp: Path, role: str, src, qcfg, entry: dict, ctx: int, level:
     finally:
         shutil.rmtree(ref_dir, ignore_errors=True)
     return result
+
+
+def _against_fp32(tmp: Path, entry: dict, ref, got_layout, ids, vocab: int, logits_tokens) -> dict[str, Any]:
+    """The exported graph's (and an npu step graph's) logits against the fp32 graph's ``ref`` ``(n, V)``."""
+    import numpy as np
+
+    from edgellm.export.quality import compare_logits, graph_logits, static_graph_logits
+
+    if entry["kv_layout"]["kind"] == "static_window":
+        out = {"npu_graph_vs_fp32": compare_logits(ref, static_graph_logits(tmp / entry["graph"], dict(entry), ids),
+                                                   vocab)}
+        if entry.get("step_graph"):
+            step = entry | {"kv_layout": entry["kv_layout"] | {"window": 1}}
+            out["npu_step_graph_vs_fp32"] = compare_logits(ref, static_graph_logits(tmp / entry["step_graph"], step,
+                                                                                    ids), vocab)
+        return out
+    got = graph_logits(tmp / entry["graph"], got_layout, ids, logits_tokens=logits_tokens)
+    if logits_tokens is None:
+        return {"quantized_vs_fp32": compare_logits(ref, got, vocab)}
+    top1 = ref[:, :vocab].argmax(-1)
+    return {"quantized_vs_fp32": compare_logits(ref[:, logits_tokens], got[:, logits_tokens], len(logits_tokens)) | {
+        "top1_agreement": float((top1 == got[:, :vocab].argmax(-1)).mean()),
+        "draft_vocab_coverage": float(np.isin(top1, logits_tokens).mean())}}
 
 
 def _adapter_quality(graph: Path, ref_graph: Path, layout, got_layout, ids, vocab: int, adapters, src, say,
