@@ -21,7 +21,9 @@ import numpy as np
 from edgellm.errors import ExportError
 from edgellm.runtimes.rotary import cos_sin, inv_freq
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+#: transformers' rope types, and ``freq_factors``: a GGUF file's ``rope_freqs`` tensor, per-frequency
+#: divisors (llama.cpp's form of Llama 3.1+ rope scaling, computed from the llama3 parameters)
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "freq_factors")
 # MLP activations as transformers names them -> the builder's three kernels
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                "gelu": "gelu"}
@@ -147,6 +149,12 @@ def rope_inv_freq(rope: Rope, long: bool = False) -> tuple[np.ndarray, float]:
         smooth = (old / wavelen - low) / (high - low)
         medium = ~(wavelen < old / high) & ~(wavelen > old / low)
         return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled), 1.0
+    if kind == "freq_factors":  # llama.cpp: theta_i = position * base ** (-2i / dim) / factor_i
+        factors = np.asarray(s["factors"], np.float64)
+        if factors.shape != inv.shape or not (np.isfinite(factors) & (factors > 0)).all():
+            raise ExportError(f"rope_freqs: {factors.size} factors for {inv.size} frequencies, or a factor that is "
+                              "not a positive number; the file is damaged or for another model")
+        return inv / factors, 1.0
     if kind == "yarn":
         return _yarn(rope, s, inv)
     if kind == "longrope":

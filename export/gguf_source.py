@@ -50,9 +50,14 @@ def _hf_name(gguf_name: str, family: Family) -> str | None:
 
 
 def _unpermute_llama(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (interleaved rope -> Hugging Face rotate_half)."""
+    """Undo llama.cpp's q/k row permutation (interleaved rope -> Hugging Face rotate_half).
+
+    llama.cpp's converter writes a head's rows ``(2, half)`` as ``(half, 2)``
+    (``reshape(heads, 2, half).swapaxes(1, 2)``); this is its inverse, ``reshape(heads, half,
+    2).swapaxes(1, 2)`` (the same op is its own inverse only when ``half`` is 2).
+    """
     out, dim = w.shape[0], w.shape[1:]
-    return w.reshape(heads, 2, out // heads // 2, *dim).swapaxes(1, 2).reshape(out, *dim)
+    return w.reshape(heads, out // heads // 2, 2, *dim).swapaxes(1, 2).reshape(out, *dim)
 
 
 class GGUFSource(Source):
@@ -76,9 +81,6 @@ class GGUFSource(Source):
                 f"{path}: GGUF architecture {arch!r} is not supported; allowed: {', '.join(GGUF_FAMILIES)}"
             )
         self.family = FAMILIES[GGUF_FAMILIES[arch]]
-        if any(t.name == "rope_freqs.weight" for t in self.reader.tensors):
-            raise ExportError(f"{path}: per-frequency rope factors (rope_freqs, llama.cpp's form of Llama 3.1+ "
-                              "rope scaling) are not read from GGUF; export the model's Hugging Face folder instead")
         self._tensors = {}
         for t in self.reader.tensors:
             hf = _hf_name(t.name, self.family)
@@ -120,11 +122,24 @@ class GGUFSource(Source):
         if f("attention.sliding_window"):
             cfg["sliding_window"] = int(f("attention.sliding_window"))
         kind = f("rope.scaling.type")
-        if kind and kind != "none":
+        factors = self.rope_factors()
+        if factors is not None:  # Llama 3.1+: the llama3 scaling as llama.cpp applies it
+            cfg["rope_scaling"] = {"rope_type": "freq_factors", "factors": tuple(float(x) for x in factors)}
+        elif kind and kind != "none":
             cfg["rope_scaling"] = {"rope_type": kind, "factor": float(f("rope.scaling.factor", 1.0))}
             if f("rope.scaling.original_context_length"):
                 cfg["rope_scaling"]["original_max_position_embeddings"] = int(f("rope.scaling.original_context_length"))
         return cfg
+
+    def rope_factors(self) -> np.ndarray | None:
+        """The ``rope_freqs`` tensor, float32 ``(rotary_dim / 2,)``: per-frequency divisors of the
+        rotary inverse frequencies (llama.cpp's form of Llama 3.1+ rope scaling); ``None`` if absent."""
+        t = next((t for t in self.reader.tensors if t.name == "rope_freqs.weight"), None)
+        if t is None:
+            return None
+        if t.tensor_type != self._gguf.GGMLQuantizationType.F32:
+            raise ExportError(f"{self.path}: rope_freqs is {t.tensor_type.name}; allowed: F32")
+        return np.asarray(t.data, np.float32).reshape(-1)
 
     def has(self, name: str) -> bool:
         return name in self._tensors

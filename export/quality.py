@@ -57,6 +57,12 @@ def source_logits(src, ids: np.ndarray, adapter: Path | None = None) -> np.ndarr
     if isinstance(src, GGUFSource):
         model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name,
                                                      torch_dtype=torch.float32)
+        factors = src.rope_factors()
+        if factors is not None:  # transformers' GGUF loader drops rope_freqs: applied as llama.cpp does
+            for module in model.modules():
+                if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+                    module.inv_freq = module.inv_freq / torch.tensor(factors, dtype=module.inv_freq.dtype)
+                    module.original_inv_freq = module.inv_freq
     else:
         model = AutoModelForCausalLM.from_pretrained(str(src.path), torch_dtype=torch.float32)
     if adapter is not None:

@@ -112,28 +112,85 @@ def test_gguf_quant_needs_a_gguf_source(tiny_model_dir, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_gguf_qwen3_passes_the_full_quality_check(tmp_path):
-    """A Qwen3 GGUF (per-head q/k norms): the fp32 graph equals transformers' run of the GGUF,
-    checked by the exporter itself (quality='full' fails an export that differs)."""
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2"])
+def test_gguf_passes_the_full_quality_check(tmp_path, arch):
+    """The fp32 graph of a GGUF equals transformers' run of it, checked by the exporter itself
+    (quality='full' fails an export that differs): Qwen3's per-head q/k norms, and Llama's q/k
+    rows, which llama.cpp's converter permutes (undoing that with the permutation itself instead
+    of its inverse once gave a wrong graph that only this comparison sees)."""
     import edgellm
     from edgellm.export import export
 
     tok = tmp_path / "tokenizer.json"
     tok.write_text(_train_tokenizer().to_str())
-    path = write_tiny_gguf(tmp_path / "q3.gguf", tok, arch="qwen3")
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", tok, arch=arch)
     out = export(path, output=tmp_path / "b", quant="fp32", max_context=64, quality="full")
     src = json.loads((out / "quality.json").read_text())["models"]["target"]["fp32_vs_source"]
     assert src["top1_agreement"] == 1.0 and src["max_abs_diff"] < 1e-3
-    assert edgellm.load(out).manifest.target.architecture == "qwen3"
+    assert edgellm.load(out).manifest.target.architecture == arch
 
 
-def test_gguf_rope_factors_are_refused(tmp_path):
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 256}  # a short original context: tiny heads get all three kinds
+
+
+def _llama3_factors() -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs for LLAMA3: default / llama3 inverse frequencies,
+    computed by transformers itself."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_theta=10000.0, rope_scaling=LLAMA3,
+                      max_position_embeddings=512)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    default, _ = ROPE_INIT_FUNCTIONS["default"](cfg, "cpu")
+    return (default / scaled).numpy().astype(np.float32)
+
+
+def test_gguf_llama31_rope_factors_give_the_llama3_model(tmp_path):
+    """A Llama 3.1-style GGUF (rope_freqs): the exported graph is the Hugging Face model with its
+    llama3 rope scaling, and the exporter's own full check (transformers reading the GGUF, which
+    drops rope_freqs, with the factors put back) passes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    import edgellm
+    from edgellm.export import export
+
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(_train_tokenizer().to_str())
+    factors = _llama3_factors()
+    assert ((factors == 8).sum(), ((factors > 1) & (factors < 8)).sum(), (factors == 1).sum()) >= (8, 3, 4)  # scaled, smoothed, kept
+    path = write_tiny_gguf(tmp_path / "l31.gguf", tok, arch="llama", rope_freqs=factors)
+    out = export(path, output=tmp_path / "b", quant="fp32", max_context=64, quality="full")
+    src = json.loads((out / "quality.json").read_text())["models"]["target"]["fp32_vs_source"]
+    assert src["top1_agreement"] == 1.0 and src["max_abs_diff"] < 1e-3
+
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="l31.gguf", torch_dtype=torch.float32)
+    hf.config.rope_scaling = LLAMA3
+    hf.model.rotary_emb = LlamaRotaryEmbedding(config=hf.config)
+    llm = edgellm.load(out, threads=1)
+    ids = np.array(llm.tokenizer.encode("def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2) " * 2)[:60])
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)[None]).logits[0].numpy()
+    got = llm.target.forward(ids, len(ids))[:, : want.shape[1]]
+    assert np.abs(got - want).max() < 1e-3 and (got.argmax(-1) == want.argmax(-1)).all()
+    # without the factors the model is another one: the check above would see it
+    hf.model.rotary_emb = LlamaRotaryEmbedding(config=type(hf.config)(**{**hf.config.to_dict(), "rope_scaling": None}))
+    with torch.no_grad():
+        plain = hf(torch.tensor(ids)[None]).logits[0].numpy()
+    assert np.abs(plain - want).max() > 1e-2
+
+
+def test_gguf_rope_factors_of_the_wrong_length_are_refused(tmp_path):
     from edgellm.errors import ExportError
     from edgellm.export import export
 
     tok = tmp_path / "tokenizer.json"
     tok.write_text(_train_tokenizer().to_str())
-    path = write_tiny_gguf(tmp_path / "l31.gguf", tok, arch="llama", rope_freqs=True)
-    with pytest.raises(ExportError, match="rope_freqs"):
+    path = write_tiny_gguf(tmp_path / "bad.gguf", tok, arch="llama", rope_freqs=np.ones(5, np.float32))
+    with pytest.raises(ExportError, match="rope_freqs: 5 factors for 32 frequencies"):
         export(path, output=tmp_path / "b", max_context=64)
     assert not (tmp_path / "b").exists()
+

@@ -38,9 +38,9 @@ def _blocks(rng: np.random.Generator, type_name: str, shape: tuple[int, int]) ->
 
 
 def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str = "qwen2",
-                    rope_freqs: bool = False) -> Path:
+                    rope_freqs: np.ndarray | None = None) -> Path:
     """Write a 2-layer Qwen2 (or Llama, or Qwen3 with q/k norms) GGUF, vocab of the given tokenizer,
-    quantized linear weights."""
+    quantized linear weights; ``rope_freqs``: llama.cpp's per-frequency rope divisors (Llama 3.1+)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -90,8 +90,8 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str =
             w.add_tensor(f"blk.{i}.{name}.bias", f32(dims[name][0]))
         for name in ("attn_q_norm", "attn_k_norm") if arch == "qwen3" else ():
             w.add_tensor(f"blk.{i}.{name}.weight", 1 + 5 * f32(HIDDEN // heads))
-    if rope_freqs:  # llama.cpp's form of Llama 3.1 rope scaling
-        w.add_tensor("rope_freqs.weight", np.ones(HIDDEN // heads // 2, np.float32))
+    if rope_freqs is not None:  # llama.cpp's form of Llama 3.1 rope scaling
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     w.add_tensor("output_norm.weight", 1 + f32(HIDDEN))
     raw = _blocks(rng, "Q6_K", (len(tokens), HIDDEN))
     w.add_tensor("output.weight", raw, raw_dtype=gguf.GGMLQuantizationType.Q6_K)
