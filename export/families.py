@@ -90,7 +90,7 @@ FAMILIES: dict[str, Family] = {
     "gemma3_text": Family(**_GEMMA, norms="sandwich", qk_norm="head", activation_key="hidden_activation",
                           windows="layer_types", query_pre_attn_scalar=True, softcap=True, local_rope=True,
                           window_pattern=6, gguf_arch="gemma3"),
-    "phi3": Family(fused=True, windows="all", partial_rotary=True),
+    "phi3": Family(fused=True, windows="all", partial_rotary=True, gguf_arch="phi3"),
     "smollm3": Family(windows="layer_types", no_rope_layers=True),
     "granite": Family(multipliers=True),
     "olmo2": Family(norms="post", qk_norm="full"),

@@ -36,6 +36,8 @@ _GGUF_LAYER = {
 }
 # families whose attention output has its own norm call the MLP's input norm pre_feedforward_layernorm
 _GGUF_SANDWICH = {"ffn_norm.weight": "pre_feedforward_layernorm.weight"}
+# families storing q/k/v and gate/up as one matrix each (Phi-3): llama.cpp's ffn_up holds gate then up
+_GGUF_FUSED = {"attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
 _GGUF_GLOBAL = {"token_embd.weight": EMBED, "output_norm.weight": FINAL_NORM, "output.weight": LM_HEAD}
 
 
@@ -43,7 +45,7 @@ def _hf_name(gguf_name: str, family: Family) -> str | None:
     if gguf_name in _GGUF_GLOBAL:
         return _GGUF_GLOBAL[gguf_name]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    names = _GGUF_LAYER | (_GGUF_SANDWICH if family.norms == "sandwich" else {})
+    names = _GGUF_LAYER | (_GGUF_SANDWICH if family.norms == "sandwich" else {}) | (_GGUF_FUSED if family.fused else {})
     if m and m.group(2) in names:
         return f"model.layers.{m.group(1)}.{names[m.group(2)]}"
     return None
@@ -86,7 +88,8 @@ class GGUFSource(Source):
             hf = _hf_name(t.name, self.family)
             if hf:
                 self._tensors[hf] = t
-        self.spec = spec_from_hf_config(self._config(arch), str(path))
+        self.hf_config = self._config(arch)  # also what transformers' run of the file is corrected with
+        self.spec = spec_from_hf_config(self.hf_config, str(path))
 
     def _field(self, key: str) -> Any:
         f = self.reader.fields[key]
@@ -121,24 +124,46 @@ class GGUFSource(Source):
         }
         if f("attention.sliding_window"):
             cfg["sliding_window"] = int(f("attention.sliding_window"))
+        return cfg | self._rope_config(f, head_dim)
+
+    def _rope_config(self, f, head_dim: int) -> dict[str, Any]:
+        """The config's rotary fields: partial rotary (``rope.dimension_count``), and rope scaling
+        from llama.cpp's tensors (Llama 3.1+ ``rope_freqs``; Phi-3.5/4's ``rope_factors_long`` and
+        ``_short``: longrope) or from its metadata (``rope.scaling.type``)."""
+        cfg: dict[str, Any] = {}
+        rotated = f("rope.dimension_count")
+        if rotated and int(rotated) != head_dim:
+            cfg["partial_rotary_factor"] = int(rotated) / head_dim
+        original = f("rope.scaling.original_context_length")
+        factors, long, short = (self._f32_tensor(n) for n in ("rope_freqs", "rope_factors_long", "rope_factors_short"))
         kind = f("rope.scaling.type")
-        factors = self.rope_factors()
         if factors is not None:  # Llama 3.1+: the llama3 scaling as llama.cpp applies it
             cfg["rope_scaling"] = {"rope_type": "freq_factors", "factors": tuple(float(x) for x in factors)}
+        elif long is not None and short is not None:
+            cfg["rope_scaling"] = {"rope_type": "longrope", "long_factor": [float(x) for x in long],
+                                   "short_factor": [float(x) for x in short]}
+            if f("rope.scaling.attn_factor") is not None:
+                cfg["rope_scaling"]["attention_factor"] = float(f("rope.scaling.attn_factor"))
+            if original:
+                cfg["original_max_position_embeddings"] = int(original)
         elif kind and kind != "none":
             cfg["rope_scaling"] = {"rope_type": kind, "factor": float(f("rope.scaling.factor", 1.0))}
-            if f("rope.scaling.original_context_length"):
-                cfg["rope_scaling"]["original_max_position_embeddings"] = int(f("rope.scaling.original_context_length"))
+            if original:
+                cfg["rope_scaling"]["original_max_position_embeddings"] = int(original)
         return cfg
 
     def rope_factors(self) -> np.ndarray | None:
         """The ``rope_freqs`` tensor, float32 ``(rotary_dim / 2,)``: per-frequency divisors of the
         rotary inverse frequencies (llama.cpp's form of Llama 3.1+ rope scaling); ``None`` if absent."""
-        t = next((t for t in self.reader.tensors if t.name == "rope_freqs.weight"), None)
+        return self._f32_tensor("rope_freqs")
+
+    def _f32_tensor(self, name: str) -> np.ndarray | None:
+        """A small float32 tensor of the file's (rope factors), flat; ``None`` if absent."""
+        t = next((t for t in self.reader.tensors if t.name == f"{name}.weight"), None)
         if t is None:
             return None
         if t.tensor_type != self._gguf.GGMLQuantizationType.F32:
-            raise ExportError(f"{self.path}: rope_freqs is {t.tensor_type.name}; allowed: F32")
+            raise ExportError(f"{self.path}: {name} is {t.tensor_type.name}; allowed: F32")
         return np.asarray(t.data, np.float32).reshape(-1)
 
     def has(self, name: str) -> bool:

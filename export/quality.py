@@ -57,12 +57,7 @@ def source_logits(src, ids: np.ndarray, adapter: Path | None = None) -> np.ndarr
     if isinstance(src, GGUFSource):
         model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name,
                                                      torch_dtype=torch.float32)
-        factors = src.rope_factors()
-        if factors is not None:  # transformers' GGUF loader drops rope_freqs: applied as llama.cpp does
-            for module in model.modules():
-                if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
-                    module.inv_freq = module.inv_freq / torch.tensor(factors, dtype=module.inv_freq.dtype)
-                    module.original_inv_freq = module.inv_freq
+        _correct_gguf_rope(model, src)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(src.path), torch_dtype=torch.float32)
     if adapter is not None:
@@ -74,6 +69,31 @@ def source_logits(src, ids: np.ndarray, adapter: Path | None = None) -> np.ndarr
         out = model(torch.tensor(ids, dtype=torch.long)[None]).logits[0].float().numpy()
     del model
     return out
+
+
+def _correct_gguf_rope(model, src) -> None:
+    """Put back into transformers' model of a GGUF file the rotary settings its GGUF loader drops and
+    llama.cpp keeps: ``rope_freqs`` (Llama 3.1+, applied as llama.cpp does), longrope factors and
+    partial rotary (``rope.dimension_count``; Phi-3.5, Phi-4-mini)."""
+    import torch
+
+    cfg = src.hf_config
+    rotaries = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    factors = src.rope_factors()
+    if factors is not None:
+        for _, m in rotaries:
+            m.inv_freq = m.inv_freq / torch.tensor(factors, dtype=m.inv_freq.dtype)
+            m.original_inv_freq = m.inv_freq
+        return
+    keys = [k for k in ("rope_scaling", "partial_rotary_factor", "original_max_position_embeddings")
+            if k in cfg and getattr(model.config, k, None) != cfg[k]]
+    if not keys:
+        return
+    for k in keys:
+        setattr(model.config, k, cfg[k])
+    for name, m in rotaries:  # rebuilt from the corrected config
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, type(m)(config=model.config))
 
 
 def compare_logits(ref: np.ndarray, got: np.ndarray, vocab: int) -> dict[str, float]:

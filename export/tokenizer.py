@@ -4,6 +4,8 @@ Hugging Face folders go through ``AutoTokenizer`` (no remote code). GGUF files g
 transformers' GGUF converter, which is lossy for Qwen (see ../shared/NOTES.md): it registers only
 three special tokens and sets eos to ``<|endoftext|>``. We re-register every CONTROL (type 3)
 and USER_DEFINED (type 4) token of the GGUF vocabulary at its own id and take eos from the GGUF.
+Phi-3 files go through transformers' Llama converter (:data:`GGUF_TOKENIZER_AS`), and every
+converted GGUF tokenizer must give back a sample text unchanged, or the export stops.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ from edgellm.export.source import Source
 logger = logging.getLogger(__name__)
 
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
+
+#: GGUF architectures whose tokenizer is converted with another architecture's converter:
+#: transformers' Phi-3 converter hard-codes Phi-3's special tokens and drops the byte fallback
+#: (and would mangle Phi-4-mini's byte-level vocabulary); its Llama converter reads both kinds,
+#: and the file's own control tokens are restored after (:func:`_restore_gguf_added_tokens`).
+GGUF_TOKENIZER_AS = {"phi3": "llama"}
+
+#: what a converted GGUF tokenizer must encode and decode back unchanged: code, accents, emoji
+ROUNDTRIP_SAMPLE = "def foo(x):\n    return x + 1  # héllo wörld 😀\n\tprint('a  b')"
 
 
 @dataclass
@@ -52,7 +63,9 @@ def tokenizer_files(src: Source, *, trust_remote_code: bool = False) -> Tokenize
     from transformers import AutoTokenizer
 
     try:
-        if isinstance(src, GGUFSource):
+        if isinstance(src, GGUFSource) and src.fields.get("general.architecture") in GGUF_TOKENIZER_AS:
+            tok = _gguf_tokenizer_as(src, GGUF_TOKENIZER_AS[src.fields["general.architecture"]])
+        elif isinstance(src, GGUFSource):
             tok = AutoTokenizer.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
         else:
             tok = AutoTokenizer.from_pretrained(str(src.path), trust_remote_code=trust_remote_code)
@@ -64,6 +77,7 @@ def tokenizer_files(src: Source, *, trust_remote_code: bool = False) -> Tokenize
     eos = _eos_ids(src, tok)
     if isinstance(src, GGUFSource):
         _restore_gguf_added_tokens(src, backend)
+        _check_roundtrip(src, backend)
     return TokenizerFiles(
         tokenizer_json=backend.to_str(),
         chat_template=_chat_template(src, tok),
@@ -71,6 +85,29 @@ def tokenizer_files(src: Source, *, trust_remote_code: bool = False) -> Tokenize
         bos_token_id=_bos_id(src, tok),
         vocab_size=backend.get_vocab_size(with_added_tokens=True),
     )
+
+
+def _gguf_tokenizer_as(src: GGUFSource, arch: str):
+    """The GGUF file's tokenizer converted by transformers' converter for ``arch``."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.ggml import convert_gguf_tokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    param = load_gguf_checkpoint(str(src.path), return_tensors=False)
+    backend, extra = convert_gguf_tokenizer(arch, param["tokenizer"])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{**param["tokenizer_config"], **extra})
+
+
+def _check_roundtrip(src: GGUFSource, backend: Any) -> None:
+    """A converted GGUF tokenizer must decode what it encodes back to the same text; a converter that
+    does not fit the file (another tokenizer kind than it expects) gives another text, and every
+    prompt would reach the model as other tokens."""
+    got = backend.decode(backend.encode(ROUNDTRIP_SAMPLE, add_special_tokens=False).ids, skip_special_tokens=False)
+    if got != ROUNDTRIP_SAMPLE:
+        arch = src.fields.get("general.architecture")
+        kind = src.fields.get("tokenizer.ggml.model")
+        raise ExportError(f"{src.path}: its tokenizer ({kind!r}, architecture {arch!r}) does not convert faithfully: "
+                          f"{ROUNDTRIP_SAMPLE!r} comes back as {got!r}; not exported (please report the file)")
 
 
 def _restore_gguf_added_tokens(src: GGUFSource, backend: Any) -> None:

@@ -63,12 +63,26 @@ def test_native_blocks_equal_dequantized_tensors(tiny_gguf):
 
 
 def test_lossless_graph_matches_the_dequantized_fp32_graph(tiny_gguf, tmp_path):
+    _lossless_equals_fp32(tiny_gguf, tmp_path)
+
+
+def test_lossless_phi3_graph_keeps_the_fused_blocks(tmp_path):
+    from tiny_gguf import PHI3_SPECIAL
+
+    t = _train_tokenizer()
+    t.add_special_tokens(PHI3_SPECIAL)
+    t.save(str(tmp_path / "tokenizer.json"))
+    _lossless_equals_fp32(write_tiny_gguf(tmp_path / "phi.gguf", tmp_path / "tokenizer.json", seed=2, arch="phi3"),
+                          tmp_path)
+
+
+def _lossless_equals_fp32(path, tmp_path):
     from edgellm.export.builder import DecoderBuilder, QuantConfig, io_names
     from edgellm.export.quality import graph_logits
     from edgellm.export.source import open_source
     from edgellm.runtimes.session import KVLayout
 
-    src = open_source(tiny_gguf)
+    src = open_source(path)
     s = src.spec
     layout = KVLayout(s.num_layers, s.num_kv_heads, s.head_dim, 64, s.vocab_size, io_names(s.num_layers))
     ids = np.random.default_rng(0).integers(0, s.vocab_size, 24).astype(np.int64)
@@ -194,3 +208,48 @@ def test_gguf_rope_factors_of_the_wrong_length_are_refused(tmp_path):
         export(path, output=tmp_path / "b", max_context=64)
     assert not (tmp_path / "b").exists()
 
+
+
+def test_gguf_phi3_fused_partial_rotary_and_longrope(tmp_path):
+    """A Phi-4-mini-like GGUF: fused q/k/v and gate/up (llama.cpp's attn_qkv and ffn_up), half of each
+    head rotated (rope.dimension_count) and longrope factors (rope_factors_long/short). The exported
+    graph equals transformers' Phi-3 built from that config and the file's weights, on both sides of
+    the switch to the long factors; the exporter's own full check (transformers reading the GGUF,
+    the rotary settings its loader drops put back) passes too."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    import edgellm
+    from edgellm.export import export
+    from edgellm.export.source import open_source
+    from tiny_gguf import PHI3_ROTARY, PHI3_SPECIAL
+
+    tok = tmp_path / "tokenizer.json"
+    t = _train_tokenizer()
+    t.add_special_tokens(PHI3_SPECIAL)
+    tok.write_text(t.to_str())
+    path = write_tiny_gguf(tmp_path / "phi.gguf", tok, arch="phi3")
+    out = export(path, output=tmp_path / "b", quant="fp32", max_context=64, quality="full")
+    src = json.loads((out / "quality.json").read_text())["models"]["target"]["fp32_vs_source"]
+    assert src["top1_agreement"] == 1.0 and src["max_abs_diff"] < 1e-3
+
+    gguf = open_source(path)
+    assert gguf.spec.architecture == "phi3"
+    cfg = Phi3Config(vocab_size=gguf.spec.vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                     max_position_embeddings=512, original_max_position_embeddings=32,
+                     partial_rotary_factor=PHI3_ROTARY / 64, tie_word_embeddings=False, pad_token_id=0,
+                     rope_scaling={"type": "longrope",
+                                   "long_factor": np.linspace(1.0, 12.0, PHI3_ROTARY // 2).tolist(),
+                                   "short_factor": np.linspace(1.0, 1.5, PHI3_ROTARY // 2).tolist()})
+    hf = Phi3ForCausalLM(cfg).eval()
+    hf.load_state_dict({k: torch.from_numpy(np.array(gguf.tensor(k))) for k in hf.state_dict()}, strict=True)
+    llm = edgellm.load(out, threads=1)
+    for n in (24, 48):  # the short factors, then (past the original 32 positions) the long ones
+        ids = np.random.default_rng(n).integers(0, gguf.spec.vocab_size, n).astype(np.int64)
+        with torch.no_grad():
+            want = hf(torch.tensor(ids)[None]).logits[0].numpy()
+        llm.target.rollback(0)
+        got = llm.target.forward(ids, n)[:, : want.shape[1]]
+        assert np.abs(got - want).max() < 1e-3, (n, np.abs(got - want).max())
+        assert (got.argmax(-1) == want.argmax(-1)).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,10 @@ LAYER_TYPES = [
      "ffn_gate": "Q5_0", "ffn_up": "Q5_0", "ffn_down": "Q4_1"},
 ]
 HIDDEN, INTER, HEADS, KV_HEADS = 256, 512, 4, 2
+PHI3_ROTARY = 32  # of a head's 64 dimensions (GroupQueryAttention needs a multiple of 16)
+#: the special tokens transformers' Phi-3 GGUF tokenizer converter adds; a Phi-3 vocabulary has them
+PHI3_SPECIAL = ["</s>", "<|endoftext|>", "<|assistant|>"] + [f"<|placeholder{i}|>" for i in range(1, 7)] + [
+    "<|system|>", "<|end|>", "<|user|>"]
 
 
 def _blocks(rng: np.random.Generator, type_name: str, shape: tuple[int, int]) -> np.ndarray:
@@ -39,8 +44,9 @@ def _blocks(rng: np.random.Generator, type_name: str, shape: tuple[int, int]) ->
 
 def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str = "qwen2",
                     rope_freqs: np.ndarray | None = None) -> Path:
-    """Write a 2-layer Qwen2 (or Llama, or Qwen3 with q/k norms) GGUF, vocab of the given tokenizer,
-    quantized linear weights; ``rope_freqs``: llama.cpp's per-frequency rope divisors (Llama 3.1+)."""
+    """Write a 2-layer Qwen2 (or Llama, or Qwen3 with q/k norms, or Phi-3 with fused q/k/v and gate/up,
+    half the head rotated and longrope factors) GGUF, vocab of the given tokenizer, quantized linear
+    weights; ``rope_freqs``: llama.cpp's per-frequency rope divisors (Llama 3.1+)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -62,6 +68,10 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str =
     w.add_layer_norm_rms_eps(1e-6)
 
     w.add_rope_freq_base(10000.0)
+    if arch == "phi3":  # Phi-4-mini-like: part of each head rotated, longrope from a short original context
+        w.add_rope_dimension_count(PHI3_ROTARY)
+        w.add_rope_scaling_orig_ctx_len(32)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(512 / 32) / math.log(32)))  # as llama.cpp writes it
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)
@@ -80,9 +90,14 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str =
     dims = {"attn_q": (HIDDEN, HIDDEN), "attn_k": (kv, HIDDEN), "attn_v": (kv, HIDDEN),
             "attn_output": (HIDDEN, HIDDEN), "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN),
             "ffn_down": (HIDDEN, INTER)}
+    if arch == "phi3":  # one q/k/v matrix and one gate/up matrix (gate rows first), as llama.cpp stores them
+        dims |= {"attn_qkv": (HIDDEN + 2 * kv, HIDDEN), "ffn_up": (2 * INTER, HIDDEN)}
     for i, types in enumerate(LAYER_TYPES):
         w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + f32(HIDDEN))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + f32(HIDDEN))
+        if arch == "phi3":
+            types = {"attn_qkv": types["attn_q"], "attn_output": types["attn_output"], "ffn_up": types["ffn_gate"],
+                     "ffn_down": types["ffn_down"]}
         for name, t in types.items():
             raw = _blocks(rng, t, dims[name])
             w.add_tensor(f"blk.{i}.{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType[t])
@@ -90,6 +105,9 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str =
             w.add_tensor(f"blk.{i}.{name}.bias", f32(dims[name][0]))
         for name in ("attn_q_norm", "attn_k_norm") if arch == "qwen3" else ():
             w.add_tensor(f"blk.{i}.{name}.weight", 1 + 5 * f32(HIDDEN // heads))
+    if arch == "phi3":
+        w.add_tensor("rope_factors_long.weight", np.linspace(1.0, 12.0, PHI3_ROTARY // 2).astype(np.float32))
+        w.add_tensor("rope_factors_short.weight", np.linspace(1.0, 1.5, PHI3_ROTARY // 2).astype(np.float32))
     if rope_freqs is not None:  # llama.cpp's form of Llama 3.1 rope scaling
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
     w.add_tensor("output_norm.weight", 1 + f32(HIDDEN))
