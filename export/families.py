@@ -84,7 +84,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(windows="all"),
     "qwen2": Family(attention_bias=True, windows="layer_types", gguf_arch="qwen2"),
     "qwen3": Family(qk_norm="head", windows="layer_types", gguf_arch="qwen3"),
-    "gemma": Family(**_GEMMA, gguf_arch="gemma"),
+    "gemma": Family(**_GEMMA),  # no GGUF: transformers reads no Gemma 1 GGUF file (tokenizer, full check)
     "gemma2": Family(**_GEMMA, norms="sandwich", activation_key="hidden_activation", windows="layer_types",
                      query_pre_attn_scalar=True, softcap=True, window_pattern=2, gguf_arch="gemma2"),
     "gemma3_text": Family(**_GEMMA, norms="sandwich", qk_norm="head", activation_key="hidden_activation",
