@@ -48,7 +48,8 @@ def static_graph_logits(graph: Path, entry: dict, ids: np.ndarray, threads: int 
 
 def source_logits(src, ids: np.ndarray, adapter: Path | None = None) -> np.ndarray:
     """Logits of the source model run by transformers (torch), float32 ``(n, V)``; with ``adapter``
-    (a PEFT LoRA folder) merged into its weights by PEFT."""
+    (a PEFT LoRA folder) merged into its weights by PEFT. Eager attention: the reference math
+    (transformers' SDPA path drops Gemma 2's attention soft-capping without a word)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -56,10 +57,11 @@ def source_logits(src, ids: np.ndarray, adapter: Path | None = None) -> np.ndarr
 
     if isinstance(src, GGUFSource):
         model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name,
-                                                     torch_dtype=torch.float32)
+                                                     torch_dtype=torch.float32, attn_implementation="eager")
         _correct_gguf_rope(model, src)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(src.path), torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(src.path), torch_dtype=torch.float32,
+                                                     attn_implementation="eager")
     if adapter is not None:
         from peft import PeftModel
 

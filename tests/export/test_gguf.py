@@ -253,3 +253,24 @@ def test_gguf_phi3_fused_partial_rotary_and_longrope(tmp_path):
         got = llm.target.forward(ids, n)[:, : want.shape[1]]
         assert np.abs(got - want).max() < 1e-3, (n, np.abs(got - want).max())
         assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_gguf_gemma2_passes_the_full_quality_check(tmp_path):
+    """A Gemma 2 GGUF as llama.cpp writes one (norms stored as 1 + w, sandwich norms, soft-caps, a
+    sliding window shorter than the text, a SentencePiece vocabulary): the fp32 graph equals
+    transformers' reading of the file (the exporter's own full check), the tokenizer round-trips,
+    and speculative output equals target output past the window."""
+    import edgellm
+    from edgellm.export import export
+    from tiny_gguf import write_tiny_gemma2_gguf
+
+    path = write_tiny_gemma2_gguf(tmp_path / "g2.gguf", window=16)
+    out = export(path, output=tmp_path / "b", quant="fp32", max_context=64, quality="full")
+    src = json.loads((out / "quality.json").read_text())["models"]["target"]["fp32_vs_source"]
+    assert src["top1_agreement"] == 1.0 and src["max_abs_diff"] < 1e-3
+    llm = edgellm.load(out, threads=1)
+    assert llm.manifest.target.architecture == "gemma2"
+    text = "def foo(x): return x + 1 hello world"
+    assert llm.tokenizer.decode(llm.tokenizer.encode(text, add_special_tokens=False)) == text
+    t = llm.generate(text, mode="target", max_new_tokens=40)
+    assert llm.generate(text, mode="lookup", max_new_tokens=40).token_ids == t.token_ids

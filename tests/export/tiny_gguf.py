@@ -118,3 +118,75 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str =
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+GEMMA2_HEAD_DIM = 256  # transformers' Gemma 2 reads query_pre_attn_scalar as 256 from a GGUF, whatever it says
+
+
+def spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A small SentencePiece (Unigram) vocabulary as Gemma's GGUF files hold one: controls, <unk>,
+    the 256 byte tokens and a few pieces; ``(tokens, scores, token types)``."""
+    import gguf
+
+    tt = gguf.TokenType
+    specials = [("<pad>", tt.CONTROL), ("<eos>", tt.CONTROL), ("<bos>", tt.CONTROL), ("<unk>", tt.UNKNOWN),
+                ("<start_of_turn>", tt.CONTROL), ("<end_of_turn>", tt.CONTROL)]
+    pieces = ["▁", "▁def", "▁return", "▁foo", "(x):", "▁x", "▁+", "▁1", "▁hello", "▁world", "print", "("]
+    pieces += sorted(set("defoxrtunhlw(): +1abcgimpsv"))
+    tokens = [t for t, _ in specials] + [f"<0x{i:02X}>" for i in range(256)] + pieces
+    types = [int(k) for _, k in specials] + [int(tt.BYTE)] * 256 + [int(tt.NORMAL)] * len(pieces)
+    scores = [0.0] * (len(specials) + 256) + [-float(i) - len(p) for i, p in enumerate(pieces)]
+    return tokens, scores, types
+
+
+def write_tiny_gemma2_gguf(path: Path, seed: int = 0, window: int = 16) -> Path:
+    """A 2-layer Gemma 2 GGUF as llama.cpp writes one: norms stored as ``1 + w``, sandwich norms,
+    soft-caps and a sliding window in the metadata, a tied embedding, a SentencePiece vocabulary,
+    quantized linear weights."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    heads, kv_heads, hd = 2, 1, GEMMA2_HEAD_DIM
+    tokens, scores, types = spm_vocab()
+    w = gguf.GGUFWriter(str(path), "gemma2")
+    w.add_block_count(2)
+    w.add_context_length(512)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_attn_logit_softcapping(50.0)  # Gemma 2's values, which transformers assumes for a GGUF
+    w.add_final_logit_softcapping(30.0)
+    w.add_sliding_window(window)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_space_prefix(False)
+    w.add_chat_template("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    f32 = lambda *s: rng.normal(0, 0.05, s).astype(np.float32)  # noqa: E731
+    w.add_tensor("token_embd.weight", (f32(len(tokens), HIDDEN) * 10).astype(np.float16).astype(np.float32))
+    dims = {"attn_q": (heads * hd, HIDDEN), "attn_k": (kv_heads * hd, HIDDEN), "attn_v": (kv_heads * hd, HIDDEN),
+            "attn_output": (HIDDEN, heads * hd), "ffn_gate": (INTER, HIDDEN), "ffn_up": (INTER, HIDDEN),
+            "ffn_down": (HIDDEN, INTER)}
+    for i, layer in enumerate(LAYER_TYPES):
+        for norm in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            w.add_tensor(f"blk.{i}.{norm}.weight", 1 + (1 + f32(HIDDEN)))  # llama.cpp stores Gemma's norms as 1 + w
+        for name, t in layer.items():
+            raw = _blocks(rng, t, dims[name])
+            w.add_tensor(f"blk.{i}.{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType[t])
+    w.add_tensor("output_norm.weight", 1 + (1 + f32(HIDDEN)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
