@@ -210,12 +210,14 @@ def test_gguf_rope_factors_of_the_wrong_length_are_refused(tmp_path):
 
 
 
-def test_gguf_phi3_fused_partial_rotary_and_longrope(tmp_path):
+@pytest.mark.parametrize("vocab", ["byte-level", "sentencepiece"])
+def test_gguf_phi3_fused_partial_rotary_and_longrope(tmp_path, vocab):
     """A Phi-4-mini-like GGUF: fused q/k/v and gate/up (llama.cpp's attn_qkv and ffn_up), half of each
     head rotated (rope.dimension_count) and longrope factors (rope_factors_long/short). The exported
     graph equals transformers' Phi-3 built from that config and the file's weights, on both sides of
     the switch to the long factors; the exporter's own full check (transformers reading the GGUF,
-    the rotary settings its loader drops put back) passes too."""
+    the rotary settings its loader drops put back) passes too. Its tokenizer, byte-level (Phi-4-mini)
+    or SentencePiece (Phi-3, 3.5), gives text back unchanged, Phi-3's control tokens one token each."""
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -224,10 +226,12 @@ def test_gguf_phi3_fused_partial_rotary_and_longrope(tmp_path):
     from edgellm.export.source import open_source
     from tiny_gguf import PHI3_ROTARY, PHI3_SPECIAL
 
-    tok = tmp_path / "tokenizer.json"
-    t = _train_tokenizer()
-    t.add_special_tokens(PHI3_SPECIAL)
-    tok.write_text(t.to_str())
+    tok = None
+    if vocab == "byte-level":
+        tok = tmp_path / "tokenizer.json"
+        t = _train_tokenizer()
+        t.add_special_tokens(PHI3_SPECIAL)
+        tok.write_text(t.to_str())
     path = write_tiny_gguf(tmp_path / "phi.gguf", tok, arch="phi3")
     out = export(path, output=tmp_path / "b", quant="fp32", max_context=64, quality="full")
     src = json.loads((out / "quality.json").read_text())["models"]["target"]["fp32_vs_source"]
@@ -245,6 +249,10 @@ def test_gguf_phi3_fused_partial_rotary_and_longrope(tmp_path):
     hf = Phi3ForCausalLM(cfg).eval()
     hf.load_state_dict({k: torch.from_numpy(np.array(gguf.tensor(k))) for k in hf.state_dict()}, strict=True)
     llm = edgellm.load(out, threads=1)
+    text = "def foo(x): return x + 1 # héllo 😀"
+    assert llm.tokenizer.decode(llm.tokenizer.encode(text, add_special_tokens=False)) == text
+    for marker in ("<|user|>", "<|end|>", "<|assistant|>"):
+        assert len(llm.tokenizer.encode(marker, add_special_tokens=False)) == 1, marker
     for n in (24, 48):  # the short factors, then (past the original 32 positions) the long ones
         ids = np.random.default_rng(n).integers(0, gguf.spec.vocab_size, n).astype(np.int64)
         with torch.no_grad():

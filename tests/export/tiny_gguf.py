@@ -42,22 +42,17 @@ def _blocks(rng: np.random.Generator, type_name: str, shape: tuple[int, int]) ->
         return raw.reshape(shape[0], -1)
 
 
-def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str = "qwen2",
+def write_tiny_gguf(path: Path, tokenizer_json: Path | None, seed: int = 0, arch: str = "qwen2",
                     rope_freqs: np.ndarray | None = None) -> Path:
     """Write a 2-layer Qwen2 (or Llama, or Qwen3 with q/k norms, or Phi-3 with fused q/k/v and gate/up,
-    half the head rotated and longrope factors) GGUF, vocab of the given tokenizer, quantized linear
-    weights; ``rope_freqs``: llama.cpp's per-frequency rope divisors (Llama 3.1+)."""
+    half the head rotated and longrope factors) GGUF, quantized linear weights; its vocabulary is
+    the byte-level BPE ``tokenizer_json``, or (``None``) a SentencePiece one with Phi-3's special
+    tokens (:func:`spm_vocab`). ``rope_freqs``: llama.cpp's per-frequency rope divisors (Llama 3.1+)."""
     import gguf
 
     rng = np.random.default_rng(seed)
     # transformers reads a Qwen3 GGUF with head_dim 128 whatever the file says: 2 heads of 128 here
     heads, kv_heads = (2, 1) if arch == "qwen3" else (HEADS, KV_HEADS)
-    tok = json.loads(Path(tokenizer_json).read_text())
-    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    special = {t["content"] for t in tok["added_tokens"]}
-
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(2)
     w.add_context_length(512)
@@ -72,17 +67,7 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str =
         w.add_rope_dimension_count(PHI3_ROTARY)
         w.add_rope_scaling_orig_ctx_len(32)
         w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(512 / 32) / math.log(32)))  # as llama.cpp writes it
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    # CONTROL (3) specials; <|im_start|> as USER_DEFINED (4), as Qwen's <tool_call> is
-    w.add_token_types([(4 if t == "<|im_start|>" else 3) if t in special else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_eos_token_id(vocab["<|im_end|>"])
-    w.add_bos_token_id(vocab["<|endoftext|>"])
-    w.add_pad_token_id(vocab["<|endoftext|>"])
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokens = _bpe_vocab(w, tokenizer_json) if tokenizer_json is not None else _spm_phi3_vocab(w)
     f32 = lambda *s: rng.normal(0, 0.05, s).astype(np.float32)  # noqa: E731
     # fp16-representable, so the bundle's fp16 embedding table holds it exactly
     w.add_tensor("token_embd.weight", (f32(len(tokens), HIDDEN) * 10).astype(np.float16).astype(np.float32))
@@ -121,6 +106,48 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path, seed: int = 0, arch: str =
 
 
 GEMMA2_HEAD_DIM = 256  # transformers' Gemma 2 reads query_pre_attn_scalar as 256 from a GGUF, whatever it says
+
+
+def _bpe_vocab(w, tokenizer_json: Path) -> list[str]:
+    """A byte-level BPE vocabulary (Qwen's kind) into ``w``; its tokens."""
+    tok = json.loads(Path(tokenizer_json).read_text())
+    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    special = {t["content"] for t in tok["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    # CONTROL (3) specials; <|im_start|> as USER_DEFINED (4), as Qwen's <tool_call> is
+    w.add_token_types([(4 if t == "<|im_start|>" else 3) if t in special else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_eos_token_id(vocab["<|im_end|>"])
+    w.add_bos_token_id(vocab["<|endoftext|>"])
+    w.add_pad_token_id(vocab["<|endoftext|>"])
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tokens
+
+
+def _spm_phi3_vocab(w) -> list[str]:
+    """A SentencePiece vocabulary as Phi-3's GGUF files hold one (pieces, bytes, then Phi-3's
+    special tokens as controls) into ``w``; its tokens."""
+    import gguf
+
+    tokens, scores, types = spm_vocab()
+    tokens, scores = tokens + PHI3_SPECIAL, scores + [0.0] * len(PHI3_SPECIAL)
+    types += [int(gguf.TokenType.CONTROL)] * len(PHI3_SPECIAL)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(tokens.index("<|end|>"))
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(tokens.index("<|endoftext|>"))
+    w.add_chat_template("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    return tokens
 
 
 def spm_vocab() -> tuple[list[str], list[float], list[int]]:
