@@ -53,16 +53,7 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path | None, seed: int = 0, arch
     rng = np.random.default_rng(seed)
     # transformers reads a Qwen3 GGUF with head_dim 128 whatever the file says: 2 heads of 128 here
     heads, kv_heads = (2, 1) if arch == "qwen3" else (HEADS, KV_HEADS)
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(2)
-    w.add_context_length(512)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_layer_norm_rms_eps(1e-6)
-
-    w.add_rope_freq_base(10000.0)
+    w = _header(path, arch, heads, kv_heads)
     if arch == "phi3":  # Phi-4-mini-like: part of each head rotated, longrope from a short original context
         w.add_rope_dimension_count(PHI3_ROTARY)
         w.add_rope_scaling_orig_ctx_len(32)
@@ -98,14 +89,34 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path | None, seed: int = 0, arch
     w.add_tensor("output_norm.weight", 1 + f32(HIDDEN))
     raw = _blocks(rng, "Q6_K", (len(tokens), HIDDEN))
     w.add_tensor("output.weight", raw, raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+    return _finish(w, path)
+
+
+GEMMA2_HEAD_DIM = 256  # transformers' Gemma 2 reads query_pre_attn_scalar as 256 from a GGUF, whatever it says
+
+
+def _header(path: Path, arch: str, heads: int, kv_heads: int):
+    """A GGUF writer for a 2-layer model of ``arch``, its shape and rope base written."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(2)
+    w.add_context_length(512)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    return w
+
+
+def _finish(w, path: Path) -> Path:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
-
-
-GEMMA2_HEAD_DIM = 256  # transformers' Gemma 2 reads query_pre_attn_scalar as 256 from a GGUF, whatever it says
 
 
 def _bpe_vocab(w, tokenizer_json: Path) -> list[str]:
@@ -175,17 +186,9 @@ def write_tiny_gemma2_gguf(path: Path, seed: int = 0, window: int = 16) -> Path:
     rng = np.random.default_rng(seed)
     heads, kv_heads, hd = 2, 1, GEMMA2_HEAD_DIM
     tokens, scores, types = spm_vocab()
-    w = gguf.GGUFWriter(str(path), "gemma2")
-    w.add_block_count(2)
-    w.add_context_length(512)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
+    w = _header(path, "gemma2", heads, kv_heads)
     w.add_key_length(hd)
     w.add_value_length(hd)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(10000.0)
     w.add_attn_logit_softcapping(50.0)  # Gemma 2's values, which transformers assumes for a GGUF
     w.add_final_logit_softcapping(30.0)
     w.add_sliding_window(window)
@@ -212,8 +215,4 @@ def write_tiny_gemma2_gguf(path: Path, seed: int = 0, window: int = 16) -> Path:
             raw = _blocks(rng, t, dims[name])
             w.add_tensor(f"blk.{i}.{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType[t])
     w.add_tensor("output_norm.weight", 1 + (1 + f32(HIDDEN)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
