@@ -10,15 +10,15 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from edgellm.bundle import check_bundle, read_manifest
+from edgellm.decode_types import DecodeConfig, DecodeStats, Round
 from edgellm.errors import BundleError, ConfigError
 from edgellm.generation import (GenerationOptions, GenerationResult, StreamEvent, TextStream, check_text,
                                 stats_dict)
 from edgellm.lookup import SharedLookup
-from edgellm.bundle import check_bundle, read_manifest
 from edgellm.manifest import Manifest, ModelEntry
 from edgellm.options import DEFAULT_MAX_NEW_TOKENS, GRAPH_FORMATS
 from edgellm.prompt_cache import Entry, PromptCache, common_prefix
-from edgellm.decode_types import DecodeConfig, DecodeStats, Round
 from edgellm.speculative import decode
 from edgellm.tokenizer import TextTokenizer
 

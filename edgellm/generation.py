@@ -12,9 +12,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from edgellm.decode_types import DecodeConfig, DecodeStats, Round
 from edgellm.errors import ConfigError
 from edgellm.sampling import SamplingConfig
-from edgellm.decode_types import DecodeConfig, DecodeStats, Round
 from edgellm.tokenizer import StreamDecoder, TextTokenizer
 
 
