@@ -323,6 +323,23 @@ def test_quality_judge_warns_about_a_damaged_target_or_a_useless_draft():
     assert good["target_within_threshold"] is True
 
 
+@pytest.mark.parametrize("source, fails", [
+    ({"top1_agreement": 1.0, "mean_kl": 1e-11, "max_abs_diff": 7.6e-5}, False),  # the real Gemma 3 270M
+    ({"top1_agreement": 1.0, "mean_kl": 2e-4, "max_abs_diff": 5.2}, True),  # Gemma 2 without its soft-cap
+    ({"top1_agreement": 0.53, "mean_kl": 0.5, "max_abs_diff": 14.5}, True),  # llama q/k rows misordered
+])
+def test_full_check_refuses_an_fp32_graph_that_is_not_the_source(source, fails):
+    from edgellm.errors import ExportError
+    from edgellm.export.report import judge as _judge
+
+    report = {"models": {"target": {"fp32_vs_source": {"positions": 256, **source}}}}
+    if fails:
+        with pytest.raises(ExportError, match="differs from the source model beyond rounding"):
+            _judge(report, 0.1, lambda m: None)
+    else:
+        _judge(report, 0.1, lambda m: None)
+
+
 def test_qdq_preparation_keeps_the_fp32_graph_output(model_dir, tmp_path):
     """Fitted mask values leave the logits alone; fp16-stored float layers move them by fp16 rounding only."""
     import onnx
