@@ -49,6 +49,7 @@ class ExportOptions:
     block_size: int = DEFAULT_BLOCK_SIZE
     draft_block_size: int = DEFAULT_DRAFT_BLOCK_SIZE
     lm_head_quant: str | None = None
+    draft_lm_head_quant: str | None = None
     max_context: int = DEFAULT_MAX_CONTEXT
     quality: str = DEFAULT_QUALITY
     max_target_kl: float = DEFAULT_MAX_TARGET_KL
@@ -90,6 +91,9 @@ class ExportOptions:
 
         self._set(adapters=parse_lora_args(self.lora), draft_adapters=parse_lora_args(self.draft_lora))
         check_draft_lora(self.draft_adapters, self.adapters, self.has_draft)
+        if self.draft_lm_head_quant is not None and not self.has_draft:
+            raise ConfigError(f"draft_lm_head_quant={self.draft_lm_head_quant!r} without a draft; add --draft or "
+                              "leave --draft-lm-head-quant out", param="draft_lm_head_quant")
         if self.adapters and (self.target_device == "npu" or self.ort_mobile):
             raise ConfigError(f"lora with {'target_device=npu' if self.target_device == 'npu' else 'ort_mobile'}: "
                               "LoRA branches are in the cpu and gpu graphs only; leave that option out", param="lora")
@@ -111,7 +115,7 @@ class ExportOptions:
         for name, value in (("npu_quant", self.npu_quant), ("npu_draft_quant", self.npu_draft_quant)):
             if value not in NPU_QUANTS:
                 raise ConfigError(f"{name}={value!r}; allowed: {', '.join(NPU_QUANTS)}")
-        self._set(quant="fp32", draft_quant="fp32", lm_head_quant=None)
+        self._set(quant="fp32", draft_quant="fp32", lm_head_quant=None, draft_lm_head_quant=None)
 
     def _check_quants(self) -> None:
         from edgellm.export.builder import QuantConfig
@@ -119,7 +123,7 @@ class ExportOptions:
         for name, value in (("quant", self.quant), ("draft_quant", self.draft_quant)):  # fail before any work
             if value != "auto":
                 QuantConfig(value, self.block_size if name == "quant" else self.draft_block_size,
-                            lm_head_quant=self.lm_head_quant)
+                            lm_head_quant=self.lm_head_quant if name == "quant" else self.draft_lm_head_quant)
 
     def _check_npu_extras(self) -> None:
         npu = self.target_device == "npu"
@@ -146,7 +150,7 @@ class ExportOptions:
         self._set(activations="fp16", quant="int4" if self.quant == "auto" else self.quant,
                   draft_quant="int4" if self.draft_quant == "auto" else self.draft_quant)
         for name, value in (("quant", self.quant), ("draft_quant", self.draft_quant),
-                            ("lm_head_quant", self.lm_head_quant)):
+                            ("lm_head_quant", self.lm_head_quant), ("draft_lm_head_quant", self.draft_lm_head_quant)):
             if value in ("fp32", "gguf"):
                 raise ConfigError(f"{name}={value!r} with target_device='gpu' (fp16 graphs); allowed: int4, int8, fp16")
 
@@ -157,7 +161,7 @@ class ExportOptions:
         if role == "target":
             return dict(quant=self.quant, block_size=self.block_size, lm_head_quant=self.lm_head_quant,
                         activations=self.activations)
-        return dict(quant=self.draft_quant, block_size=self.draft_block_size, lm_head_quant=None,
+        return dict(quant=self.draft_quant, block_size=self.draft_block_size, lm_head_quant=self.draft_lm_head_quant,
                     activations=self.activations)
 
     @property

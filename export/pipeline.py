@@ -38,6 +38,7 @@ def export(
     block_size: int = DEFAULT_BLOCK_SIZE,
     draft_block_size: int = DEFAULT_DRAFT_BLOCK_SIZE,
     lm_head_quant: str | None = None,
+    draft_lm_head_quant: str | None = None,
     max_context: int = DEFAULT_MAX_CONTEXT,
     quality: str = DEFAULT_QUALITY,
     max_target_kl: float = DEFAULT_MAX_TARGET_KL,
@@ -68,8 +69,10 @@ def export(
         block_size: MatMulNBits block size of the target.
         draft_block_size: MatMulNBits block size of the draft.
         lm_head_quant: storage of the target's output projection. ``None``: int8 when
-            ``quant`` is int4 (the head decides every token: guard it), else ``quant``. The
-            draft's head follows ``draft_quant``.
+            ``quant`` is int4 (the head decides every token: guard it), else ``quant``.
+        draft_lm_head_quant: the same for the draft's output projection (``None``: int8 when
+            ``draft_quant`` is int4, else ``draft_quant``); int4 makes its step cheaper and may
+            cost some acceptance, never output.
         max_context: KV-cache length (prompt + generated tokens) the bundle supports.
         quality: ``none``, ``quant`` (quantized vs fp32 graph) or ``full`` (also fp32 graph vs
             the source model in transformers).
@@ -116,7 +119,8 @@ def export(
 
     out = Path(output).expanduser()
     opts = ExportOptions(quant=quant, draft_quant=draft_quant, block_size=block_size, draft_block_size=draft_block_size,
-                         lm_head_quant=lm_head_quant, max_context=max_context, quality=quality,
+                         lm_head_quant=lm_head_quant, draft_lm_head_quant=draft_lm_head_quant,
+                         max_context=max_context, quality=quality,
                          max_target_kl=max_target_kl, trust_remote_code=trust_remote_code, ort_mobile=ort_mobile,
                          target_device=target_device, npu_window=npu_window, npu_quant=npu_quant,
                          npu_draft_quant=npu_draft_quant, calibration_text=calibration_text, draft_vocab=draft_vocab,

@@ -36,6 +36,8 @@ def _export_help() -> str:
 @click.option("--draft-block-size", default=O.DEFAULT_DRAFT_BLOCK_SIZE, show_default=True, type=int)
 @click.option("--lm-head-quant", default=None, type=click.Choice(O.QUANTS),
               help="Target output projection [default: int8 when --quant int4, else --quant].")
+@click.option("--draft-lm-head-quant", default=None, type=click.Choice(O.QUANTS),
+              help="Draft output projection [default: int8 when --draft-quant int4, else --draft-quant].")
 @click.option("--max-context", default=O.DEFAULT_MAX_CONTEXT, show_default=True, type=int, help="KV cache length.")
 @click.option("--quality", default=O.DEFAULT_QUALITY, show_default=True, type=click.Choice(O.QUALITY_LEVELS),
               help="quant: quantized vs fp32 graph; full: also fp32 graph vs the source model (torch).")

@@ -112,6 +112,24 @@ def test_bad_inputs_give_clear_errors(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists", "notamodel"]
 
 
+def test_draft_lm_head_quant_sets_the_drafts_head_and_keeps_the_output(tiny_model_dir, tmp_path):
+    import edgellm
+    from edgellm.bundle import read_manifest
+
+    out = export(tiny_model_dir, draft=tiny_model_dir, output=tmp_path / "b", max_context=128, quality="none",
+                 draft_lm_head_quant="int4")
+    m = read_manifest(out)
+    assert m.draft.quantization["lm_head_quant"] == "int4" and m.target.quantization["lm_head_quant"] == "int8"
+    llm = edgellm.load(out, threads=1)
+    t = llm.generate("def foo(x):", mode="target", max_new_tokens=16)
+    assert llm.generate("def foo(x):", mode="speculative", max_new_tokens=16).token_ids == t.token_ids
+    with pytest.raises(ConfigError, match="draft_lm_head_quant='int4' without a draft"):
+        export(tiny_model_dir, output=tmp_path / "c", draft_lm_head_quant="int4")
+    with pytest.raises(ConfigError, match="allowed"):
+        export(tiny_model_dir, draft=tiny_model_dir, output=tmp_path / "d", draft_lm_head_quant="int3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 def test_overwrite_replaces_a_bundle(tiny_model_dir, tmp_path):
     out = tmp_path / "b"
     export(tiny_model_dir, output=out, quant="fp16", quality="none", max_context=64)
