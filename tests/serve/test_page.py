@@ -51,6 +51,13 @@ def test_page_streams_a_reply(server, tmp_path):
         temperature = browser.find_element(By.ID, "temperature")
         temperature.clear()
         temperature.send_keys("1")  # the tiny model's greedy chat answer is blank lines, which markdown drops
+        # ... and a seed, so that the sampled answer is the same every run (not an early end of text)
+        browser.execute_script("""
+          const real = window.fetch.bind(window);
+          window.fetch = (url, init) => {
+            if (url === "/v1/chat/completions") init = { ...init, body: JSON.stringify({ ...JSON.parse(init.body), seed: 6 }) };
+            return real(url, init);
+          };""")
         browser.find_element(By.ID, "input").send_keys("def foo(x): return")
         browser.find_element(By.ID, "send").click()
         reply = WebDriverWait(browser, 60).until(
