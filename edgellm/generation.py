@@ -33,7 +33,7 @@ class GenerationOptions:
         seed: sampling seed, 0 to 2**63 - 1 (``None``: random); a seed gives the same text each run.
         num_draft_tokens: proposals per round, 0-64; ``None``: the controller chooses each round.
         stop: strings that end the generation (the text ends before the first one); a single
-            string is taken as one stop string.
+            string is taken as one stop string, ``None`` as none.
         adapter: a LoRA adapter of the bundle (``None``: the base model).
         cache_prompt: reuse the cached prefix a prompt shares with earlier ones (same output).
         prefill_chunk: prefill a longer prompt in passes of this many tokens (``None``: one pass).
@@ -46,13 +46,13 @@ class GenerationOptions:
     top_p: float = 1.0
     seed: int | None = None
     num_draft_tokens: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] | None = ()
     adapter: str | None = None
     cache_prompt: bool = True
     prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
-        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        stop = (self.stop,) if isinstance(self.stop, str) else () if self.stop is None else self.stop
         if not isinstance(stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop):
             raise ConfigError(f"stop={self.stop!r}; allowed: a non-empty string or a list of them", param="stop")
         for s in stop:

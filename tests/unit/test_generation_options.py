@@ -24,6 +24,7 @@ def test_defaults_and_the_loop_config_they_make():
 def test_stop_is_normalized_and_the_object_is_frozen():
     assert GenerationOptions(stop="\n\n").stop == ("\n\n",)
     assert GenerationOptions(stop=["a", "b"]).stop == ("a", "b")
+    assert GenerationOptions(stop=None).stop == ()
     with pytest.raises(dataclasses.FrozenInstanceError):
         GenerationOptions().temperature = 1.0  # type: ignore[misc]
 
