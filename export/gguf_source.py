@@ -152,11 +152,6 @@ class GGUFSource(Source):
                 cfg["rope_scaling"]["original_max_position_embeddings"] = int(original)
         return cfg
 
-    def rope_factors(self) -> np.ndarray | None:
-        """The ``rope_freqs`` tensor, float32 ``(rotary_dim / 2,)``: per-frequency divisors of the
-        rotary inverse frequencies (llama.cpp's form of Llama 3.1+ rope scaling); ``None`` if absent."""
-        return self._f32_tensor("rope_freqs")
-
     def _f32_tensor(self, name: str) -> np.ndarray | None:
         """A small float32 tensor of the file's (rope factors), flat; ``None`` if absent."""
         t = next((t for t in self.reader.tensors if t.name == f"{name}.weight"), None)

@@ -81,10 +81,10 @@ def _correct_gguf_rope(model, src) -> None:
 
     cfg = src.hf_config
     rotaries = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
-    factors = src.rope_factors()
-    if factors is not None:
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type") == "freq_factors":  # the divisors the graph was built with
         for _, m in rotaries:
-            m.inv_freq = m.inv_freq / torch.tensor(factors, dtype=m.inv_freq.dtype)
+            m.inv_freq = m.inv_freq / torch.tensor(scaling["factors"], dtype=m.inv_freq.dtype)
             m.original_inv_freq = m.inv_freq
         return
     keys = [k for k in ("rope_scaling", "partial_rotary_factor", "original_max_position_embeddings")
