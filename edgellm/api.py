@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -22,10 +23,11 @@ from edgellm.prompt_cache import Entry, PromptCache, common_prefix
 from edgellm.speculative import decode
 from edgellm.tokenizer import TextTokenizer
 
+if TYPE_CHECKING:
+    from edgellm.runtimes.batched import PassGate
+
 logger = logging.getLogger(__name__)
 
-#: generations the server runs at once, their rounds in turn (llama.cpp's server also has 4 slots)
-DEFAULT_MAX_BATCH = 4
 
 #: live cached tokens a new prompt may overwrite before they are stored in the prompt cache
 #: first (fewer: the same conversation going on, whose re-rendered last turn differs a little)
@@ -59,6 +61,8 @@ class LLM:
             self.draft = _Bound(_session(bundle, manifest.draft, graph_format, draft_p, threads), manifest.draft)
         self.adapters = _adapters(bundle, manifest)
         self.slots = [Slot(self.target, self.draft)] + [self._fork_slot() for _ in range(max_batch - 1)]
+        self.gate = self._gate(manifest.target, graph_format, target_p, threads) if max_batch > 1 else None
+        self._lock = threading.Lock()  # the prompt cache, swapped by generations on several threads
         self.load_seconds = time.perf_counter() - t0
         self.providers = {"target": target_p.name, "draft": draft_p.name if self.draft else None}
 
@@ -67,6 +71,28 @@ class LLM:
             raise ConfigError("max_batch > 1 needs a bundle with dynamic graphs (a cpu or gpu export); this "
                               "bundle's static npu graphs hold one sequence", param="max_batch")
         return Slot(self.target.fork(), self.draft.fork() if self.draft is not None else None)
+
+    def _gate(self, entry: ModelEntry, graph_format: str, provider, threads: int) -> PassGate:
+        """The gate every slot's target passes go through: one call of the bundle's batch graph for
+        the passes of all generations in flight, or (without one) each pass alone in turn."""
+        from edgellm.runtimes.batched import BatchedGraph, PassGate, run_each
+        from edgellm.runtimes.session import DecoderSession
+
+        sessions = [slot.target.session for slot in self.slots]
+        runner = run_each
+        if entry.batch_graph and graph_format == "onnx" and type(sessions[0]) is DecoderSession:
+            graph = BatchedGraph(self.bundle / entry.batch_graph, sessions[0].layout, provider, threads,
+                                 entry.batch_slots)
+            runner = graph.run
+            for s in sessions:  # the batch graph computes every pass: one copy of the weights in memory
+                s.session = s.binding = None
+        else:
+            logger.info("no batch graph for this bundle (re-export it to get one): the %d slots' passes take "
+                        "turns", len(sessions))
+        gate = PassGate(runner)
+        for s in sessions:
+            s.gate = gate
+        return gate
 
     def pick_slot(self, prompt_ids: Sequence[int], free: Sequence[int], adapter: str | None = None) -> int:
         """The slot of ``free`` whose live cache (computed with ``adapter``) shares the longest prefix
@@ -128,7 +154,8 @@ class LLM:
                               param="slot")
         target, draft = self.slots[slot]
         if cfg.cache_prompt:
-            self._swap_prompt_cache(np.asarray(prompt_ids, np.int64), target, draft, adapter)
+            with self._lock:
+                self._swap_prompt_cache(np.asarray(prompt_ids, np.int64), target, draft, adapter)
         _bind_adapter(target, draft, adapter, values)  # empties a cache whose adapter changes
         # a seeded sampled request must not depend on other requests: its samples follow its proposals
         seeded = not cfg.sampling.greedy and cfg.seed is not None

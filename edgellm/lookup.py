@@ -7,6 +7,8 @@ Pays off when the output repeats the input (code editing, summaries quoting thei
 
 from __future__ import annotations
 
+import threading
+
 from typing import Iterator
 
 import numpy as np
@@ -63,7 +65,7 @@ class SharedLookup:
     their acceptance apart from the request's own lookup (source ``shared``) and takes, each
     round, the source it expects more tokens from.
 
-    Not thread-safe: one thread adds to it (the server's worker thread).
+    Thread-safe: the server's generations (one thread each) propose and add concurrently.
     """
 
     def __init__(self, max_tokens: int, max_ngram: int = 4, min_ngram: int = 2) -> None:
@@ -75,6 +77,7 @@ class SharedLookup:
         self._index: dict[tuple[int, ...], tuple[int, int]] = {}  # n-gram -> (sequence, end position)
         self._next = 0
         self.tokens = 0
+        self._lock = threading.Lock()
 
     def add(self, seq: list[int] | np.ndarray) -> None:
         """Index ``seq`` (a prompt plus its output), dropping the oldest sequences past ``max_tokens``."""
@@ -83,13 +86,14 @@ class SharedLookup:
         a = np.asarray(seq, np.int64)[-self.max_tokens:]
         if len(a) <= self.min_ngram:
             return
-        key, self._next = self._next, self._next + 1
-        self._seqs[key] = a
-        self.tokens += len(a)
-        for gram, end in self._ngrams(a.tolist()):
-            self._index[gram] = (key, end)
-        while self.tokens > self.max_tokens:
-            self._drop(next(iter(self._seqs)))
+        with self._lock:
+            key, self._next = self._next, self._next + 1
+            self._seqs[key] = a
+            self.tokens += len(a)
+            for gram, end in self._ngrams(a.tolist()):
+                self._index[gram] = (key, end)
+            while self.tokens > self.max_tokens:
+                self._drop(next(iter(self._seqs)))
 
     def _drop(self, key: int) -> None:
         items = self._seqs.pop(key).tolist()
@@ -109,9 +113,10 @@ class SharedLookup:
         if max_tokens <= 0 or not self._index:
             return []
         tail = [int(t) for t in seq[-self.max_ngram:]]
-        for n in range(min(self.max_ngram, len(tail)), self.min_ngram - 1, -1):
-            hit = self._index.get(tuple(tail[len(tail) - n:]))
-            if hit is not None:
-                key, end = hit
-                return [int(t) for t in self._seqs[key][end:end + max_tokens]]
+        with self._lock:
+            for n in range(min(self.max_ngram, len(tail)), self.min_ngram - 1, -1):
+                hit = self._index.get(tuple(tail[len(tail) - n:]))
+                if hit is not None:
+                    key, end = hit
+                    return [int(t) for t in self._seqs[key][end:end + max_tokens]]
         return []

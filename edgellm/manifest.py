@@ -90,8 +90,11 @@ class ModelEntry:
     draft_vocab: dict[str, Any] | None = None
     # LoRA branches of the graph: {"sites": {"l0.qkv": [in, out], ...}, "dtype": "float32"} (edgellm.export.lora)
     lora: dict[str, Any] | None = None
+    # the target's batch graph (edgellm.export.batch_graph): several sequences' passes in one call
+    batch_graph: str | None = None
+    batch_slots: int = 0  # sequences one call of batch_graph holds (0: no batch graph)
 
-    OPTIONAL_GRAPHS = ("ort_graph", "step_graph", "ort_step_graph")
+    OPTIONAL_GRAPHS = ("ort_graph", "step_graph", "ort_step_graph", "batch_graph")
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -99,7 +102,7 @@ class ModelEntry:
         for k in self.OPTIONAL_GRAPHS + ("draft_vocab", "lora"):
             if d[k] is None:
                 d.pop(k)
-        for k in ("hidden_size", "intermediate_size"):  # 0: not recorded
+        for k in ("hidden_size", "intermediate_size", "batch_slots"):  # 0: not recorded
             if not d[k]:
                 d.pop(k)
         return d
@@ -273,6 +276,10 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
         safe_relpath(dv["file"], f"models.{role}.draft_vocab.file")
     if d.get("lora") is not None:
         _check_lora_sites(d["lora"], f"models.{role}.lora", kind)
+    if d.get("batch_graph") is not None:
+        if role != "target" or kind != "shared_buffer":
+            raise ManifestError(f"models.{role}.batch_graph: only a target with a shared_buffer cache has one")
+        _positive_int(d.get("batch_slots"), f"models.{role}.batch_slots", 64)
     known = set(ModelEntry.__dataclass_fields__) - {"role"}
     return ModelEntry(role=role, **{k: v for k, v in d.items() if k in known})
 

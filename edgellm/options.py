@@ -38,3 +38,7 @@ DEFAULT_NPU_WINDOW = 8
 
 #: a generation's length when the request does not say (the manifest's generation.max_new_tokens)
 DEFAULT_MAX_NEW_TOKENS = 256
+
+#: generations the server runs at once (llama.cpp's server also has 4 slots), and the sequences
+#: one call of an exported target's batch graph holds (edgellm.export.batch_graph)
+DEFAULT_MAX_BATCH = 4

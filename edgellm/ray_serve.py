@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edgellm.api import DEFAULT_MAX_BATCH
+from edgellm.options import DEFAULT_MAX_BATCH
 from edgellm.errors import ConfigError
 from edgellm.lookup import DEFAULT_SHARED_LOOKUP
 from edgellm.prompt_cache import DEFAULT_PROMPT_CACHE, parse_bytes

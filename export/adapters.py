@@ -1,4 +1,4 @@
-"""Adding LoRA adapters to an exported bundle: no base model, no re-export (``edgellm add-lora``)."""
+"""Changing an exported bundle without re-exporting it: LoRA adapters (``edgellm add-lora``), a batch graph."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edgellm.errors import ConfigError
+from edgellm.errors import ConfigError, ExportError
 from edgellm.export.output import progress_printer, writing
+from edgellm.options import DEFAULT_MAX_BATCH
 
 
 def add_lora(bundle: str | Path, lora: dict[str, str | os.PathLike] | list[str], *, replace: bool = False,
@@ -85,8 +86,7 @@ def _write_with_adapters(tmp: Path, manifest, adapters: list, table: dict, draft
     """In the copy ``tmp``: the adapters' files and branches, the files a replaced adapter leaves
     unused removed, and a new manifest hashing what changed."""
     from edgellm.export.lora import attach
-    from edgellm.bundle import sha256_file
-    from edgellm.manifest import MANIFEST_NAME, manifest_digest, parse_manifest
+    from edgellm.export.pipeline import add_batch_graph
 
     doc = manifest.to_dict()
     adapters_doc = dict(manifest.adapters)
@@ -100,10 +100,61 @@ def _write_with_adapters(tmp: Path, manifest, adapters: list, table: dict, draft
         del files[rel]
         (tmp / rel).unlink()
     changed = [m["graph"] for m in doc["models"].values()]
-    for rel in changed + sorted(used):
-        files[rel] = {"sha256": sha256_file(tmp / rel), "size": (tmp / rel).stat().st_size}
+    target = doc["models"]["target"]
+    old_batch = target.get("batch_graph")
+    if old_batch:  # rebuilt over the graph with its new LoRA inputs
+        add_batch_graph(tmp, target, say, target["batch_slots"])
+        if target.get("batch_graph"):
+            changed.append(old_batch)
+        else:
+            del files[old_batch]
+            (tmp / old_batch).unlink()
     doc["files"] = files
+    write_manifest(tmp, doc, changed + sorted(used))
+
+
+def write_manifest(tmp: Path, doc: dict, changed: list[str]) -> None:
+    """A changed bundle's manifest in ``tmp``: the ``changed`` files hashed anew, the digest
+    recomputed, checked by the runtime's own parser before it is written."""
+    from edgellm.bundle import sha256_file
+    from edgellm.manifest import MANIFEST_NAME, manifest_digest, parse_manifest
+
+    for rel in changed:
+        doc["files"][rel] = {"sha256": sha256_file(tmp / rel), "size": (tmp / rel).stat().st_size}
     doc.pop("manifest_sha256", None)
     doc["manifest_sha256"] = manifest_digest(doc)
     parse_manifest(doc)
     (tmp / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
+
+
+def add_batch_graph_to(bundle: str | Path, slots: int = DEFAULT_MAX_BATCH,
+                       progress: Callable[[str], None] | None = None) -> Path:
+    """Give a bundle exported before batch graphs existed the target's batch graph, without re-exporting it.
+
+    ``edgellm serve`` then verifies the drafts of up to ``slots`` requests in one target pass
+    (:mod:`edgellm.export.batch_graph`) instead of one pass each. The bundle is checked first,
+    then changed in a copy (hard links for the weights) that replaces it in one rename.
+
+    Raises:
+        ExportError: the target's graph cannot be batched (the message says why).
+        BundleError: the bundle is damaged.
+    """
+    from edgellm.bundle import check_bundle, read_manifest
+    from edgellm.export.pipeline import add_batch_graph
+
+    out = Path(bundle).expanduser()
+    say = progress_printer(progress, time.perf_counter())
+    manifest = read_manifest(out)
+    check_bundle(out, manifest)
+    if manifest.target.kv_layout.get("kind") != "shared_buffer":
+        raise ExportError(f"{out}: the target's {manifest.target.kv_layout.get('kind')} graph has no batch graph; "
+                          "only dynamic (cpu or gpu) exports do")
+    with writing(out, True, "add_batch_graph") as tmp:
+        _link_files(out, tmp, manifest.files)
+        doc = manifest.to_dict()
+        add_batch_graph(tmp, doc["models"]["target"], say, slots)
+        if not doc["models"]["target"].get("batch_graph"):
+            raise ExportError(f"{out}: this target's graph cannot be batched (see the message above)")
+        doc["files"] = dict(manifest.files)
+        write_manifest(tmp, doc, [doc["models"]["target"]["batch_graph"]])
+    return out

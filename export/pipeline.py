@@ -20,6 +20,7 @@ from edgellm.options import (  # the defaults, shared with the CLI
     DEFAULT_BLOCK_SIZE,
     DEFAULT_DRAFT_BLOCK_SIZE,
     DEFAULT_DRAFT_QUANT,
+    DEFAULT_MAX_BATCH,
     DEFAULT_MAX_CONTEXT,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MAX_TARGET_KL,
@@ -209,6 +210,8 @@ def _export_role(tmp: Path, role: str, src, qcfg, opts, tok_entry: dict, vocab, 
         from edgellm.export.lora import attach
 
         attach(tmp, entry, *adapters, manifest_adapters, say, role)
+    if role == "target" and entry["kv_layout"]["kind"] == "shared_buffer":
+        add_batch_graph(tmp, entry, say)
     if tokens is not None:
         write_ids(tmp / vocab[1]["file"], tokens)
         entry["draft_vocab"] = vocab[1]
@@ -223,6 +226,22 @@ def _export_role(tmp: Path, role: str, src, qcfg, opts, tok_entry: dict, vocab, 
     if opts.quality == "none":
         return entry, None
     return entry, model_quality(tmp, role, src, qcfg, entry, ctx, opts.quality, tok_entry, say, tokens, adapters[0])
+
+
+def add_batch_graph(tmp: Path, entry: dict[str, Any], say, slots: int = DEFAULT_MAX_BATCH) -> None:
+    """The target's batch graph beside its graph (:mod:`edgellm.export.batch_graph`), named in ``entry``;
+    a graph that cannot be batched gets none (the server's slots then take turns)."""
+    from edgellm.export.batch_graph import write_batch_graph
+
+    graph = tmp / entry["graph"]
+    rel = str(Path(entry["graph"]).with_name("batch.onnx"))
+    reason = write_batch_graph(graph, tmp / rel, entry["io"], slots)
+    if reason is None:
+        entry |= {"batch_graph": rel, "batch_slots": slots}
+        say(f"target: batch graph for {slots} sequences per pass ({rel})")
+    else:
+        entry.pop("batch_graph", None), entry.pop("batch_slots", None)
+        say(f"target: no batch graph ({reason}): served sequences will take turns")
 
 
 def _ort_mobile(tmp: Path, models: dict, say) -> dict:

@@ -159,8 +159,14 @@ class DecoderSession(CachedSession):
         self._bind_lora({})
 
     def _bind_lora(self, values: dict[str, Any]) -> None:
-        for key, zero in self._no_lora.items():
-            self.binding.bind_ortvalue_input(f"lora.{key}", values.get(key, zero))
+        self._lora = {f"lora.{key}": values.get(key, zero) for key, zero in self._no_lora.items()}
+        if self.binding is not None:
+            for name, value in self._lora.items():
+                self.binding.bind_ortvalue_input(name, value)
+
+    def lora_values(self) -> dict[str, Any]:
+        """The LoRA branch inputs this session computes with, by graph input name (OrtValues)."""
+        return self._lora
 
     def set_adapter(self, name: str | None, values: dict[str, Any] | None = None) -> None:
         """Compute with LoRA adapter ``name`` from now on (``None``: the base model).
@@ -212,19 +218,36 @@ class DecoderSession(CachedSession):
         rows = max(s, self.min_rows)
         rows += -rows % self.row_multiple
         pad = rows - s if total + rows - s <= self.layout.max_context else 0
+        after = 0  # copies after the real rows, whose logits are dropped
         if pad > 0 and total in self.boundaries and self.length >= pad:
             # a copy after the last row would cross the boundary: run the rows before it again
             # instead (same tokens at the same positions: their cache entries come out the same)
             self.length -= pad
-            logits = self._run(self._ids[self.length:total], num_logits)
+            run = self._ids[self.length:total]
         elif pad > 0:  # see the class docstring: the copies' logits and cache entries are dropped
-            logits = self._run(np.concatenate([ids, np.repeat(ids[-1:], pad)]), num_logits + pad)[:num_logits]
+            run, after = np.concatenate([ids, np.repeat(ids[-1:], pad)]), pad
         else:
-            logits = self._run(ids, num_logits)
+            run = ids
+        # the LM head too computes rows alike only in passes of min_rows or more, in whole row pairs
+        want = max(num_logits + after, self.min_rows)
+        want = min(len(run), want + -want % self.row_multiple)
+        logits = self._run(run, want)
         self.length = total
-        return logits
+        return logits[want - after - num_logits: want - after]
+
+    binding = None  # the session's own IO binding (None once its passes go through a batch graph)
+    _lora: dict[str, Any] = {}
+
+    #: a :class:`edgellm.runtimes.batched.PassGate` this session's passes go through (set by the
+    #: runtime when several sequences share the loaded graph); ``None``: each pass runs alone
+    gate = None
 
     def _run(self, token_ids: np.ndarray, num_logits: int) -> np.ndarray:
+        if self.gate is not None:
+            return self.gate.submit(self, token_ids, num_logits)
+        return self._run_alone(token_ids, num_logits)
+
+    def _run_alone(self, token_ids: np.ndarray, num_logits: int) -> np.ndarray:
         s, total = len(token_ids), self.length + len(token_ids)
         io, b = self.layout.io, self.binding
         b.bind_cpu_input(io["input_ids"], token_ids.reshape(1, s))
@@ -282,7 +305,7 @@ class ConcatCacheSession(DecoderSession):
         self._names = [(lay.io[past] % i, lay.io[present] % i) for i in range(lay.num_layers)
                        for past, present in (("past_key", "present_key"), ("past_value", "present_value"))]
 
-    def _run(self, token_ids: np.ndarray, num_logits: int) -> np.ndarray:
+    def _run_alone(self, token_ids: np.ndarray, num_logits: int) -> np.ndarray:
         start, s = self.length, len(token_ids)
         io = self.layout.io
         feed = {io["input_ids"]: token_ids.reshape(1, s), io["attention_mask"]: np.ones((1, start + s), np.int64)}

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from edgellm.api import DEFAULT_MAX_BATCH
+from edgellm.options import DEFAULT_MAX_BATCH
 from edgellm.cli import cli, err, json_out, load_flags
 from edgellm.lookup import DEFAULT_SHARED_LOOKUP
 from edgellm.options import MODES

@@ -30,7 +30,8 @@ import uuid
 from importlib import resources
 from typing import Any
 
-from edgellm.api import DEFAULT_MAX_BATCH, LLM
+from edgellm.api import LLM
+from edgellm.options import DEFAULT_MAX_BATCH
 from edgellm.errors import ConfigError
 from edgellm.lookup import DEFAULT_SHARED_LOOKUP
 from edgellm.prompt_cache import DEFAULT_PROMPT_CACHE, parse_bytes

@@ -1,8 +1,9 @@
-"""The worker that runs generations: up to ``max_batch`` at once in cache slots, a round each in turn (:class:`Engine`)."""
+"""The workers that run generations: up to ``max_batch`` at once in cache slots, their target passes batched (:class:`Engine`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 from collections import deque
@@ -56,15 +57,16 @@ class _Active:
 
 @dataclass
 class Engine:
-    """Runs up to ``llm``'s ``max_batch`` generations at once on one worker thread, a round each in turn.
+    """Runs up to ``llm``'s ``max_batch`` generations at once, one thread each, in cache slots.
 
     Requests are admitted first come first served into free cache slots (the one whose cache
-    shares most with the prompt, so a chat's next turn finds its conversation); every admitted
-    generation then runs one decoding round per turn (one target pass and the tokens it commits),
-    so a request arriving during a long generation starts at the next turn instead of after it
-    ends; a long prompt is prefilled ``prefill_chunk`` tokens a turn, so it does not stall the
-    others either. Passes take turns on the one loaded model: the machine's throughput is shared, not
-    multiplied. Further requests wait (``max_queue`` of them, then 429).
+    shares most with the prompt, so a chat's next turn finds its conversation) as soon as one is
+    free: a request arriving during a long generation starts right away instead of after it ends.
+    The generations' target passes meet at ``llm.gate``: with a batch graph in the bundle, one
+    onnxruntime call verifies every generation's proposals (continuous batching; each sequence's
+    output is its solo output); without one they take turns. A long prompt is prefilled
+    ``prefill_chunk`` tokens a pass, so it does not stall the others. Further requests wait
+    (``max_queue`` of them, then 429).
     """
 
     llm: LLM
@@ -127,14 +129,12 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._pending and not self._active:
+                while not self._pending or len(self._active) >= self.max_batch:
                     self._wake.wait()
                 self._admit()
-            for act in list(self._active):
-                self._turn(act)
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots, first come first served."""
+        """Move waiting requests into free slots, first come first served; each runs on its own thread."""
         while self._pending and len(self._active) < self.max_batch:
             job, req = self._pending.popleft()
             if job.cancelled.is_set():  # the client left while queued
@@ -143,29 +143,36 @@ class Engine:
             free = sorted(set(range(self.max_batch)) - {a.slot for a in self._active})
             slot = (self.llm.pick_slot(req.prompt_ids, free, req.options.adapter) if len(free) > 1
                     else free[0])
-            self._active.append(_Active(job, req, slot))
+            act = _Active(job, req, slot)
+            self._active.append(act)
+            threading.Thread(target=self._run, args=(act,), name=f"edgellm-slot{slot}", daemon=True).start()
 
-    def _turn(self, act: _Active) -> None:
-        """Run ``act`` up to the end of its next round (or to its end)."""
-        done = True
+    def _run(self, act: _Active) -> None:
+        """Run ``act`` to its end; its target passes join the other slots' (``llm.gate``)."""
+        gate = self.llm.gate
         try:
-            if act.events is None:
-                chunk = self.prefill_chunk if self.max_batch > 1 else None
-                act.events = self.llm.stream_events(act.req.prompt, act.req.options, slot=act.slot,
-                                                    prompt_ids=act.req.prompt_ids, prefill_chunk=chunk)
-            for ev in act.events:
+            with gate.member() if gate is not None else contextlib.nullcontext():
+                self._generate(act)
+        finally:
+            with self._wake:
+                self._active.remove(act)
+                self._wake.notify()
+            self._end(act.job)
+
+    def _generate(self, act: _Active) -> None:
+        events = None
+        try:
+            chunk = self.prefill_chunk if self.max_batch > 1 else None
+            events = self.llm.stream_events(act.req.prompt, act.req.options, slot=act.slot,
+                                            prompt_ids=act.req.prompt_ids, prefill_chunk=chunk)
+            for ev in events:
                 if act.job.cancelled.is_set():
                     break
                 if ev.result is not None:
                     self.last_stats, self.served = ev.result.stats, self.served + 1
                 act.job.put(ev)
-                if ev.round_end and ev.result is None:
-                    done = False
-                    break
         except BaseException as e:  # noqa: BLE001 - handed to the request's task, which answers it
             act.job.put(e)
-        if done:
-            if act.events is not None:
-                act.events.close()  # a cancelled generation's end still runs (shared lookup, caches)
-            self._active.remove(act)
-            self._end(act.job)
+        finally:
+            if events is not None:
+                events.close()  # a cancelled generation's end still runs (shared lookup, caches)
