@@ -90,3 +90,39 @@ def make_tiny_hf_model(folder, arch: str = "qwen2", seed: int = 0, vocab_size: i
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
     return folder
+
+
+def run_concurrently(llm, requests, slots: int | None = None) -> list[list[int]]:
+    """Each ``(prompt, generate kwargs)`` of ``requests`` on its own thread in one of ``llm``'s
+    slots, as the server runs them (their target passes meet at ``llm.gate``); a request waits
+    for a free slot, so later ones join while earlier ones are mid-generation. Returns each
+    request's token ids, in order."""
+    import queue
+    import threading
+
+    free = queue.Queue()
+    for k in range(slots or len(llm.slots)):
+        free.put(k)
+    got: dict[int, object] = {}
+
+    def work(i: int, slot: int) -> None:
+        prompt, kw = requests[i]
+        try:
+            with llm.gate.member():
+                got[i] = llm.generate(prompt, slot=slot, **kw).token_ids
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread
+            got[i] = e
+        finally:
+            free.put(slot)
+
+    threads = []
+    for i in range(len(requests)):
+        t = threading.Thread(target=work, args=(i, free.get()))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(timeout=300)
+    for i in range(len(requests)):
+        if isinstance(got.get(i), BaseException):
+            raise got[i]
+    return [got[i] for i in range(len(requests))]

@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from helpers import make_tiny_hf_model
+from helpers import make_tiny_hf_model, run_concurrently
 from edgellm.errors import ExportError
 
 torch = pytest.importorskip("torch")
@@ -243,3 +243,20 @@ def test_blocks_of_64_keep_rows_in_pairs(tmp_path):
         sess.rollback(30)
         batched = np.concatenate([sess.forward(ids[j:min(j + k, 51)], min(k, 51 - j)) for j in range(30, 51, k)])
         assert (batched == alone).all(), k
+
+
+def test_batched_passes_give_each_sequence_its_solo_output(family):
+    """The batch graph (one attention node per slot) keeps each family's attention exact: windows,
+    soft-caps, no-rope layers; phi3's longrope picks its rotary tables by the pass's length, so
+    its target gets no batch graph and its slots take turns."""
+    name, _, bundle = family
+    entry = read_manifest(bundle).target
+    assert (entry.batch_graph is None) == (name == "phi3"), name
+    requests = [("def foo(x): return x", dict(mode="speculative", max_new_tokens=20)),
+                ("hello hello hello world " * 3, dict(mode="lookup", max_new_tokens=16)),
+                ("abc", dict(mode="target", max_new_tokens=24)),
+                ("x = 1\ny = 2\n", dict(mode="speculative", temperature=0.8, seed=3, max_new_tokens=16))]
+    # each alone on a fresh load: a longrope key cached by an earlier, shorter pass differs from a
+    # cold one past the switch, so even a one-token shared prefix would change phi3's output
+    expected = [edgellm.load(bundle, threads=1).generate(p, **kw).token_ids for p, kw in requests]
+    assert run_concurrently(edgellm.load(bundle, threads=1, max_batch=3), requests) == expected, name

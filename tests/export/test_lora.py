@@ -168,6 +168,9 @@ def test_add_lora_to_a_bundle_gives_the_same_output(tiny_model_dir, adapters, lo
     for name in ("qv", "all"):
         assert loaded.generate(PROMPT, max_new_tokens=N, mode="target", adapter=name).token_ids == \
             llm.generate(PROMPT, max_new_tokens=N, mode="target", adapter=name).token_ids
+    batched = edgellm.load(plain, threads=1, max_batch=2)  # add_lora rebuilt its batch graph with the LoRA inputs
+    assert batched.generate(PROMPT, max_new_tokens=N, mode="target", adapter="all").token_ids == \
+        loaded.generate(PROMPT, max_new_tokens=N, mode="target", adapter="all").token_ids
     assert not list(tmp_path.glob(".plain.*"))  # no partial or old copies left beside it
 
 
@@ -348,3 +351,18 @@ def test_a_damaged_adapter_file_is_a_bundle_error(tmp_path, arrays, match):
     path.write_bytes(b"not a zip")
     with pytest.raises(BundleError, match="not an adapter archive"):
         load_adapter(path, {"l0.qkv": [64, 128]})
+
+
+def test_sequences_with_different_adapters_in_flight_at_once(lora_bundle, llm):
+    """Batched passes group sequences by adapter (each group one call, its own LoRA inputs):
+    every sequence still gets its solo output."""
+    import edgellm
+    from helpers import run_concurrently
+
+    requests = [(PROMPT, dict(max_new_tokens=N, adapter=name, mode=mode, cache_prompt=False))
+                for name, mode in (("qv", "speculative"), (None, "lookup"), ("all", "target"),
+                                   ("qv", "target"), ("all", "speculative"))]
+    solo = [llm.generate(p, **kw).token_ids for p, kw in requests]
+    batched = edgellm.load(lora_bundle, threads=1, max_batch=3)
+    assert batched.manifest.target.batch_graph is not None
+    assert run_concurrently(batched, requests) == solo

@@ -43,6 +43,10 @@ def test_valid_manifest_parses():
     (lambda d: d["models"]["target"]["kv_layout"].update(dtype="bfloat16"), "reads float32, float16"),
     (lambda d: d["models"]["target"].update(step_graph="../step.onnx"), "models.target.step_graph"),
     (lambda d: d["models"]["target"].update(step_graph="target/step.onnx"), "step_graph 'target/step.onnx' is not listed"),
+    (lambda d: d["models"]["target"].update(batch_graph="target/batch.onnx"), "batch_slots"),
+    (lambda d: d["models"]["target"].update(batch_graph="../b.onnx", batch_slots=4), "leaves the bundle"),
+    (lambda d: d["models"]["target"].update(batch_graph="target/batch.onnx", batch_slots=4), "is not listed"),
+    (lambda d: d["models"]["target"].update(batch_graph="target/batch.onnx", batch_slots=65), "batch_slots"),
 ])
 def test_invalid_manifests_are_refused(mutate, match):
     doc = copy.deepcopy(DOC)
