@@ -281,6 +281,10 @@ class _Bound:
     def forward(self, token_ids, num_logits: int = 1):
         return self.session.forward(token_ids, num_logits)
 
+    @property
+    def pass_seconds(self) -> float | None:
+        return getattr(self.session, "pass_seconds", None)
+
     def rollback(self, length: int) -> None:
         self.session.rollback(length)
 

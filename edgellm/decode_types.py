@@ -23,7 +23,8 @@ class Model(Protocol):
 
     def rollback(self, length: int) -> None: ...
 
-    # optional: ``cached_ids() -> int64 (length,)``, the cached tokens (enables prompt caching)
+    # optional: ``cached_ids() -> int64 (length,)``, the cached tokens (enables prompt caching);
+    # ``pass_seconds``, what the last forward cost this sequence (its share of a batched call)
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,9 @@ def _speculative_round(target: Model, draft: Model | None, seq: list[int], plan:
     target.rollback(base + n)  # 5: the target keeps base - 1 + n + 1 - 1 positions
     if draft is not None:
         draft.rollback(min(draft.length, base + n))
-    _record(stats, ctl, prop, n, t1 - t0, t2 - t1)
+    # what the pass cost this sequence: with others in the same call, its share, not the wait
+    verify_s = getattr(target, "pass_seconds", None)
+    _record(stats, ctl, prop, n, t1 - t0, t2 - t1 if verify_s is None else verify_s)
     return Round(prop.tokens[:n] + [nxt], [True] * n + [False])
 
 

@@ -86,7 +86,7 @@ def _write_with_adapters(tmp: Path, manifest, adapters: list, table: dict, draft
     """In the copy ``tmp``: the adapters' files and branches, the files a replaced adapter leaves
     unused removed, and a new manifest hashing what changed."""
     from edgellm.export.lora import attach
-    from edgellm.export.pipeline import add_batch_graph
+    from edgellm.export.pipeline import batch_graph_entry
 
     doc = manifest.to_dict()
     adapters_doc = dict(manifest.adapters)
@@ -103,7 +103,7 @@ def _write_with_adapters(tmp: Path, manifest, adapters: list, table: dict, draft
     target = doc["models"]["target"]
     old_batch = target.get("batch_graph")
     if old_batch:  # rebuilt over the graph with its new LoRA inputs
-        add_batch_graph(tmp, target, say, target["batch_slots"])
+        batch_graph_entry(tmp, target, say, target["batch_slots"])
         if target.get("batch_graph"):
             changed.append(old_batch)
         else:
@@ -127,7 +127,7 @@ def write_manifest(tmp: Path, doc: dict, changed: list[str]) -> None:
     (tmp / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
 
 
-def add_batch_graph_to(bundle: str | Path, slots: int = DEFAULT_MAX_BATCH,
+def add_batch_graph(bundle: str | Path, slots: int = DEFAULT_MAX_BATCH,
                        progress: Callable[[str], None] | None = None) -> Path:
     """Give a bundle exported before batch graphs existed the target's batch graph, without re-exporting it.
 
@@ -135,13 +135,26 @@ def add_batch_graph_to(bundle: str | Path, slots: int = DEFAULT_MAX_BATCH,
     (:mod:`edgellm.export.batch_graph`) instead of one pass each. The bundle is checked first,
     then changed in a copy (hard links for the weights) that replaces it in one rename.
 
+    Args:
+        bundle: a bundle folder written by :func:`export`.
+        slots: sequences one call of the batch graph holds (``serve --max-batch`` beyond it runs
+            several calls a pass).
+        progress: called with one-line progress messages.
+
+    Returns:
+        The bundle folder.
+
     Raises:
+        ConfigError: ``slots`` outside 2-64.
         ExportError: the target's graph cannot be batched (the message says why).
         BundleError: the bundle is damaged.
     """
     from edgellm.bundle import check_bundle, read_manifest
-    from edgellm.export.pipeline import add_batch_graph
+    from edgellm.export.pipeline import batch_graph_entry
 
+    if not isinstance(slots, int) or isinstance(slots, bool) or not 2 <= slots <= 64:
+        raise ConfigError(f"slots={slots!r}; allowed: an integer 2-64 (sequences one target pass holds)",
+                          param="slots")
     out = Path(bundle).expanduser()
     say = progress_printer(progress, time.perf_counter())
     manifest = read_manifest(out)
@@ -152,7 +165,7 @@ def add_batch_graph_to(bundle: str | Path, slots: int = DEFAULT_MAX_BATCH,
     with writing(out, True, "add_batch_graph") as tmp:
         _link_files(out, tmp, manifest.files)
         doc = manifest.to_dict()
-        add_batch_graph(tmp, doc["models"]["target"], say, slots)
+        batch_graph_entry(tmp, doc["models"]["target"], say, slots)
         if not doc["models"]["target"].get("batch_graph"):
             raise ExportError(f"{out}: this target's graph cannot be batched (see the message above)")
         doc["files"] = dict(manifest.files)

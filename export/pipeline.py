@@ -211,7 +211,7 @@ def _export_role(tmp: Path, role: str, src, qcfg, opts, tok_entry: dict, vocab, 
 
         attach(tmp, entry, *adapters, manifest_adapters, say, role)
     if role == "target" and entry["kv_layout"]["kind"] == "shared_buffer":
-        add_batch_graph(tmp, entry, say)
+        batch_graph_entry(tmp, entry, say)
     if tokens is not None:
         write_ids(tmp / vocab[1]["file"], tokens)
         entry["draft_vocab"] = vocab[1]
@@ -228,7 +228,7 @@ def _export_role(tmp: Path, role: str, src, qcfg, opts, tok_entry: dict, vocab, 
     return entry, model_quality(tmp, role, src, qcfg, entry, ctx, opts.quality, tok_entry, say, tokens, adapters[0])
 
 
-def add_batch_graph(tmp: Path, entry: dict[str, Any], say, slots: int = DEFAULT_MAX_BATCH) -> None:
+def batch_graph_entry(tmp: Path, entry: dict[str, Any], say, slots: int = DEFAULT_MAX_BATCH) -> None:
     """The target's batch graph beside its graph (:mod:`edgellm.export.batch_graph`), named in ``entry``;
     a graph that cannot be batched gets none (the server's slots then take turns)."""
     from edgellm.export.batch_graph import write_batch_graph

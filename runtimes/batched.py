@@ -18,6 +18,7 @@ Two pieces:
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +38,14 @@ def slot_name(slot: int, name: str) -> str:
 @dataclass
 class Part:
     """One session's pass waiting at the gate: its rows (int64 ``(S,)``) and how many trailing
-    rows' logits it wants; ``logits`` (float ``(n, V)``) or ``error`` once the pass has run."""
+    rows' logits it wants; ``logits`` (float ``(n, V)``) or ``error`` once the pass has run, and
+    ``seconds``, its share of the call that ran it (the call's time times its share of the rows)."""
 
     session: Any
     token_ids: np.ndarray
     num_logits: int
     logits: np.ndarray | None = None
+    seconds: float = 0.0
     error: BaseException | None = None
     done: bool = field(default=False)
 
@@ -79,6 +82,7 @@ class BatchedGraph:
     def _run(self, parts: list[Part]) -> None:
         io, lay = self.layout.io, self.layout
         b = self.session.io_binding()
+        t0 = time.perf_counter()
         b.bind_output(io["logits"], "cpu")  # bound first: get_outputs()[0]
         ids = np.concatenate([p.token_ids for p in parts]).astype(np.int64)
         b.bind_cpu_input(io["input_ids"], ids.reshape(1, -1))
@@ -102,15 +106,18 @@ class BatchedGraph:
             b.bind_ortvalue_input(name, value)
         self.session.run_with_iobinding(b)
         logits = b.get_outputs()[0].numpy()[0]
-        ends = np.cumsum([p.num_logits for p in parts])
+        ends, seconds = np.cumsum([p.num_logits for p in parts]), time.perf_counter() - t0
         for p, end in zip(parts, ends):
             p.logits = logits[end - p.num_logits: end]
+            p.seconds = seconds * len(p.token_ids) / len(ids)
 
 
 def run_each(parts: list[Part]) -> None:
     """The gate's runner for graphs without a batch graph: each pass alone, in turn."""
     for p in parts:
+        t0 = time.perf_counter()
         p.logits = p.session._run_alone(p.token_ids, p.num_logits)
+        p.seconds = time.perf_counter() - t0
 
 
 class PassGate:
@@ -145,8 +152,8 @@ class PassGate:
                 self._members -= 1
                 self._cv.notify_all()  # the others may all be waiting on this one
 
-    def submit(self, session, token_ids: np.ndarray, num_logits: int) -> np.ndarray:
-        """Run ``session``'s pass with the others' (see :meth:`DecoderSession._run`); its logits."""
+    def submit(self, session, token_ids: np.ndarray, num_logits: int) -> Part:
+        """Run ``session``'s pass with the others' (see :meth:`DecoderSession._run`); the part, its logits in."""
         part = Part(session, token_ids, num_logits)
         guest = not getattr(self._local, "member", False)
         with self._cv:
@@ -164,7 +171,7 @@ class PassGate:
                 self._cv.notify_all()
         if part.error is not None:
             raise part.error
-        return part.logits
+        return part
 
     def _lead(self) -> None:
         """Run every waiting pass (called holding the lock; released while the passes run)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,7 @@ class DecoderSession(CachedSession):
         Returns:
             float32 ``(num_logits, vocab_size)``.
         """
+        self.pass_seconds = 0.0
         logits = self._forward(token_ids, num_logits)
         if self.logits_tokens is not None:
             return expand_logits(logits, self.logits_tokens, self.layout.vocab_size)
@@ -242,10 +244,19 @@ class DecoderSession(CachedSession):
     #: runtime when several sequences share the loaded graph); ``None``: each pass runs alone
     gate = None
 
+    #: seconds the last :meth:`forward` cost this sequence: its passes' time, or with a gate its
+    #: share of the batched calls (by rows), not the time it waited for the others
+    pass_seconds = 0.0
+
     def _run(self, token_ids: np.ndarray, num_logits: int) -> np.ndarray:
         if self.gate is not None:
-            return self.gate.submit(self, token_ids, num_logits)
-        return self._run_alone(token_ids, num_logits)
+            part = self.gate.submit(self, token_ids, num_logits)
+            self.pass_seconds += part.seconds
+            return part.logits
+        t0 = time.perf_counter()
+        logits = self._run_alone(token_ids, num_logits)
+        self.pass_seconds += time.perf_counter() - t0
+        return logits
 
     def _run_alone(self, token_ids: np.ndarray, num_logits: int) -> np.ndarray:
         s, total = len(token_ids), self.length + len(token_ids)

@@ -1,4 +1,4 @@
-"""``edgellm export``, ``add-lora`` and ``inspect``: making and checking bundles."""
+"""``edgellm export``, ``add-lora``, ``add-batch-graph`` and ``inspect``: making and checking bundles."""
 
 from __future__ import annotations
 
@@ -98,6 +98,16 @@ def add_lora(bundle: Path, adapters: tuple[str, ...], draft_lora: tuple[str, ...
     """Add PEFT LoRA adapters to BUNDLE (no re-export; the base model is not needed)."""
     click.echo(str(_exporter().add_lora(bundle, list(adapters), replace=replace, draft_lora=list(draft_lora),
                                         progress=err)))
+
+
+@cli.command("add-batch-graph")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--slots", default=O.DEFAULT_MAX_BATCH, show_default=True, type=click.IntRange(2, 64),
+              help="Sequences one target pass holds (2-64).")
+def add_batch_graph(bundle: Path, slots: int) -> None:
+    """Give BUNDLE (exported before batch graphs) the target's batch graph: `serve` then verifies
+    several requests' drafts in one pass. No re-export; the base model is not needed."""
+    click.echo(str(_exporter().add_batch_graph(bundle, slots=slots, progress=err)))
 
 
 # ---------------------------------------------------------------------------------- inspect

@@ -132,3 +132,22 @@ def test_serve_refuses_bad_serving_options_before_listening(tiny_bundle, capsys)
     assert main(["serve", str(tiny_bundle), "--replicas", "2"]) == 2
     assert "--replicas and --cpus-per-replica need --ray" in capsys.readouterr().err
     assert main(["serve", str(tiny_bundle), "--max-batch", "0"]) == 2
+
+
+def test_add_batch_graph(tiny_bundle, tmp_path, capsys):
+    import shutil
+
+    from edgellm.bundle import read_manifest
+    from edgellm.errors import ConfigError
+    from edgellm.export import add_batch_graph
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    r = run(["add-batch-graph", str(copy), "--slots", "3"])
+    assert r.exit_code == 0, r.output
+    assert read_manifest(copy).target.batch_slots == 3
+    assert main(["add-batch-graph", str(copy), "--slots", "1"]) == 2  # a usage error
+    assert "--slots" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="slots=1; allowed: an integer 2-64"):
+        add_batch_graph(copy, slots=1)
+    assert read_manifest(copy).target.batch_slots == 3  # nothing changed

@@ -58,13 +58,13 @@ def test_a_lone_pass_through_the_batch_graph_equals_the_target_graph(tiny_bundle
 
 
 def test_more_sequences_than_the_graph_holds_run_in_several_calls(tiny_bundle, solo, tmp_path):
-    """add_batch_graph_to rewrites an existing bundle's batch graph (here for 2 slots); 4 sequences
+    """add_batch_graph rewrites an existing bundle's batch graph (here for 2 slots); 4 sequences
     in flight then take two calls a pass, and still each gets its solo output."""
-    from edgellm.export import add_batch_graph_to
+    from edgellm.export import add_batch_graph
 
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)
-    add_batch_graph_to(copy, slots=2)
+    add_batch_graph(copy, slots=2)
     assert read_manifest(copy).target.batch_slots == 2
     llm = edgellm.load(copy, threads=1, max_batch=4)
     assert run_concurrently(llm, REQUESTS) == solo
@@ -111,3 +111,33 @@ def test_parts_with_different_adapters_go_in_separate_calls():
 
     Graph().run([Part(S(a), np.zeros(2, np.int64), 1) for a in (None, "x", None, "y", "x")])
     assert calls == [[None, None], ["x", "x"], ["y"]]  # grouped in order of first appearance
+
+
+def test_the_gate_runs_a_pass_when_every_member_waits():
+    """Three generations of 3, 1 and 2 passes: the first pass holds all three, the second the two
+    left, the third the last one alone; none waits for a member that has left."""
+    import threading
+
+    sizes = []
+
+    def runner(parts):
+        sizes.append(len(parts))
+        for p in parts:
+            p.logits = p.token_ids * 10
+
+    gate = PassGate(runner)
+    start = threading.Barrier(3)
+    got = {}
+
+    def member(name, passes):
+        with gate.member():
+            start.wait()
+            got[name] = [int(gate.submit(name, np.array([k]), 1).logits[0]) for k in range(passes)]
+
+    threads = [threading.Thread(target=member, args=a) for a in (("a", 3), ("b", 1), ("c", 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert got == {"a": [0, 10, 20], "b": [0], "c": [0, 10]}
+    assert sizes == [3, 2, 1]

@@ -73,3 +73,22 @@ def test_a_cached_chat_turn_equals_a_cold_one(llm):
     assert warm.token_ids == cold.token_ids
     for a, i in zip(keep, (0, 13, 27)):
         np.testing.assert_array_equal(a, llm.target.session.cache_array(i)[:, :n])
+
+
+def test_batched_passes_give_each_request_its_solo_output(llm):
+    """Four requests in flight on the real pair (speculative, lookup and target, greedy and seeded
+    sampling), their target passes batched: each gets exactly what it gets alone."""
+    import edgellm
+    from helpers import run_concurrently
+
+    if llm.manifest.target.batch_graph is None:
+        pytest.skip("this bundle predates batch graphs: `edgellm add-batch-graph BUNDLE` or re-export")
+    requests = [(CODE_PROMPTS[0], dict(mode="speculative", max_new_tokens=48)),
+                (CODE_PROMPTS[1], dict(mode="lookup", max_new_tokens=48)),
+                ("class Stack:\n    def __init__(self):", dict(mode="target", max_new_tokens=32)),
+                ("import json\n\ndef load_config(path):", dict(mode="speculative", temperature=0.7, seed=5,
+                                                              max_new_tokens=32))]
+    solo = [llm.generate(p, cache_prompt=False, **kw).token_ids for p, kw in requests]
+    batched = edgellm.load(llm.bundle, max_batch=4)
+    assert run_concurrently(batched, [(p, kw | {"cache_prompt": False}) for p, kw in requests]) == solo
+    assert batched.gate.parts_run > batched.gate.passes
