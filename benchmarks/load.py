@@ -133,15 +133,19 @@ def summarize(results: list[list[dict]], wall: float, reference: dict[str, str])
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    """Aggregate and per-client tok/s and time to first token against clients, one line per run (its max_batch)."""
+    """Aggregate and per-client tok/s and time to first token against clients, one line per run (its
+    max_batch, and whether the server batched its passes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
-    for run, color in zip(runs, ("tab:blue", "tab:orange", "tab:green")):
+    for run, color in zip(runs, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         lv, tag = run["levels"], f"max-batch {run['max_batch']}"
+        batched = lv[-1].get("server", {}).get("batched")
+        if run["max_batch"] > 1 and batched is not None:  # runs from before batch graphs do not say
+            tag += ", batched passes" if batched else ", passes in turn"
         n = [x["clients"] for x in lv]
         a.plot(n, [x["aggregate_tokens_per_second"] for x in lv], "o-", color=color, label=f"{tag}: all clients")
         a.plot(n, [statistics.median(x["per_client_tokens_per_second"]) for x in lv], "s:", color=color,
@@ -181,7 +185,7 @@ class Server:
 
         def health() -> dict:
             h = httpx.get(url + "/health").json()
-            return {k: h.get(k) for k in ("served", "max_batch", "prompt_cache", "shared_lookup")}
+            return {k: h.get(k) for k in ("served", "max_batch", "batched", "prompt_cache", "shared_lookup")}
 
         return url, health
 

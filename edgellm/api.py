@@ -72,6 +72,13 @@ class LLM:
                               "bundle's static npu graphs hold one sequence", param="max_batch")
         return Slot(self.target.fork(), self.draft.fork() if self.draft is not None else None)
 
+    @property
+    def batched(self) -> bool:
+        """Whether the slots' target passes run as one call of the bundle's batch graph (else in turn)."""
+        from edgellm.runtimes.batched import run_each
+
+        return self.gate is not None and self.gate.runner is not run_each
+
     def _gate(self, entry: ModelEntry, graph_format: str, provider, threads: int) -> PassGate:
         """The gate every slot's target passes go through: one call of the bundle's batch graph for
         the passes of all generations in flight, or (without one) each pass alone in turn."""

@@ -3,7 +3,7 @@
 Routes::
 
     GET  /                     the chat page (one self-contained HTML file, no CDN)
-    GET  /health               {"status": "ok", "busy": ..., "queued": ..., "last_stats": ..., "prompt_cache": ...}
+    GET  /health               {"status": "ok", "busy": ..., "batched": ..., "queued": ..., "last_stats": ..., "prompt_cache": ...}
     GET  /v1/models            the model this server runs, and each of its LoRA adapters
     POST /v1/chat/completions  OpenAI chat completions, with ``stream: true`` as server-sent events
     POST /v1/completions       OpenAI (legacy) text completions, likewise
@@ -115,7 +115,7 @@ class Handlers:
     async def health(self, request: Request) -> Response:
         e, llm = self.engine, self.llm
         return JSONResponse({"status": "ok", "model": self.model_id, "mode": self.mode, "busy": e.busy,
-                             "active": e.active, "max_batch": e.max_batch, "queued": e.queued, "served": e.served,
+                             "active": e.active, "max_batch": e.max_batch, "batched": llm.batched, "queued": e.queued, "served": e.served,
                              "last_stats": e.last_stats, "auth": self.api_key is not None,
                              "max_context": llm.manifest.target.max_context,
                              "prompt_cache": {"entries": len(llm.prompt_cache), "bytes": llm.prompt_cache.nbytes,

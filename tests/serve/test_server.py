@@ -297,7 +297,7 @@ def test_a_short_request_joins_a_long_one_and_finishes_first(two_slot_llm, llm):
         t_long.start()
         time.sleep(0.3)  # the long one is generating
         h = httpx.get(running.url + "/health").json()
-        assert h["active"] == 1 and h["max_batch"] == 2
+        assert h["active"] == 1 and h["max_batch"] == 2 and h["batched"] is True
         post("short", {"messages": short_msgs, "max_tokens": 6, "temperature": 0})
         assert "long" not in done  # the short one did not wait for the long one
         t_long2 = threading.Thread(target=post, args=("long2", long_body))
@@ -312,5 +312,6 @@ def test_a_short_request_joins_a_long_one_and_finishes_first(two_slot_llm, llm):
             assert replies[name].status_code == 200
             alone = llm.generate(msgs, max_new_tokens=n, temperature=0.0)
             assert replies[name].json()["choices"][0]["message"]["content"] == alone.text
+        assert two_slot_llm.gate.parts_run > two_slot_llm.gate.passes  # the two shared passes
     finally:
         running.stop()
