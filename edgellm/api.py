@@ -415,7 +415,8 @@ def load(bundle: str | os.PathLike, *, provider: str = "cpu", draft_provider: st
         shared_lookup_tokens: keep this many tokens of earlier prompts and outputs in an n-gram
             index that proposes for every later generation (:class:`edgellm.lookup.SharedLookup`); 0: off.
         max_batch: sequences that may be in flight at once, each in its own cache slot on the one
-            loaded graph (``stream_events(..., slot=k)``; the server interleaves their rounds).
+            loaded graph (``stream_events(..., slot=k)``); generations on several threads inside
+            ``llm.gate.member()`` have their target passes batched (what the server does).
 
     Raises:
         BundleError: missing or damaged bundle (the message names each bad file).

@@ -25,7 +25,7 @@ from edgellm.ray_serve import ReplicaOptions
               help="Bearer key clients must send [default: none on loopback, generated otherwise].")
 @click.option("--mode", default=None, type=click.Choice(MODES), help="Default decoding mode of requests.")
 @click.option("--max-batch", default=DEFAULT_MAX_BATCH, show_default=True, type=click.IntRange(1, 64),
-              help="Requests generating at once, each in its own cache slot, taking turns round by round.")
+              help="Requests generating at once, each in its own cache slot, their target passes batched.")
 @click.option("--max-queue", default=8, show_default=True, type=click.IntRange(0, 1000),
               help="Requests that may wait while all slots generate; more get HTTP 429.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,

@@ -8,8 +8,8 @@ Routes::
     POST /v1/chat/completions  OpenAI chat completions, with ``stream: true`` as server-sent events
     POST /v1/completions       OpenAI (legacy) text completions, likewise
 
-Up to ``max_batch`` requests generate at once on a worker thread, each in its own cache slot,
-taking turns round by round (:class:`Engine`); others wait in a FIFO queue (``max_queue`` of
+Up to ``max_batch`` requests generate at once, each on its own thread in its own cache slot,
+their target passes batched into one onnxruntime call (:class:`Engine`); others wait in a FIFO queue (``max_queue`` of
 them, then 429) while the event loop keeps answering ``/health``. Each
 request reuses the cached prefix its prompt shares with an earlier one (the last generation's
 caches, and an LRU of other conversations' caches, ``prompt_cache_bytes``): turn N of a chat
