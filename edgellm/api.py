@@ -53,8 +53,10 @@ class LLM:
         target_p = resolve_provider(provider, fallback=fallback)
         # min_rows=2: the target computes a position alike whether it decodes alone or verifies
         # a draft (see DecoderSession), so speculative output equals target-mode output exactly
-        self.target = _Bound(_session(bundle, manifest.target, graph_format, target_p, threads, min_rows=2),
-                             manifest.target)
+        # with several slots and a batch graph, only the batch graph is loaded (one copy of the weights)
+        batch = max_batch > 1 and manifest.target.batch_graph is not None and graph_format == "onnx"
+        self.target = _Bound(_session(bundle, manifest.target, graph_format, target_p, threads, min_rows=2,
+                                      open_graph=not batch), manifest.target)
         self.draft = None
         if manifest.draft is not None:
             draft_p = resolve_provider(draft_provider or provider, fallback=fallback)
@@ -83,16 +85,15 @@ class LLM:
         """The gate every slot's target passes go through: one call of the bundle's batch graph for
         the passes of all generations in flight, or (without one) each pass alone in turn."""
         from edgellm.runtimes.batched import BatchedGraph, PassGate, run_each
-        from edgellm.runtimes.session import DecoderSession
 
         sessions = [slot.target.session for slot in self.slots]
         runner = run_each
-        if entry.batch_graph and graph_format == "onnx" and type(sessions[0]) is DecoderSession:
+        if sessions[0].session is None:  # opened without its own graph: the batch graph computes every pass
             graph = BatchedGraph(self.bundle / entry.batch_graph, sessions[0].layout, provider, threads,
                                  entry.batch_slots)
             runner = graph.run
-            for s in sessions:  # the batch graph computes every pass: one copy of the weights in memory
-                s.session = s.binding = None
+            for s in sessions:
+                s.providers, s.load_seconds = graph.session.get_providers(), graph.load_seconds
         else:
             logger.info("no batch graph for this bundle (re-export it to get one): the %d slots' passes take "
                         "turns", len(sessions))
@@ -345,7 +346,8 @@ def _bind_adapter(target: _Bound, draft: _Bound | None, name: str | None, adapte
         draft.session.set_adapter(name if with_draft else None, adapter.draft if with_draft else None)
 
 
-def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threads: int | None, min_rows: int = 1):
+def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threads: int | None, min_rows: int = 1,
+             open_graph: bool = True):
     """The session for one model: dynamic graphs (cpu export), static window graphs (npu export) or
     generic graphs (optimum export, separate past and present)."""
     from edgellm.runtimes.graphs import matmul_row_multiple
@@ -361,7 +363,7 @@ def _session(bundle: Path, entry: ModelEntry, graph_format: str, provider, threa
     cls = ConcatCacheSession if kv["kind"] == "concat" else DecoderSession
     # the target (min_rows > 1) computes every row alike in any pass (see DecoderSession)
     return cls(path, _layout(entry), provider, threads, min_rows=min_rows, logits_tokens=_logits_tokens(bundle, entry),
-               row_multiple=matmul_row_multiple(entry.quantization) if min_rows > 1 else 1)
+               row_multiple=matmul_row_multiple(entry.quantization) if min_rows > 1 else 1, open_graph=open_graph)
 
 
 def _logits_tokens(bundle: Path, entry: ModelEntry):

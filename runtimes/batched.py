@@ -64,6 +64,7 @@ class BatchedGraph:
 
         self.layout, self.slots = layout, slots
         self.session, self.load_seconds = open_session(path, provider, threads)
+        check_batch_graph(self.session, layout, slots, path)
         self._ort = ort
         shape = (1, layout.num_kv_heads, layout.max_context, layout.head_dim)
         # an idle slot's one row writes its keys here (position 0; never read back)
@@ -110,6 +111,30 @@ class BatchedGraph:
         for p, end in zip(parts, ends):
             p.logits = logits[end - p.num_logits: end]
             p.seconds = seconds * len(p.token_ids) / len(ids)
+
+
+def check_batch_graph(session, layout, slots: int, path: Path) -> None:
+    """Refuse a batch graph whose inputs and outputs are not those of ``slots`` slots of ``layout``.
+
+    Raises:
+        BundleError: naming the graph and the first missing name.
+    """
+    from edgellm.errors import BundleError
+
+    io, lay = layout.io, layout
+    inputs = {i.name for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    want_in = [LOGIT_ROWS, io["input_ids"]] + [f"lora.{t}.{k}" for t in (lay.lora or {}).get("sites", {}) for k in "ab"]
+    want_out = [io["logits"]]
+    for j in range(slots):
+        want_in += [slot_name(j, n) for n in ("rows", io["seqlens_k"], io["total_sequence_length"])]
+        want_in += [slot_name(j, io[k] % i) for i in range(lay.num_layers) for k in ("past_key", "past_value")]
+        want_out += [slot_name(j, io[k] % i) for i in range(lay.num_layers) for k in ("present_key", "present_value")]
+    missing = [n for n in want_in if n not in inputs] + [n for n in want_out if n not in outputs]
+    if missing or slot_name(slots, "rows") in inputs:
+        what = f"no {missing[0]!r}" if missing else f"more than batch_slots={slots} slots"
+        raise BundleError(f"{path}: the batch graph does not match the manifest ({what}); the manifest was "
+                          "edited, or the bundle mixes files of two exports")
 
 
 def run_each(parts: list[Part]) -> None:

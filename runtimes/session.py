@@ -113,15 +113,17 @@ class DecoderSession(CachedSession):
 
     def __init__(self, model_path: Path, layout: KVLayout, provider: ProviderChoice,
                  threads: int | None = None, min_rows: int = 1, profile_prefix: str | None = None,
-                 logits_tokens: np.ndarray | None = None, row_multiple: int = 1) -> None:
+                 logits_tokens: np.ndarray | None = None, row_multiple: int = 1, open_graph: bool = True) -> None:
         import onnxruntime as ort
 
         self.layout, self.min_rows, self.logits_tokens = layout, min_rows, logits_tokens
         self.row_multiple = row_multiple  # see matmul_row_multiple
-        self.session, self.load_seconds = open_session(model_path, provider, threads, profile_prefix)
-        check_graph(self.session, layout, layout.max_context, model_path,
-                    logits_width=None if logits_tokens is None else len(logits_tokens))
-        self.providers = self.session.get_providers()
+        self.session, self.load_seconds, self.providers = None, 0.0, []
+        if open_graph:  # else its passes go through a gate's batch graph only (see api.LLM)
+            self.session, self.load_seconds = open_session(model_path, provider, threads, profile_prefix)
+            check_graph(self.session, layout, layout.max_context, model_path,
+                        logits_width=None if logits_tokens is None else len(logits_tokens))
+            self.providers = self.session.get_providers()
         self._ort = ort
         self.length = 0
         self._ids = np.zeros(layout.max_context, np.int64)  # the cached positions' tokens
@@ -147,15 +149,17 @@ class DecoderSession(CachedSession):
     def _bind_cache(self) -> None:
         lay, io = self.layout, self.layout.io
         shape = (1, lay.num_kv_heads, lay.max_context, lay.head_dim)
-        self.binding = self.session.io_binding()
-        self.binding.bind_output(io["logits"], "cpu")  # bound first: get_outputs()[0]
+        self.binding = self.session.io_binding() if self.session is not None else None
+        if self.binding is not None:
+            self.binding.bind_output(io["logits"], "cpu")  # bound first: get_outputs()[0]
         self._cache = []
         for i in range(lay.num_layers):
             for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
                 buf = self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.dtype(lay.dtype)))
                 self._cache.append(buf)
-                self.binding.bind_ortvalue_input(io[past] % i, buf)
-                self.binding.bind_ortvalue_output(io[present] % i, buf)
+                if self.binding is not None:
+                    self.binding.bind_ortvalue_input(io[past] % i, buf)
+                    self.binding.bind_ortvalue_output(io[present] % i, buf)
         self.adapter: str | None = None
         self._bind_lora({})
 

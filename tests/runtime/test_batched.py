@@ -141,3 +141,19 @@ def test_the_gate_runs_a_pass_when_every_member_waits():
         t.join(timeout=30)
     assert got == {"a": [0, 10, 20], "b": [0], "c": [0, 10]}
     assert sizes == [3, 2, 1]
+
+
+def test_a_batch_graph_that_disagrees_with_the_manifest_is_refused(tiny_bundle, tmp_path):
+    import json
+
+    from edgellm.errors import BundleError
+    from edgellm.export.adapters import write_manifest
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    doc = json.loads((copy / "manifest.json").read_text())
+    doc["models"]["target"]["batch_slots"] = 5  # the graph holds 4
+    write_manifest(copy, doc, [])
+    with pytest.raises(BundleError, match=r"batch.onnx: the batch graph does not match the manifest \(no 'slot4.rows'\)"):
+        edgellm.load(copy, threads=1, max_batch=2)
+    assert edgellm.load(copy, threads=1).generate("hi", max_new_tokens=4).token_ids  # one slot: the target graph
