@@ -8,7 +8,7 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator
 
 from edgellm.api import LLM
 from edgellm.generation import StreamEvent
@@ -47,12 +47,11 @@ PREFILL_CHUNK = 64
 
 @dataclass
 class _Active:
-    """A generation in a cache slot: its job, request and (once started) its event generator."""
+    """A generation in a cache slot: its job and request."""
 
     job: Job
     req: GenRequest
     slot: int
-    events: Iterator[StreamEvent] | None = None
 
 
 @dataclass
@@ -169,7 +168,8 @@ class Engine:
                 if act.job.cancelled.is_set():
                     break
                 if ev.result is not None:
-                    self.last_stats, self.served = ev.result.stats, self.served + 1
+                    with self._wake:  # generations end on several threads
+                        self.last_stats, self.served = ev.result.stats, self.served + 1
                 act.job.put(ev)
         except BaseException as e:  # noqa: BLE001 - handed to the request's task, which answers it
             act.job.put(e)
