@@ -177,22 +177,23 @@ class DecoderBuilder(LinearLayers):
     def _rope_caches(self, g: GraphWriter) -> dict[Rope, tuple[str, str]]:
         """cos/sin caches ``(max_context, rotary_dim / 2)`` per kind of rotary layer.
 
-        longrope switches to its long factors once the text passes ``original_max_position_embeddings``
-        (as transformers does for the tokens of that forward pass): both tables are kept and the
-        graph picks one by ``total_sequence_length``.
+        longrope uses its long factors past ``original_max_position_embeddings``. transformers
+        switches by the length of each forward call (a key cached by a short call keeps its
+        short factors); here the switch is by position — row ``p`` rotates with the long
+        factors when ``p >= original_max_position_embeddings`` — which is what transformers
+        computes when it decodes token by token, and does not depend on how the text is cut
+        into passes: prompt caching, speculative verify passes and batching stay exact.
         """
         f = self.features
         caches = {}
         for j, rope in enumerate(r for r in (f.rope, f.local_rope) if r is not None):
-            short = [g.const(f"{k}_cache{'_local' if j else ''}", t.astype(self.act))
-                     for k, t in zip(("cos", "sin"), rope_tables(rope, self.max_context))]
+            tables = rope_tables(rope, self.max_context)
             switch = rope.switch_length()
             if switch is not None and self.max_context > switch:
-                longer = [g.const(f"{k}_cache_long", t.astype(self.act))
-                          for k, t in zip(("cos", "sin"), rope_tables(rope, self.max_context, long=True))]
-                (past,) = g.node("Greater", ["total_sequence_length", g.const("rope_switch", np.array(switch, np.int32))])
-                short = [g.node("Where", [past, lo, sh])[0] for lo, sh in zip(longer, short)]
-            caches[rope] = tuple(short)
+                longer = rope_tables(rope, self.max_context, long=True)
+                tables = [np.concatenate([sh[:switch], lo[switch:]]) for sh, lo in zip(tables, longer)]
+            caches[rope] = tuple(g.const(f"{k}_cache{'_local' if j else ''}", t.astype(self.act))
+                                 for k, t in zip(("cos", "sin"), tables))
         return caches
 
     def _embedding(self, g: GraphWriter) -> str:

@@ -67,10 +67,30 @@ def source_logits(src, ids: np.ndarray, adapter: Path | None = None) -> np.ndarr
 
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     model.eval()
+    scaling = getattr(model.config, "rope_scaling", None) or {}
+    switch = getattr(model.config, "original_max_position_embeddings", None)
     with torch.no_grad():
-        out = model(torch.tensor(ids, dtype=torch.long)[None]).logits[0].float().numpy()
+        if scaling.get("rope_type", scaling.get("type")) == "longrope" and switch and len(ids) > switch:
+            out = _longrope_logits(model, ids, switch)
+        else:
+            out = model(torch.tensor(ids, dtype=torch.long)[None]).logits[0].float().numpy()
     del model
     return out
+
+
+def _longrope_logits(model, ids: np.ndarray, switch: int) -> np.ndarray:
+    """Logits ``(n, V)`` with longrope switched by position, as the graphs do (see the builder's
+    ``_rope_caches``): the first ``switch`` tokens in one call (short factors), the rest one token
+    a call with the cache (transformers switches each call by its length: long from then on)."""
+    import torch
+
+    r = model(torch.tensor(ids[:switch], dtype=torch.long)[None], use_cache=True)
+    out, past = [r.logits[0].float().numpy()], r.past_key_values
+    for t in ids[switch:]:
+        r = model(torch.tensor([[int(t)]]), past_key_values=past, use_cache=True)
+        out.append(r.logits[0].float().numpy())
+        past = r.past_key_values
+    return np.concatenate(out)
 
 
 def _correct_gguf_rope(model, src) -> None:

@@ -253,10 +253,16 @@ def test_gguf_phi3_fused_partial_rotary_and_longrope(tmp_path, vocab):
     assert llm.tokenizer.decode(llm.tokenizer.encode(text, add_special_tokens=False)) == text
     for marker in ("<|user|>", "<|end|>", "<|assistant|>"):
         assert len(llm.tokenizer.encode(marker, add_special_tokens=False)) == 1, marker
-    for n in (24, 48):  # the short factors, then (past the original 32 positions) the long ones
+    for n in (24, 48):  # the short factors, then (from position 32, the original context) the long ones
         ids = np.random.default_rng(n).integers(0, gguf.spec.vocab_size, n).astype(np.int64)
-        with torch.no_grad():
-            want = hf(torch.tensor(ids)[None]).logits[0].numpy()
+        with torch.no_grad():  # longrope switches by position: 32 tokens in one call, then one a call
+            r = hf(torch.tensor(ids[:32])[None], use_cache=True)
+            want, past = [r.logits[0].numpy()], r.past_key_values
+            for t in ids[32:]:
+                r = hf(torch.tensor([[int(t)]]), past_key_values=past, use_cache=True)
+                want.append(r.logits[0].numpy())
+                past = r.past_key_values
+            want = np.concatenate(want)
         llm.target.rollback(0)
         got = llm.target.forward(ids, n)[:, : want.shape[1]]
         assert np.abs(got - want).max() < 1e-3, (n, np.abs(got - want).max())
