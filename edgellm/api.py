@@ -63,7 +63,7 @@ class LLM:
             self.draft = _Bound(_session(bundle, manifest.draft, graph_format, draft_p, threads), manifest.draft)
         self.adapters = _adapters(bundle, manifest)
         self.slots = [Slot(self.target, self.draft)] + [self._fork_slot() for _ in range(max_batch - 1)]
-        self.gate = self._gate(manifest.target, graph_format, target_p, threads) if max_batch > 1 else None
+        self.gate = self._gate(manifest.target, target_p, threads) if max_batch > 1 else None
         self._lock = threading.Lock()  # the prompt cache, swapped by generations on several threads
         self.load_seconds = time.perf_counter() - t0
         self.providers = {"target": target_p.name, "draft": draft_p.name if self.draft else None}
@@ -81,7 +81,7 @@ class LLM:
 
         return self.gate is not None and self.gate.runner is not run_each
 
-    def _gate(self, entry: ModelEntry, graph_format: str, provider, threads: int) -> PassGate:
+    def _gate(self, entry: ModelEntry, provider, threads: int) -> PassGate:
         """The gate every slot's target passes go through: one call of the bundle's batch graph for
         the passes of all generations in flight, or (without one) each pass alone in turn."""
         from edgellm.runtimes.batched import BatchedGraph, PassGate, run_each

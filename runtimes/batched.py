@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -47,7 +47,7 @@ class Part:
     logits: np.ndarray | None = None
     seconds: float = 0.0
     error: BaseException | None = None
-    done: bool = field(default=False)
+    done: bool = False
 
 
 class BatchedGraph:

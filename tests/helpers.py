@@ -126,3 +126,15 @@ def run_concurrently(llm, requests, slots: int | None = None) -> list[list[int]]
         if isinstance(got.get(i), BaseException):
             raise got[i]
     return [got[i] for i in range(len(requests))]
+
+
+#: requests of different prompts, lengths, modes, gammas and sampling settings (tiny bundle), for
+#: several sequences in flight: each must get its solo output
+MIXED_REQUESTS = [
+    ("def foo(x): return", dict(mode="speculative", max_new_tokens=30)),
+    ("hello world, héllo wörld", dict(mode="lookup", max_new_tokens=12)),
+    ("def foo(x): return x + 1\n" * 3, dict(mode="speculative", num_draft_tokens=2, max_new_tokens=25)),
+    ("héllo", dict(mode="target", temperature=0.9, seed=4, max_new_tokens=20)),
+    ("def bar(y):", dict(mode="speculative", temperature=0.7, seed=9, num_draft_tokens=3, max_new_tokens=20)),
+    ("x = [1, 2, 3]\n" * 6, dict(mode="lookup", temperature=0.8, seed=1, max_new_tokens=16)),
+]

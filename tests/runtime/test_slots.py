@@ -7,15 +7,10 @@ import itertools
 import pytest
 
 import edgellm
+from helpers import MIXED_REQUESTS
 
 
-REQUESTS = [  # different prompts, lengths, modes, gammas and sampling settings
-    ("def foo(x): return", dict(mode="speculative", max_new_tokens=30)),
-    ("hello world, héllo wörld", dict(mode="lookup", max_new_tokens=12)),
-    ("def foo(x): return x + 1\n" * 3, dict(mode="speculative", num_draft_tokens=2, max_new_tokens=25)),
-    ("héllo", dict(mode="target", temperature=0.9, seed=4, max_new_tokens=20)),
-    ("def bar(y):", dict(mode="speculative", temperature=0.7, seed=9, num_draft_tokens=3, max_new_tokens=20)),
-]
+REQUESTS = MIXED_REQUESTS
 
 
 @pytest.fixture(scope="module")
