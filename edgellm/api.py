@@ -57,15 +57,13 @@ class LLM:
         batch = max_batch > 1 and manifest.target.batch_graph is not None and graph_format == "onnx"
         self.target = _Bound(_session(bundle, manifest.target, graph_format, target_p, threads, min_rows=2,
                                       open_graph=not batch), manifest.target)
-        self.draft, draft_p = None, None
+        self.draft = None
         if manifest.draft is not None:
             draft_p = resolve_provider(draft_provider or provider, fallback=fallback)
-            self.draft = _Bound(_session(bundle, manifest.draft, graph_format, draft_p, threads,
-                                         open_graph=not (batch and manifest.draft.batch_graph is not None)),
-                                manifest.draft)
+            self.draft = _Bound(_session(bundle, manifest.draft, graph_format, draft_p, threads), manifest.draft)
         self.adapters = _adapters(bundle, manifest)
         self.slots = [Slot(self.target, self.draft)] + [self._fork_slot() for _ in range(max_batch - 1)]
-        self.gate = self._gate(target_p, draft_p, threads) if max_batch > 1 else None
+        self.gate = self._gate(manifest.target, target_p, threads) if max_batch > 1 else None
         self._lock = threading.Lock()  # the prompt cache, swapped by generations on several threads
         self.load_seconds = time.perf_counter() - t0
         self.providers = {"target": target_p.name, "draft": draft_p.name if self.draft else None}
@@ -83,36 +81,26 @@ class LLM:
 
         return self.gate is not None and self.gate.runner is not run_each
 
-    def _gate(self, provider, draft_provider, threads: int) -> PassGate:
-        """The gate every slot's passes go through: one call of the bundle's batch graph for the
-        target passes of all generations in flight (or, without one, each alone in turn), and one
-        for their greedy draft steps (without a draft batch graph, drafts run on their own threads)."""
-        from edgellm.runtimes.batched import PassGate, run_each
+    def _gate(self, entry: ModelEntry, provider, threads: int) -> PassGate:
+        """The gate every slot's target passes go through: one call of the bundle's batch graph for
+        the passes of all generations in flight, or (without one) each pass alone in turn."""
+        from edgellm.runtimes.batched import BatchedGraph, PassGate, run_each
 
-        targets = [slot.target.session for slot in self.slots]
-        runner = self._batch_runner(targets, self.manifest.target, provider, threads) or run_each
-        if runner is run_each:
-            logger.info("no batch graph for this bundle (`edgellm add-batch-graph` or re-export to get one): "
-                        "the %d slots' passes take turns", len(targets))
-        drafts = [slot.draft.session for slot in self.slots] if self.draft is not None else []
-        draft_runner = self._batch_runner(drafts, self.manifest.draft, draft_provider, threads) if drafts else None
-        gate = PassGate(runner, draft_runner)
-        for s in targets + (drafts if draft_runner else []):
-            s.gate = gate
-        for s in drafts:
-            s.gate_role = "draft"
-        return gate
-
-    def _batch_runner(self, sessions: list, entry: ModelEntry, provider, threads: int):
-        """The batch graph's ``run`` for ``sessions`` (opened without a graph of their own), or ``None``."""
-        from edgellm.runtimes.batched import BatchedGraph
-
-        if sessions[0].session is not None:
-            return None
-        graph = BatchedGraph(self.bundle / entry.batch_graph, sessions[0].layout, provider, threads, entry.batch_slots)
+        sessions = [slot.target.session for slot in self.slots]
+        runner = run_each
+        if sessions[0].session is None:  # opened without its own graph: the batch graph computes every pass
+            graph = BatchedGraph(self.bundle / entry.batch_graph, sessions[0].layout, provider, threads,
+                                 entry.batch_slots)
+            runner = graph.run
+            for s in sessions:
+                s.providers, s.load_seconds = graph.session.get_providers(), graph.load_seconds
+        else:
+            logger.info("no batch graph for this bundle (re-export it to get one): the %d slots' passes take "
+                        "turns", len(sessions))
+        gate = PassGate(runner)
         for s in sessions:
-            s.providers, s.load_seconds = graph.session.get_providers(), graph.load_seconds
-        return graph.run
+            s.gate = gate
+        return gate
 
     def pick_slot(self, prompt_ids: Sequence[int], free: Sequence[int], adapter: str | None = None) -> int:
         """The slot of ``free`` whose live cache (computed with ``adapter``) shares the longest prefix
@@ -177,8 +165,6 @@ class LLM:
             with self._lock:
                 self._swap_prompt_cache(np.asarray(prompt_ids, np.int64), target, draft, adapter)
         _bind_adapter(target, draft, adapter, values)  # empties a cache whose adapter changes
-        if draft is not None:  # a sampled stream's draft steps run by themselves (see DecoderSession.alone)
-            draft.session.alone = not cfg.sampling.greedy
         # a seeded sampled request must not depend on other requests: its samples follow its proposals
         seeded = not cfg.sampling.greedy and cfg.seed is not None
         shared = self.shared_lookup if self.shared_lookup.max_tokens and not seeded else None

@@ -90,7 +90,7 @@ class ModelEntry:
     draft_vocab: dict[str, Any] | None = None
     # LoRA branches of the graph: {"sites": {"l0.qkv": [in, out], ...}, "dtype": "float32"} (edgellm.export.lora)
     lora: dict[str, Any] | None = None
-    # the batch graph (edgellm.export.batch_graph): several sequences' passes in one call
+    # the target's batch graph (edgellm.export.batch_graph): several sequences' passes in one call
     batch_graph: str | None = None
     batch_slots: int = 0  # sequences one call of batch_graph holds (0: no batch graph)
 
@@ -277,8 +277,8 @@ def _model_entry(role: str, d: Any) -> ModelEntry:
     if d.get("lora") is not None:
         _check_lora_sites(d["lora"], f"models.{role}.lora", kind)
     if d.get("batch_graph") is not None:
-        if kind != "shared_buffer":
-            raise ManifestError(f"models.{role}.batch_graph: only a graph with a shared_buffer cache has one")
+        if role != "target" or kind != "shared_buffer":
+            raise ManifestError(f"models.{role}.batch_graph: only a target with a shared_buffer cache has one")
         _positive_int(d.get("batch_slots"), f"models.{role}.batch_slots", 64)
     known = set(ModelEntry.__dataclass_fields__) - {"role"}
     return ModelEntry(role=role, **{k: v for k, v in d.items() if k in known})

@@ -267,14 +267,10 @@ def _draft_tokens(draft: Model, seq: list[int], gamma: int, cfg: DecodeConfig,
     if len(seq) - draft.length > 2:  # long backlog (prompt, lookup rounds): one batch, timed apart
         draft.forward(np.asarray(seq[draft.length : -1], np.int64), 1)
     t0 = time.perf_counter()
-    # what the steps cost this sequence: with other sequences' steps in the same call, its share
-    shared = getattr(draft, "pass_seconds", None) is not None
-    spent = 0.0
     feed = seq[draft.length :]  # usually one token, two after a fully accepted round
     tokens, qs = [], []
     for _ in range(gamma):
         logits = draft.forward(np.asarray(feed, np.int64), 1)[-1, :v]
-        spent += draft.pass_seconds if shared else 0.0
         if greedy:
             tok = int(np.argmax(logits))
         else:
@@ -283,7 +279,7 @@ def _draft_tokens(draft: Model, seq: list[int], gamma: int, cfg: DecodeConfig,
             qs.append(qi)
         tokens.append(tok)
         feed = [tok]
-    return tokens, (np.stack(qs) if qs else None), (spent if shared else time.perf_counter() - t0) / gamma
+    return tokens, (np.stack(qs) if qs else None), (time.perf_counter() - t0) / gamma
 
 
 def _commit(seq: list[int], tokens: list[int], drafted: list[bool], eos: set[int], cfg: DecodeConfig,

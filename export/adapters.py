@@ -100,15 +100,15 @@ def _write_with_adapters(tmp: Path, manifest, adapters: list, table: dict, draft
         del files[rel]
         (tmp / rel).unlink()
     changed = [m["graph"] for m in doc["models"].values()]
-    for role, entry in doc["models"].items():
-        old_batch = entry.get("batch_graph")
-        if old_batch:  # rebuilt over the graph with its new LoRA inputs
-            batch_graph_entry(tmp, entry, say, entry["batch_slots"], role)
-            if entry.get("batch_graph"):
-                changed.append(old_batch)
-            else:
-                del files[old_batch]
-                (tmp / old_batch).unlink()
+    target = doc["models"]["target"]
+    old_batch = target.get("batch_graph")
+    if old_batch:  # rebuilt over the graph with its new LoRA inputs
+        batch_graph_entry(tmp, target, say, target["batch_slots"])
+        if target.get("batch_graph"):
+            changed.append(old_batch)
+        else:
+            del files[old_batch]
+            (tmp / old_batch).unlink()
     doc["files"] = files
     write_manifest(tmp, doc, changed + sorted(used))
 
@@ -129,11 +129,10 @@ def write_manifest(tmp: Path, doc: dict, changed: list[str]) -> None:
 
 def add_batch_graph(bundle: str | Path, slots: int = DEFAULT_MAX_BATCH,
                        progress: Callable[[str], None] | None = None) -> Path:
-    """Give a bundle exported before batch graphs existed its batch graphs, without re-exporting it.
+    """Give a bundle exported before batch graphs existed the target's batch graph, without re-exporting it.
 
     ``edgellm serve`` then verifies the drafts of up to ``slots`` requests in one target pass
-    (:mod:`edgellm.export.batch_graph`) instead of one pass each, and runs their greedy draft
-    steps in one draft pass. The bundle is checked first,
+    (:mod:`edgellm.export.batch_graph`) instead of one pass each. The bundle is checked first,
     then changed in a copy (hard links for the weights) that replaces it in one rename.
 
     Args:
@@ -166,12 +165,9 @@ def add_batch_graph(bundle: str | Path, slots: int = DEFAULT_MAX_BATCH,
     with writing(out, True, "add_batch_graph") as tmp:
         _link_files(out, tmp, manifest.files)
         doc = manifest.to_dict()
-        doc["files"], written = dict(manifest.files), []
-        for role, entry in doc["models"].items():
-            if entry["kv_layout"]["kind"] == "shared_buffer":
-                batch_graph_entry(tmp, entry, say, slots, role)
-                written += [entry["batch_graph"]] if entry.get("batch_graph") else []
+        batch_graph_entry(tmp, doc["models"]["target"], say, slots)
         if not doc["models"]["target"].get("batch_graph"):
             raise ExportError(f"{out}: this target's graph cannot be batched (see the message above)")
-        write_manifest(tmp, doc, written)
+        doc["files"] = dict(manifest.files)
+        write_manifest(tmp, doc, [doc["models"]["target"]["batch_graph"]])
     return out

@@ -210,8 +210,8 @@ def _export_role(tmp: Path, role: str, src, qcfg, opts, tok_entry: dict, vocab, 
         from edgellm.export.lora import attach
 
         attach(tmp, entry, *adapters, manifest_adapters, say, role)
-    if entry["kv_layout"]["kind"] == "shared_buffer":
-        batch_graph_entry(tmp, entry, say, role=role)
+    if role == "target" and entry["kv_layout"]["kind"] == "shared_buffer":
+        batch_graph_entry(tmp, entry, say)
     if tokens is not None:
         write_ids(tmp / vocab[1]["file"], tokens)
         entry["draft_vocab"] = vocab[1]
@@ -228,9 +228,8 @@ def _export_role(tmp: Path, role: str, src, qcfg, opts, tok_entry: dict, vocab, 
     return entry, model_quality(tmp, role, src, qcfg, entry, ctx, opts.quality, tok_entry, say, tokens, adapters[0])
 
 
-def batch_graph_entry(tmp: Path, entry: dict[str, Any], say, slots: int = DEFAULT_MAX_BATCH,
-                      role: str = "target") -> None:
-    """A model's batch graph beside its graph (:mod:`edgellm.export.batch_graph`), named in ``entry``;
+def batch_graph_entry(tmp: Path, entry: dict[str, Any], say, slots: int = DEFAULT_MAX_BATCH) -> None:
+    """The target's batch graph beside its graph (:mod:`edgellm.export.batch_graph`), named in ``entry``;
     a graph that cannot be batched gets none (the server's slots then take turns)."""
     from edgellm.export.batch_graph import write_batch_graph
 
@@ -239,10 +238,10 @@ def batch_graph_entry(tmp: Path, entry: dict[str, Any], say, slots: int = DEFAUL
     reason = write_batch_graph(graph, tmp / rel, entry["io"], slots)
     if reason is None:
         entry |= {"batch_graph": rel, "batch_slots": slots}
-        say(f"{role}: batch graph for {slots} sequences per pass ({rel})")
+        say(f"target: batch graph for {slots} sequences per pass ({rel})")
     else:
         entry.pop("batch_graph", None), entry.pop("batch_slots", None)
-        say(f"{role}: no batch graph ({reason}): served sequences' passes will take turns")
+        say(f"target: no batch graph ({reason}): served sequences will take turns")
 
 
 def _ort_mobile(tmp: Path, models: dict, say) -> dict:

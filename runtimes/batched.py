@@ -72,11 +72,10 @@ class BatchedGraph:
 
     def run(self, parts: list[Part]) -> None:
         """Run ``parts`` (each a different session), filling in their ``logits``: one call per
-        ``slots`` of them that compute with the same LoRA adapter; a session marked ``alone``
-        gets a call of its own (a one-row draft step is then computed exactly as when it runs by itself)."""
+        ``slots`` of them that compute with the same LoRA adapter."""
         groups: dict[Any, list[Part]] = {}
         for p in parts:
-            groups.setdefault(p.session.adapter if not p.session.alone else id(p), []).append(p)
+            groups.setdefault(p.session.adapter, []).append(p)
         for group in groups.values():
             for k in range(0, len(group), self.slots):
                 self._run(group[k: k + self.slots])
@@ -151,14 +150,11 @@ class PassGate:
 
     A generation takes part inside :meth:`member` (the server's worker threads do); a pass
     submitted by a thread that is not a member (``llm.generate`` from user code) takes part for
-    that pass alone. The passes run when every member is waiting at the gate, all at once —
-    draft passes (sessions with ``gate_role == "draft"``, run by ``draft_runner``) first, the
-    target passes waiting until no member is drafting any more, so that they all verify in one call.
+    that pass alone. The passes run when every member is waiting at the gate, all at once.
     """
 
-    def __init__(self, runner: Callable[[list[Part]], None],
-                 draft_runner: Callable[[list[Part]], None] | None = None) -> None:
-        self.runner, self.draft_runner = runner, draft_runner
+    def __init__(self, runner: Callable[[list[Part]], None]) -> None:
+        self.runner = runner
         self._cv = threading.Condition()
         self._members = 0
         self._waiting: list[Part] = []
@@ -204,14 +200,10 @@ class PassGate:
 
     def _lead(self) -> None:
         """Run every waiting pass (called holding the lock; released while the passes run)."""
-        is_draft = [getattr(p.session, "gate_role", "target") == "draft" for p in self._waiting]
-        drafts = any(is_draft)
-        batch = [p for p, d in zip(self._waiting, is_draft) if d == drafts]  # the drafts first
-        self._waiting = [p for p, d in zip(self._waiting, is_draft) if d != drafts]
-        self._running = True
+        batch, self._waiting, self._running = self._waiting, [], True
         self._cv.release()
         try:
-            (self.draft_runner if drafts else self.runner)(batch)
+            self.runner(batch)
         except BaseException as e:  # noqa: BLE001 - every pass of the call gets the error
             for p in batch:
                 p.error = e

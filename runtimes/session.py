@@ -247,10 +247,6 @@ class DecoderSession(CachedSession):
     #: a :class:`edgellm.runtimes.batched.PassGate` this session's passes go through (set by the
     #: runtime when several sequences share the loaded graph); ``None``: each pass runs alone
     gate = None
-    gate_role = "target"  # or "draft": the gate runs draft passes first
-    #: run this session's gated passes in calls of their own: set for a sampled stream's draft,
-    #: whose one-row steps in a batch of rows would come out (slightly) different from alone
-    alone = False
 
     #: seconds the last :meth:`forward` cost this sequence: its passes' time, or with a gate its
     #: share of the batched calls (by rows), not the time it waited for the others

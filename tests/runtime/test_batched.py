@@ -32,7 +32,6 @@ def test_every_sequence_gets_its_solo_output_in_batched_passes(tiny_bundle, solo
     llm = edgellm.load(tiny_bundle, threads=1, max_batch=3)
     assert isinstance(llm.gate.runner.__self__, BatchedGraph)
     assert llm.slots[0].target.session.session is None  # one copy of the weights: the batch graph's
-    assert llm.slots[1].draft.session.session is None and llm.slots[1].draft.session.gate is llm.gate
     assert run_concurrently(llm, REQUESTS) == solo
     assert llm.gate.parts_run > llm.gate.passes  # passes really held several sequences
 
@@ -89,7 +88,7 @@ def test_an_error_in_a_pass_reaches_every_sequence_in_it():
     assert gate.passes == 1
 
 
-def test_parts_with_different_adapters_or_marked_alone_go_in_separate_calls():
+def test_parts_with_different_adapters_go_in_separate_calls():
     calls = []
 
     class Graph(BatchedGraph):
@@ -100,13 +99,11 @@ def test_parts_with_different_adapters_or_marked_alone_go_in_separate_calls():
             calls.append([p.session.adapter for p in parts])
 
     class S:
-        def __init__(self, adapter, alone=False):
-            self.adapter, self.alone = adapter, alone
+        def __init__(self, adapter):
+            self.adapter = adapter
 
-    Graph().run([Part(S(a, alone), np.zeros(2, np.int64), 1)
-                 for a, alone in ((None, False), ("x", False), (None, True), (None, False), ("y", False), ("x", False))])
-    # grouped by adapter in order of first appearance; a session marked alone in a call of its own
-    assert calls == [[None, None], ["x", "x"], [None], ["y"]]
+    Graph().run([Part(S(a), np.zeros(2, np.int64), 1) for a in (None, "x", None, "y", "x")])
+    assert calls == [[None, None], ["x", "x"], ["y"]]  # grouped in order of first appearance
 
 
 def test_the_gate_runs_a_pass_when_every_member_waits():
@@ -153,39 +150,3 @@ def test_a_batch_graph_that_disagrees_with_the_manifest_is_refused(tiny_bundle, 
     with pytest.raises(BundleError, match=r"batch.onnx: the batch graph does not match the manifest \(no 'slot4.rows'\)"):
         edgellm.load(copy, threads=1, max_batch=2)
     assert edgellm.load(copy, threads=1).generate("hi", max_new_tokens=4).token_ids  # one slot: the target graph
-
-
-def test_draft_passes_run_first_and_together():
-    """Two generations draft (two steps each) while a third waits to verify: the draft steps run
-    in calls of their own, and the target passes wait until nobody drafts, to go in one call."""
-    import threading
-
-    calls = []
-
-    def runner(kind):
-        def run(parts):
-            calls.append((kind, sorted(p.session.name for p in parts)))
-            for p in parts:
-                p.logits = p.token_ids
-        return run
-
-    class S:
-        def __init__(self, name, role):
-            self.name, self.gate_role = name, role
-
-    gate = PassGate(runner("target"), runner("draft"))
-    start = threading.Barrier(3)
-
-    def member(name, drafts):
-        with gate.member():
-            start.wait()
-            for _ in range(drafts):
-                gate.submit(S(name, "draft"), np.zeros(1, np.int64), 1)
-            gate.submit(S(name, "target"), np.zeros(2, np.int64), 1)
-
-    threads = [threading.Thread(target=member, args=a) for a in (("a", 2), ("b", 2), ("c", 0))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert calls == [("draft", ["a", "b"]), ("draft", ["a", "b"]), ("target", ["a", "b", "c"])]
