@@ -128,7 +128,7 @@ def write_manifest(tmp: Path, doc: dict, changed: list[str]) -> None:
 
 
 def add_batch_graph(bundle: str | Path, slots: int = DEFAULT_MAX_BATCH,
-                       progress: Callable[[str], None] | None = None) -> Path:
+                    progress: Callable[[str], None] | None = None) -> Path:
     """Give a bundle exported before batch graphs existed the target's batch graph, without re-exporting it.
 
     ``edgellm serve`` then verifies the drafts of up to ``slots`` requests in one target pass
@@ -165,9 +165,9 @@ def add_batch_graph(bundle: str | Path, slots: int = DEFAULT_MAX_BATCH,
     with writing(out, True, "add_batch_graph") as tmp:
         _link_files(out, tmp, manifest.files)
         doc = manifest.to_dict()
-        batch_graph_entry(tmp, doc["models"]["target"], say, slots)
-        if not doc["models"]["target"].get("batch_graph"):
-            raise ExportError(f"{out}: this target's graph cannot be batched (see the message above)")
+        reason = batch_graph_entry(tmp, doc["models"]["target"], say, slots)
+        if reason is not None:
+            raise ExportError(f"{out}: this target's graph cannot be batched: {reason}")
         doc["files"] = dict(manifest.files)
         write_manifest(tmp, doc, [doc["models"]["target"]["batch_graph"]])
     return out

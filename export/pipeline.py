@@ -228,9 +228,9 @@ def _export_role(tmp: Path, role: str, src, qcfg, opts, tok_entry: dict, vocab, 
     return entry, model_quality(tmp, role, src, qcfg, entry, ctx, opts.quality, tok_entry, say, tokens, adapters[0])
 
 
-def batch_graph_entry(tmp: Path, entry: dict[str, Any], say, slots: int = DEFAULT_MAX_BATCH) -> None:
+def batch_graph_entry(tmp: Path, entry: dict[str, Any], say, slots: int = DEFAULT_MAX_BATCH) -> str | None:
     """The target's batch graph beside its graph (:mod:`edgellm.export.batch_graph`), named in ``entry``;
-    a graph that cannot be batched gets none (the server's slots then take turns)."""
+    a graph that cannot be batched gets none (the server's slots then take turns): returns why, else ``None``."""
     from edgellm.export.batch_graph import write_batch_graph
 
     graph = tmp / entry["graph"]
@@ -242,6 +242,7 @@ def batch_graph_entry(tmp: Path, entry: dict[str, Any], say, slots: int = DEFAUL
     else:
         entry.pop("batch_graph", None), entry.pop("batch_slots", None)
         say(f"target: no batch graph ({reason}): served sequences will take turns")
+    return reason
 
 
 def _ort_mobile(tmp: Path, models: dict, say) -> dict:

@@ -65,7 +65,6 @@ class BatchedGraph:
         self.layout, self.slots = layout, slots
         self.session, self.load_seconds = open_session(path, provider, threads)
         check_batch_graph(self.session, layout, slots, path)
-        self._ort = ort
         shape = (1, layout.num_kv_heads, layout.max_context, layout.head_dim)
         # an idle slot's one row writes its keys here (position 0; never read back)
         self._scratch = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.dtype(layout.dtype)))
