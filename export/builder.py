@@ -29,8 +29,8 @@ import numpy as np
 
 from edgellm.errors import ConfigError
 from edgellm.export.graph import IR_VERSION, MS_DOMAIN, OPSET, GraphWriter, LinearLayers
-from edgellm.export.families import Rope, rope_tables
-from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, Source, block_names
+from edgellm.export.families import Experts, Rope, rope_tables
+from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, Source, block_names, expert_names
 from edgellm.options import QUANTS
 
 logger = logging.getLogger(__name__)
@@ -237,12 +237,50 @@ class DecoderBuilder(LinearLayers):
                                      n_out=4, domain=ms, epsilon=eps)
         else:
             h2 = resid = g.node("Add", [o, resid])[0]
-        gu = self._linear(g, h2, n["gate_up"], self.q.quant, f"l{i}.gate_up")
-        gate, up = g.node("Split", [gu, g.const(f"l{i}.gu_split", np.array([self.spec.intermediate_size] * 2, np.int64))],
-                          n_out=2, axis=-1)
-        (act,) = g.node("Mul", [self._activation(g, gate), up])
-        y = self._linear(g, act, [n["down"]], self.q.quant, f"l{i}.down")
+        experts = self.features.experts
+        if experts is not None and experts.sparse[i]:
+            y = self._experts(g, i, h2, experts)
+        else:
+            act = self._gated(g, self._linear(g, h2, n["gate_up"], self.q.quant, f"l{i}.gate_up"),
+                              self.spec.intermediate_size, f"l{i}.gu_split")
+            y = self._linear(g, act, [n["down"]], self.q.quant, f"l{i}.down")
         return self._branch_output(g, y, n.get("mlp_out_norm"), f"l{i}.mlp_out"), resid
+
+    def _gated(self, g: GraphWriter, gu: str, width: int, tag: str) -> str:
+        """``act(gate) * up`` of a gated MLP whose gate and up projections come side by side in ``gu``."""
+        gate, up = g.node("Split", [gu, g.const(tag, np.array([width] * 2, np.int64))], n_out=2, axis=-1)
+        return g.node("Mul", [self._activation(g, gate), up])[0]
+
+    def _experts(self, g: GraphWriter, i: int, h: str, experts: Experts) -> str:
+        """Block ``i``'s mixture-of-experts MLP of ``h`` ``(B, S, hidden)``; returns ``(B, S, hidden)``.
+
+        Every expert runs on every row, weighted by its routing probability, which is 0 for the
+        experts a row does not pick, so each row's output is transformers' sum over its ``top_k``
+        experts (adding exact zeros changes nothing) and does not depend on the other rows of the
+        pass: verify passes, batching and target steps agree bit for bit. The price: a step reads
+        every expert's weights, the bytes of a dense model of the same total size. The router
+        stays fp32 (a rounded router would pick other experts).
+        """
+        n = expert_names(i, self.features.family, experts.count, experts.shared_intermediate_size > 0)
+        widths = [experts.intermediate_size] * experts.count + [experts.shared_intermediate_size] * (
+            experts.shared_intermediate_size > 0)
+        (logits,) = g.node("MatMul", [h, g.const(f"l{i}.router", self.src.tensor(n["router"]).T.astype(self.act))])
+        (probs,) = g.node("Softmax", [logits], axis=-1)
+        top, picked = g.node("TopK", [probs, g.const("top_k", np.array([experts.top_k], np.int64))], n_out=2, axis=-1)
+        if experts.normalize:
+            (total,) = g.node("ReduceSum", [top, g.const("last_axis", np.array([-1], np.int64))], keepdims=1)
+            (top,) = g.node("Div", [top, total])
+        (zeros,) = g.node("Sub", [probs, probs])
+        (weights,) = g.node("ScatterElements", [zeros, picked, top], axis=-1)  # (B, S, count)
+        if "shared_gate" in n:  # Qwen2-MoE: a shared expert gated by a sigmoid
+            (gate,) = g.node("MatMul", [h, g.const(f"l{i}.shared_gate", self.src.tensor(n["shared_gate"]).T.astype(self.act))])
+            (weights,) = g.node("Concat", [weights, g.node("Sigmoid", [gate])[0]], axis=-1)
+        column_expert = np.repeat(np.arange(len(widths), dtype=np.int64), widths)
+        (per_column,) = g.node("Gather", [weights, g.const(f"l{i}.column_expert", column_expert)], axis=-1)
+        act = self._gated(g, self._linear(g, h, n["gate_up"], self.q.quant, f"l{i}.experts_gate_up"),
+                          int(column_expert.size), f"l{i}.gu_split")
+        (act,) = g.node("Mul", [act, per_column])
+        return self._linear(g, act, n["down"], self.q.quant, f"l{i}.experts_down", along_input=True)
 
     def _branch_output(self, g: GraphWriter, y: str, norm: str | None, tag: str) -> str:
         """An attention or MLP output before its residual add: its own norm (Gemma 2/3, OLMo-2)

@@ -56,6 +56,11 @@ class Family:
         partial_rotary: ``partial_rotary_factor`` rotates only the head's first dimensions (Phi-3).
         window_pattern: configs without ``layer_types``: every ``n``-th layer is full, the others
             sliding (``sliding_window_pattern`` overrides; Gemma 2: 2, Gemma 3: 6).
+        moe: the MLP is a mixture of experts, its weights named as in ``"mixtral"``
+            (``block_sparse_moe.experts.N.w1/w3/w2``, top-k weights always renormalized) or
+            ``"qwen"`` (``mlp.experts.N.gate_proj/up_proj/down_proj``, ``norm_topk_prob``, an
+            optional gated shared expert, dense layers by ``mlp_only_layers`` and
+            ``decoder_sparse_step``); ``""``: a dense MLP.
         gguf_arch: the architecture name in GGUF files (``None``: not read from GGUF).
     """
 
@@ -75,6 +80,7 @@ class Family:
     no_rope_layers: bool = False
     partial_rotary: bool = False
     window_pattern: int = 0
+    moe: str = ""
     gguf_arch: str | None = None
 
 
@@ -94,6 +100,10 @@ FAMILIES: dict[str, Family] = {
     "smollm3": Family(windows="layer_types", no_rope_layers=True),
     "granite": Family(multipliers=True),
     "olmo2": Family(norms="post", qk_norm="full"),
+    "mixtral": Family(windows="all", moe="mixtral"),
+    "qwen2_moe": Family(attention_bias=True, moe="qwen"),  # no GGUF: transformers reads none of these
+    "qwen3_moe": Family(qk_norm="head", moe="qwen"),
+    "olmoe": Family(qk_norm="full", moe="qwen"),
 }
 GGUF_FAMILIES = {f.gguf_arch: name for name, f in FAMILIES.items() if f.gguf_arch}
 
@@ -200,6 +210,31 @@ def rope_tables(rope: Rope, max_context: int, long: bool = False) -> tuple[np.nd
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE), as transformers computes it:
+    ``softmax(x @ router.T)``, the ``top_k`` largest kept (renormalized to sum 1 when
+    ``normalize``), each kept expert's gated MLP weighted by its probability and summed, plus the
+    shared expert weighted by ``sigmoid(x @ shared_gate.T)`` where there is one.
+
+    Attributes:
+        count: routed experts.
+        top_k: experts per token.
+        normalize: the kept probabilities are divided by their sum.
+        intermediate_size: one routed expert's MLP width.
+        shared_intermediate_size: the shared expert's MLP width, 0 when there is none.
+        sparse: per layer, whether its MLP is the mixture (else a dense MLP of the config's
+            ``intermediate_size``).
+    """
+
+    count: int
+    top_k: int
+    normalize: bool
+    intermediate_size: int
+    shared_intermediate_size: int
+    sparse: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
 class Features:
     """What one model's graph needs beyond the Llama block (read from its config by :func:`read_features`).
 
@@ -216,6 +251,7 @@ class Features:
         embedding_multiplier: multiplies the embedding (Granite; Gemma's sqrt(hidden) is separate).
         residual_multiplier: multiplies each attention and MLP output before its residual add.
         logits_scaling: divides the logits.
+        experts: the mixture-of-experts MLP, ``None`` for a dense one.
     """
 
     family: Family
@@ -230,6 +266,7 @@ class Features:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    experts: Experts | None = None
 
     @property
     def plain(self) -> bool:
@@ -238,7 +275,7 @@ class Features:
         return (f.norm_offset == 0 and not (f.embed_scale or f.qk_norm or f.fused or f.multipliers) and f.norms == "pre"
                 and self.activation == "silu" and self.rope.kind == "default" and self.local_rope is None
                 and all(w < 0 for w in self.windows) and all(self.rotary) and not self.attn_softcap
-                and not self.final_softcap and (self.embedding_multiplier, self.residual_multiplier,
+                and not self.final_softcap and self.experts is None and (self.embedding_multiplier, self.residual_multiplier,
                                                 self.logits_scaling) == (1.0, 1.0, 1.0))
 
 
@@ -290,13 +327,41 @@ def read_features(cfg: dict[str, Any], model_type: str, head_dim: int, num_layer
     scale = float(cfg.get("query_pre_attn_scalar") or head_dim) ** -0.5 if fam.query_pre_attn_scalar else head_dim ** -0.5
     caps = (float(cfg.get("attn_logit_softcapping") or 0.0), float(cfg.get("final_logit_softcapping") or 0.0)) \
         if fam.softcap else (0.0, 0.0)
+    if cfg.get("clip_qkv") is not None:  # OLMoE, OLMo: clamps q, k and v
+        raise ExportError(f"{where}: clip_qkv {cfg['clip_qkv']!r} is not supported; allowed: null (no clamping)")
     if cfg.get("use_bidirectional_attention"):
         raise ExportError(f"{where}: use_bidirectional_attention is not supported (a decoder attends to the past only)")
     mult = {}
     if fam.multipliers:
         mult = {k: float(cfg.get(k) or 1.0) for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling")}
         scale = float(cfg.get("attention_multiplier") or head_dim ** -0.5)
-    return Features(fam, ACTIVATIONS[act_name], rope, local, windows, rotary, scale, *caps, **mult)
+    experts = _experts(cfg, fam, num_layers, where) if fam.moe else None
+    return Features(fam, ACTIVATIONS[act_name], rope, local, windows, rotary, scale, *caps, **mult, experts=experts)
+
+
+def _experts(cfg: dict[str, Any], fam: Family, num_layers: int, where: str) -> Experts:
+    """The :class:`Experts` of a mixture-of-experts config (Mixtral's or Qwen's field names)."""
+    def positive(key: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ExportError(f"{where}: {key} {value!r} is not allowed; allowed: a positive integer")
+        return value
+
+    if fam.moe == "mixtral":
+        count = positive("num_local_experts", cfg.get("num_local_experts"))
+        inter, shared, normalize, sparse = cfg.get("intermediate_size"), 0, True, (True,) * num_layers
+    else:
+        count = positive("num_experts", cfg.get("num_experts"))
+        # OLMoE's experts are intermediate_size wide (it has no moe_intermediate_size)
+        inter = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+        normalize = bool(cfg.get("norm_topk_prob", False))
+        shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+        dense_layers, step = set(cfg.get("mlp_only_layers") or ()), positive("decoder_sparse_step",
+                                                                              cfg.get("decoder_sparse_step", 1))
+        sparse = tuple(i not in dense_layers and (i + 1) % step == 0 for i in range(num_layers))
+    top_k = positive("num_experts_per_tok", cfg.get("num_experts_per_tok"))
+    if top_k > count:
+        raise ExportError(f"{where}: num_experts_per_tok {top_k} exceeds the {count} experts; allowed: 1-{count}")
+    return Experts(count, top_k, normalize, positive("the experts' intermediate size", inter), shared, sparse)
 
 
 def _windows(cfg: dict[str, Any], fam: Family, num_layers: int, where: str) -> tuple[int, ...]:

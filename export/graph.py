@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from edgellm.errors import ConfigError
 from edgellm.export.quantize import PackedWeight, concat_rows, quantize_blockwise
 
 if TYPE_CHECKING:
@@ -89,20 +90,31 @@ class LinearLayers:
         self._act_type = TensorProto.FLOAT16 if self.act == np.float16 else TensorProto.FLOAT
 
     def _linear(self, g: GraphWriter, x: str, names: list[str], quant: str, tag: str,
-                rows: np.ndarray | None = None) -> str:
+                rows: np.ndarray | None = None, along_input: bool = False) -> str:
         """``x @ concat(W_names).T`` (+ biases when the source has them), only output ``rows`` if given.
 
+        ``along_input``: the matrices are joined along their input dimension instead (``x`` is
+        their inputs side by side; a mixture of experts' down projections), without biases.
         Its output is named ``<tag>.output``: where :func:`edgellm.export.lora.add_branches` adds a
         LoRA branch (a renamed tensor: the graph and its speed do not change).
         """
-        y = self._linear_body(g, x, names, quant, tag, rows)
+        y = self._linear_body(g, x, names, quant, tag, rows, along_input)
         last = g.nodes[-1]
         assert last.output[0] == y, "the linear layer's output comes from the node written last"
         last.output[0] = f"{tag}.output"
         return last.output[0]
 
     def _linear_body(self, g: GraphWriter, x: str, names: list[str], quant: str, tag: str,
-                     rows: np.ndarray | None = None) -> str:
+                     rows: np.ndarray | None = None, along_input: bool = False) -> str:
+        if along_input:
+            w = np.concatenate([self.src.tensor(n) for n in names], axis=1)
+            if any(self.src.has(n.replace(".weight", ".bias")) for n in names):
+                raise ConfigError(f"{tag}: matrices joined along their input take no biases")
+            quant = "int8" if quant == "gguf" else quant
+            if quant in ("int4", "int8"):
+                packed = quantize_blockwise(w, 4 if quant == "int4" else 8, self.q.block_size, self.q.symmetric)
+                return self._matmul_nbits(g, x, packed, tag)
+            return self._float_matmul(g, x, w.T, quant, tag)
         if quant == "gguf":
             natives = [self.src.native(n) for n in names]
             if all(w is not None for w in natives):
@@ -123,12 +135,16 @@ class LinearLayers:
         else:
             w = np.concatenate(mats, axis=0).T
             del mats
-            dtype = np.float16 if quant == "fp16" else np.float32
-            wname = g.const(tag + ".weight", np.ascontiguousarray(w.astype(dtype)))
-            if dtype != self.act:
-                (wname,) = g.node("Cast", [wname], to=self._act_type)
-            (y,) = g.node("MatMul", [x, wname])
+            y = self._float_matmul(g, x, w, quant, tag)
         return self._add_bias(g, y, names, tag, rows)
+
+    def _float_matmul(self, g: GraphWriter, x: str, w: np.ndarray, quant: str, tag: str) -> str:
+        """``x @ w`` with ``w`` ``(in, out)`` stored fp16 or fp32."""
+        dtype = np.float16 if quant == "fp16" else np.float32
+        wname = g.const(tag + ".weight", np.ascontiguousarray(w.astype(dtype)))
+        if dtype != self.act:
+            (wname,) = g.node("Cast", [wname], to=self._act_type)
+        return g.node("MatMul", [x, wname])[0]
 
     def _add_bias(self, g: GraphWriter, y: str, names: list[str], tag: str, rows: np.ndarray | None = None) -> str:
         biases = [n.replace(".weight", ".bias") for n in names]

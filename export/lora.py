@@ -88,7 +88,14 @@ def entry_sites(entry: ModelEntry) -> dict[str, Site]:
 
 
 def site_table(family: Family, num_layers: int, q: int, kv: int, hidden: int, inter: int) -> dict[str, Site]:
-    """The sites of ``num_layers`` blocks of ``family`` with these widths (query, key/value, residual, MLP)."""
+    """The sites of ``num_layers`` blocks of ``family`` with these widths (query, key/value, residual, MLP).
+
+    Raises:
+        ExportError: a mixture-of-experts family (no LoRA branches on experts or routers).
+    """
+    if family.moe:
+        raise ExportError("LoRA branches are not built for mixture-of-experts models (their experts and router "
+                          "take none); merge the adapter into the model and export that")
     widths = {"q_proj": q, "k_proj": kv, "v_proj": kv, "qkv_proj": q + 2 * kv, "o_proj": hidden,
               "gate_proj": inter, "up_proj": inter, "gate_up_proj": 2 * inter, "down_proj": hidden}
     ins = {"qkv": hidden, "o": q, "gate_up": hidden, "down": inter}

@@ -320,7 +320,7 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
     if npu_window:
         if not s.features.plain:
             raise ExportError(f"{role}: {s.architecture} with its settings (norm offsets, q/k norms, rope scaling, "
-                              "sliding windows, soft-caps or another activation) has no npu graph yet; "
+                              "sliding windows, soft-caps, experts or another activation) has no npu graph yet; "
                               "export it with --target-device cpu or gpu")
         builder = StaticDecoderBuilder(src, max_context, npu_window, progress=progress)
         kv_layout = {"kind": "static_window", "window": npu_window, "rope_theta": s.rope_theta,

@@ -118,6 +118,25 @@ def block_names(i: int, family: Family) -> dict[str, list[str] | str]:
     return names
 
 
+def expert_names(i: int, family: Family, count: int, shared: bool) -> dict[str, list[str] | str]:
+    """Weight names of block ``i``'s mixture-of-experts MLP by role: ``router``; ``gate_up``, every
+    expert's gate then every expert's up (the shared expert last in each half), stacked along the
+    output dimension; ``down``, every expert's down projection in the same order, joined along the
+    input dimension; ``shared_gate`` when ``shared``."""
+    p = f"model.layers.{i}."
+    if family.moe == "mixtral":
+        e = [f"{p}block_sparse_moe.experts.{j}." for j in range(count)]
+        return {"router": p + "block_sparse_moe.gate.weight", "gate_up": [x + "w1.weight" for x in e] +
+                [x + "w3.weight" for x in e], "down": [x + "w2.weight" for x in e]}
+    e = [f"{p}mlp.experts.{j}." for j in range(count)] + ([p + "mlp.shared_expert."] if shared else [])
+    names: dict[str, list[str] | str] = {
+        "router": p + "mlp.gate.weight", "gate_up": [x + "gate_proj.weight" for x in e] + [x + "up_proj.weight" for x in e],
+        "down": [x + "down_proj.weight" for x in e]}
+    if shared:
+        names["shared_gate"] = p + "mlp.shared_expert_gate.weight"
+    return names
+
+
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"

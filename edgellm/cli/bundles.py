@@ -20,7 +20,7 @@ def _export_help() -> str:
     return ("Export TARGET (and --draft) into a quantized ONNX bundle.\n\n"
             f"Native graphs (fused attention, GGUF blocks kept) for model types: {', '.join(FAMILIES)}; "
             f"from GGUF files of: {', '.join(GGUF_FAMILIES)}. Other decoders that optimum exports (gpt2, "
-            "stablelm, phi, falcon, qwen3_moe, ...) go the generic way: int4/int8/fp32, slower at run time.")
+            "stablelm, phi, falcon, gpt_neox, ...) go the generic way: int4/int8/fp32, slower at run time.")
 
 
 @cli.command(help=_export_help())

@@ -50,6 +50,13 @@ FAMILIES = {
     "granite": ("GraniteConfig", dict(embedding_multiplier=3.0, residual_multiplier=0.4, attention_multiplier=0.2,
                                       logits_scaling=2.5)),
     "olmo2": ("Olmo2Config", dict(pad_token_id=0)),
+    # mixtures of experts: 4 experts, 2 per token; Qwen's with a dense layer among the sparse ones
+    "mixtral": ("MixtralConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=80, mlp_only_layers=[1])),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         norm_topk_prob=True, decoder_sparse_step=2)),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, pad_token_id=0)),
 }
 PROMPTS = [list(range(5, 25)), [7, 300, 4, 9] * 5, list(range(100, 140, 2)), [5, 6, 7, 8, 9]]  # the last crosses longrope's switch while generating
 
@@ -191,6 +198,46 @@ def test_the_models_are_sensitive_to_what_the_family_changes(tmp_path, monkeypat
             with pytest.raises(ExportError, match="differs from the source model"):
                 export(folder, output=tmp_path / "gated", quant="fp32", max_context=64, quality="full")
             assert not (tmp_path / "gated").exists()
+
+
+def test_the_experts_are_routed_as_transformers_routes(tmp_path, monkeypatch):
+    """The tiny mixtures of experts have power too: renormalizing (or not) the kept probabilities,
+    keeping one expert too many or too few, or dropping Qwen2-MoE's shared expert moves the logits
+    far past the tolerance, and the full quality check then fails the export."""
+    from edgellm.export import families
+
+    folder = make_family_model(tmp_path / "moe", "qwen2_moe")
+    ids = np.random.default_rng(0).integers(3, 300, 24)
+    ref = _torch_logits(folder, ids)
+    read = families._experts
+    wrongs = {"renormalized": dict(normalize=True), "one more": dict(top_k=3), "one fewer": dict(top_k=1),
+              "no shared expert": dict(shared_intermediate_size=0)}
+    for wrong, change in wrongs.items():
+        with monkeypatch.context() as m:
+            m.setattr(families, "_experts", lambda *a, change=change: dataclasses.replace(read(*a), **change))
+            b = export(folder, output=tmp_path / wrong, quant="fp32", max_context=64, quality="none")
+            assert np.abs(_session(b).forward(ids, 24) - ref).max() > 0.1, wrong
+            with pytest.raises(ExportError, match="differs from the source model"):
+                export(folder, output=tmp_path / "gated", quant="fp32", max_context=64, quality="full")
+            assert not (tmp_path / "gated").exists()
+
+
+def test_what_mixtures_of_experts_refuse(tmp_path):
+    """LoRA on experts, npu graphs and impossible routing settings are refused by name, nothing written."""
+    folder = make_family_model(tmp_path / "moe", "mixtral")
+    with pytest.raises(ExportError, match="not built for mixture-of-experts"):
+        export(folder, output=tmp_path / "a", lora={"x": tmp_path / "adapter"}, max_context=64)
+    with pytest.raises(ExportError, match="experts .*no npu graph"):
+        export(folder, output=tmp_path / "b", target_device="npu", max_context=64)
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    for field, value, says in (("num_experts_per_tok", 5, "exceeds the 4 experts"), ("num_local_experts", 0, "positive"),
+                               ("clip_qkv", 8.0, "clip_qkv 8.0 is not supported")):
+        (folder / "config.json").write_text(json.dumps(cfg | {field: value}))
+        with pytest.raises(ExportError, match=says):
+            export(folder, output=tmp_path / "c", max_context=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
 
 
 def test_wide_heads_give_every_row_the_same_bits_in_any_pass(tmp_path):
