@@ -261,7 +261,7 @@ class DecoderBuilder(LinearLayers):
         every expert's weights, the bytes of a dense model of the same total size. The router
         stays fp32 (a rounded router would pick other experts).
         """
-        n = expert_names(i, self.features.family, experts.count, experts.shared_intermediate_size > 0)
+        n = expert_names(i, self.features.family, experts)
         widths = [experts.intermediate_size] * experts.count + [experts.shared_intermediate_size] * (
             experts.shared_intermediate_size > 0)
         (logits,) = g.node("MatMul", [h, g.const(f"l{i}.router", self.src.tensor(n["router"]).T.astype(self.act))])
@@ -275,6 +275,10 @@ class DecoderBuilder(LinearLayers):
         if "shared_gate" in n:  # Qwen2-MoE: a shared expert gated by a sigmoid
             (gate,) = g.node("MatMul", [h, g.const(f"l{i}.shared_gate", self.src.tensor(n["shared_gate"]).T.astype(self.act))])
             (weights,) = g.node("Concat", [weights, g.node("Sigmoid", [gate])[0]], axis=-1)
+        elif experts.shared_intermediate_size:  # Granite: a shared expert always added, weight 1
+            (zero,) = g.node("Gather", [zeros, g.const("first_expert", np.array([0], np.int64))], axis=-1)
+            (one,) = g.node("Add", [zero, g.const("one", np.array(1.0, self.act))])
+            (weights,) = g.node("Concat", [weights, one], axis=-1)
         column_expert = np.repeat(np.arange(len(widths), dtype=np.int64), widths)
         (per_column,) = g.node("Gather", [weights, g.const(f"l{i}.column_expert", column_expert)], axis=-1)
         act = self._gated(g, self._linear(g, h, n["gate_up"], self.q.quant, f"l{i}.experts_gate_up"),

@@ -60,7 +60,9 @@ class Family:
             (``block_sparse_moe.experts.N.w1/w3/w2``, top-k weights always renormalized) or
             ``"qwen"`` (``mlp.experts.N.gate_proj/up_proj/down_proj``, ``norm_topk_prob``, an
             optional gated shared expert, dense layers by ``mlp_only_layers`` and
-            ``decoder_sparse_step``); ``""``: a dense MLP.
+            ``decoder_sparse_step``) or ``"granite"`` (``block_sparse_moe.input_linear`` /
+            ``output_linear`` hold every expert in one tensor, top-k weights renormalized, an
+            ungated ``shared_mlp`` when ``shared_intermediate_size``); ``""``: a dense MLP.
         gguf_arch: the architecture name in GGUF files (``None``: not read from GGUF).
     """
 
@@ -104,6 +106,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2_moe": Family(attention_bias=True, moe="qwen"),  # no GGUF: transformers reads none of these
     "qwen3_moe": Family(qk_norm="head", moe="qwen"),
     "olmoe": Family(qk_norm="full", moe="qwen"),
+    "granitemoe": Family(multipliers=True, moe="granite"),
+    "granitemoeshared": Family(multipliers=True, moe="granite"),
 }
 GGUF_FAMILIES = {f.gguf_arch: name for name, f in FAMILIES.items() if f.gguf_arch}
 
@@ -211,10 +215,11 @@ def rope_tables(rope: Rope, max_context: int, long: bool = False) -> tuple[np.nd
 
 @dataclass(frozen=True)
 class Experts:
-    """A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE), as transformers computes it:
+    """A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite-MoE), as transformers computes it:
     ``softmax(x @ router.T)``, the ``top_k`` largest kept (renormalized to sum 1 when
     ``normalize``), each kept expert's gated MLP weighted by its probability and summed, plus the
-    shared expert weighted by ``sigmoid(x @ shared_gate.T)`` where there is one.
+    shared expert weighted by ``sigmoid(x @ shared_gate.T)`` where there is one (Qwen2-MoE) or
+    by 1 (Granite).
 
     Attributes:
         count: routed experts.
@@ -346,9 +351,10 @@ def _experts(cfg: dict[str, Any], fam: Family, num_layers: int, where: str) -> E
             raise ExportError(f"{where}: {key} {value!r} is not allowed; allowed: a positive integer")
         return value
 
-    if fam.moe == "mixtral":
+    if fam.moe in ("mixtral", "granite"):  # Granite: softmax over the top-k logits, the same weights
         count = positive("num_local_experts", cfg.get("num_local_experts"))
-        inter, shared, normalize, sparse = cfg.get("intermediate_size"), 0, True, (True,) * num_layers
+        shared = int(cfg.get("shared_intermediate_size") or 0) if fam.moe == "granite" else 0
+        inter, normalize, sparse = cfg.get("intermediate_size"), True, (True,) * num_layers
     else:
         count = positive("num_experts", cfg.get("num_experts"))
         # OLMoE's experts are intermediate_size wide (it has no moe_intermediate_size)

@@ -13,6 +13,7 @@ Hugging Face shapes (``(out_features, in_features)``), so the graph builder has 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgellm.errors import ConfigError, ExportError
-from edgellm.export.families import FAMILIES, Family, Features, read_features
+from edgellm.export.families import FAMILIES, Experts, Family, Features, read_features
 
 
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
@@ -118,12 +119,24 @@ def block_names(i: int, family: Family) -> dict[str, list[str] | str]:
     return names
 
 
-def expert_names(i: int, family: Family, count: int, shared: bool) -> dict[str, list[str] | str]:
+def expert_names(i: int, family: Family, experts: Experts) -> dict[str, list[str] | str]:
     """Weight names of block ``i``'s mixture-of-experts MLP by role: ``router``; ``gate_up``, every
     expert's gate then every expert's up (the shared expert last in each half), stacked along the
     output dimension; ``down``, every expert's down projection in the same order, joined along the
-    input dimension; ``shared_gate`` when ``shared``."""
-    p = f"model.layers.{i}."
+    input dimension; ``shared_gate`` when the shared expert is gated (Qwen2-MoE).
+
+    Granite stacks its experts in one tensor per role, ``(count, out, in)``: a name then picks a
+    piece of it, ``name[j]`` expert ``j`` and ``name[j][a:b]`` its rows ``a`` to ``b`` (see
+    :func:`piece`)."""
+    p, count, width = f"model.layers.{i}.", experts.count, experts.intermediate_size
+    shared = experts.shared_intermediate_size
+    if family.moe == "granite":
+        up, down = p + "block_sparse_moe.input_linear.weight", p + "block_sparse_moe.output_linear.weight"
+        s_up, s_down = p + "shared_mlp.input_linear.weight", p + "shared_mlp.output_linear.weight"
+        return {"router": p + "block_sparse_moe.router.layer.weight",
+                "gate_up": [f"{up}[{j}][0:{width}]" for j in range(count)] + [f"{s_up}[0:{shared}]"] * (shared > 0)
+                + [f"{up}[{j}][{width}:{2 * width}]" for j in range(count)] + [f"{s_up}[{shared}:{2 * shared}]"] * (shared > 0),
+                "down": [f"{down}[{j}]" for j in range(count)] + [s_down] * (shared > 0)}
     if family.moe == "mixtral":
         e = [f"{p}block_sparse_moe.experts.{j}." for j in range(count)]
         return {"router": p + "block_sparse_moe.gate.weight", "gate_up": [x + "w1.weight" for x in e] +
@@ -135,6 +148,18 @@ def expert_names(i: int, family: Family, count: int, shared: bool) -> dict[str, 
     if shared:
         names["shared_gate"] = p + "mlp.shared_expert_gate.weight"
     return names
+
+
+_PIECE = re.compile(r"^(?P<base>.+?)(?:\[(?P<index>\d+)\])?(?:\[(?P<start>\d+):(?P<stop>\d+)\])?$")
+
+
+def piece(name: str) -> tuple[str, int | None, tuple[int, int] | None]:
+    """Split a weight name into ``(tensor name, index along its first axis or None, (start, stop)
+    rows of that or None)``: ``"w[3][0:64]"`` is ``("w", 3, (0, 64))``, ``"w"`` is ``("w", None, None)``."""
+    m = _PIECE.match(name)
+    assert m is not None, name
+    rows = (int(m["start"]), int(m["stop"])) if m["start"] is not None else None
+    return m["base"], None if m["index"] is None else int(m["index"]), rows
 
 
 EMBED = "model.embed_tokens.weight"
@@ -220,12 +245,23 @@ class HFSource(Source):
         self._index = safetensors_index(files)
 
     def has(self, name: str) -> bool:
-        return name in self._index
+        return piece(name)[0] in self._index
 
     def tensor(self, name: str) -> np.ndarray:
-        if name not in self._index:
-            raise ExportError(f"{self.path}: weight {name!r} not found in the safetensors files")
-        return safetensors_tensor(self._index[name], name)
+        """Weight ``name``, or a piece of it (``name[j]``, ``name[j][a:b]``: see :func:`piece`)."""
+        base, index, rows = piece(name)
+        if base not in self._index:
+            raise ExportError(f"{self.path}: weight {base!r} not found in the safetensors files")
+        if index is None and rows is None:
+            return safetensors_tensor(self._index[base], base)
+        w = self._stacked(base)
+        w = w if index is None else w[index]
+        return np.ascontiguousarray(w if rows is None else w[rows[0]:rows[1]])
+
+    @functools.lru_cache(maxsize=2)
+    def _stacked(self, base: str) -> np.ndarray:
+        """A tensor read once for its pieces (Granite's experts: every expert's piece reads it)."""
+        return safetensors_tensor(self._index[base], base)
 
 
 def safetensors_index(files: list[Path]) -> dict[str, tuple[Path, dict[str, Any], int]]:

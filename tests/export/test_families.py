@@ -57,6 +57,11 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                          norm_topk_prob=True, decoder_sparse_step=2)),
     "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, pad_token_id=0)),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+                                            embedding_multiplier=3.0, residual_multiplier=0.4,
+                                            attention_multiplier=0.2, logits_scaling=2.5)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                        intermediate_size=48, shared_intermediate_size=80)),
 }
 PROMPTS = [list(range(5, 25)), [7, 300, 4, 9] * 5, list(range(100, 140, 2)), [5, 6, 7, 8, 9]]  # the last crosses longrope's switch while generating
 
@@ -72,7 +77,7 @@ def make_family_model(folder, name: str, seed: int = 0):
         for pname, p in model.named_parameters():
             if "norm" in pname:
                 p.uniform_(-0.5, 0.5) if offset else p.uniform_(0.5, 1.5)
-            elif p.dim() == 2 and "embed" not in pname:
+            elif p.dim() >= 2 and "embed" not in pname:  # Granite stacks its experts: 3 dims
                 p.normal_(0.0, 0.15)
             elif "bias" in pname:
                 p.normal_(0.0, 0.1)
@@ -200,21 +205,23 @@ def test_the_models_are_sensitive_to_what_the_family_changes(tmp_path, monkeypat
             assert not (tmp_path / "gated").exists()
 
 
-def test_the_experts_are_routed_as_transformers_routes(tmp_path, monkeypatch):
-    """The tiny mixtures of experts have power too: renormalizing (or not) the kept probabilities,
-    keeping one expert too many or too few, or dropping Qwen2-MoE's shared expert moves the logits
-    far past the tolerance, and the full quality check then fails the export."""
+@pytest.mark.parametrize("family", ["qwen2_moe", "granitemoeshared"])
+def test_the_experts_are_routed_as_transformers_routes(family, tmp_path, monkeypatch):
+    """The tiny mixtures of experts have power too: renormalizing the kept probabilities or not
+    (whichever the family does not), keeping one expert too many or too few, or dropping the
+    shared expert (gated in Qwen2-MoE, always added in Granite) moves the logits far past the
+    tolerance, and the full quality check then fails the export."""
     from edgellm.export import families
 
-    folder = make_family_model(tmp_path / "moe", "qwen2_moe")
+    folder = make_family_model(tmp_path / "moe", family)
     ids = np.random.default_rng(0).integers(3, 300, 24)
     ref = _torch_logits(folder, ids)
     read = families._experts
-    wrongs = {"renormalized": dict(normalize=True), "one more": dict(top_k=3), "one fewer": dict(top_k=1),
-              "no shared expert": dict(shared_intermediate_size=0)}
+    wrongs = {"renormalized or not": lambda e: dict(normalize=not e.normalize), "one more": lambda e: dict(top_k=3),
+              "one fewer": lambda e: dict(top_k=1), "no shared expert": lambda e: dict(shared_intermediate_size=0)}
     for wrong, change in wrongs.items():
         with monkeypatch.context() as m:
-            m.setattr(families, "_experts", lambda *a, change=change: dataclasses.replace(read(*a), **change))
+            m.setattr(families, "_experts", lambda *a, change=change: dataclasses.replace(read(*a), **change(read(*a))))
             b = export(folder, output=tmp_path / wrong, quant="fp32", max_context=64, quality="none")
             assert np.abs(_session(b).forward(ids, 24) - ref).max() > 0.1, wrong
             with pytest.raises(ExportError, match="differs from the source model"):
