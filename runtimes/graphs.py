@@ -18,7 +18,15 @@ if TYPE_CHECKING:
 
 
 def open_session(model_path: Path, provider: ProviderChoice, threads: int | None, profile_prefix: str | None = None):
-    """An ``InferenceSession`` on ``provider`` with explicit threads; returns it and its load seconds."""
+    """An ``InferenceSession`` on ``provider`` with explicit threads; returns it and its load seconds.
+
+    Its workers spin while a pass runs and sleep as soon as it returns
+    (``session.force_spinning_stop``): a pass is ~200 short kernels, and workers woken for each
+    one cost a plain step ~15 %; the draft and target sessions alternate on the same cores, and
+    an idle session's workers never spin against the busy one's (spinning between passes did
+    that: a speculative round ~40 % slower). ``benchmarks/thread_pools.py`` measures this policy
+    against no spinning and against onnxruntime's process-wide pool.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -28,9 +36,8 @@ def open_session(model_path: Path, provider: ProviderChoice, threads: int | None
     if threads:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    # Draft and target alternate on the same cores: spinning workers of the idle session
-    # would steal cycles from the busy one.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
     t0 = time.perf_counter()
     try:
         if provider.devices:  # a plugin EP: its devices go into the session options

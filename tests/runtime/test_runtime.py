@@ -86,6 +86,21 @@ def test_target_rows_do_not_depend_on_batching(tiny_bundle, min_rows, exact):
         np.testing.assert_allclose(singles, batch, atol=1e-4)
 
 
+def test_sessions_spin_only_while_a_pass_runs(tiny_bundle):
+    """The thread policy: a session's workers spin during a pass (no wake-up per kernel) and stop
+    when it returns (the other session of the pair then has the cores); benchmarks/thread_pools.py
+    measures it."""
+    from edgellm.bundle import read_manifest
+    from edgellm.runtimes.graphs import open_session
+    from edgellm.runtimes.providers import resolve_provider
+
+    session, _ = open_session(tiny_bundle / read_manifest(tiny_bundle).target.graph, resolve_provider("cpu"), 2)
+    so = session.get_session_options()
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (2, 1)
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
 def test_sampled_generation_is_seeded(llm):
     a = llm.generate(PROMPT, temperature=0.9, top_p=0.95, seed=5, max_new_tokens=20)
     b = llm.generate(PROMPT, temperature=0.9, top_p=0.95, seed=5, max_new_tokens=20)
