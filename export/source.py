@@ -13,7 +13,6 @@ Hugging Face shapes (``(out_features, in_features)``), so the graph builder has 
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from dataclasses import dataclass
@@ -243,6 +242,7 @@ class HFSource(Source):
                 f"{folder}: no *.safetensors weights (pytorch_model.bin is not read: no pickle)"
             )
         self._index = safetensors_index(files)
+        self._stacked_cache: dict[str, np.ndarray] = {}  # see _stacked
 
     def has(self, name: str) -> bool:
         return piece(name)[0] in self._index
@@ -258,10 +258,13 @@ class HFSource(Source):
         w = w if index is None else w[index]
         return np.ascontiguousarray(w if rows is None else w[rows[0]:rows[1]])
 
-    @functools.lru_cache(maxsize=2)
     def _stacked(self, base: str) -> np.ndarray:
-        """A tensor read once for its pieces (Granite's experts: every expert's piece reads it)."""
-        return safetensors_tensor(self._index[base], base)
+        """A tensor read once for its pieces (Granite's experts: every expert's piece reads it);
+        this source keeps the last two (a layer's experts and its shared expert alternate)."""
+        if base not in self._stacked_cache:
+            self._stacked_cache = dict(list(self._stacked_cache.items())[-1:])
+            self._stacked_cache[base] = safetensors_tensor(self._index[base], base)
+        return self._stacked_cache[base]
 
 
 def safetensors_index(files: list[Path]) -> dict[str, tuple[Path, dict[str, Any], int]]:
