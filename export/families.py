@@ -353,14 +353,16 @@ def _experts(cfg: dict[str, Any], fam: Family, num_layers: int, where: str) -> E
 
     if fam.moe in ("mixtral", "granite"):  # Granite: softmax over the top-k logits, the same weights
         count = positive("num_local_experts", cfg.get("num_local_experts"))
-        shared = int(cfg.get("shared_intermediate_size") or 0) if fam.moe == "granite" else 0
+        key = "shared_intermediate_size"
+        shared = positive(key, cfg[key]) if fam.moe == "granite" and cfg.get(key) else 0
         inter, normalize, sparse = cfg.get("intermediate_size"), True, (True,) * num_layers
     else:
         count = positive("num_experts", cfg.get("num_experts"))
         # OLMoE's experts are intermediate_size wide (it has no moe_intermediate_size)
         inter = cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
         normalize = bool(cfg.get("norm_topk_prob", False))
-        shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+        key = "shared_expert_intermediate_size"
+        shared = positive(key, cfg[key]) if cfg.get(key) else 0
         dense_layers, step = set(cfg.get("mlp_only_layers") or ()), positive("decoder_sparse_step",
                                                                               cfg.get("decoder_sparse_step", 1))
         sparse = tuple(i not in dense_layers and (i + 1) % step == 0 for i in range(num_layers))

@@ -244,7 +244,13 @@ def test_what_mixtures_of_experts_refuse(tmp_path):
         (folder / "config.json").write_text(json.dumps(cfg | {field: value}))
         with pytest.raises(ExportError, match=says):
             export(folder, output=tmp_path / "c", max_context=64)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
+    shared = make_family_model(tmp_path / "shared", "granitemoeshared")
+    cfg = json.loads((shared / "config.json").read_text())
+    for value in ("80", -8, 2.5):  # a shared expert's width is a positive integer, or 0 / absent for none
+        (shared / "config.json").write_text(json.dumps(cfg | {"shared_intermediate_size": value}))
+        with pytest.raises(ExportError, match=f"shared_intermediate_size {value!r} is not allowed; allowed: a positive"):
+            export(shared, output=tmp_path / "c", max_context=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "shared"]
 
 
 def test_wide_heads_give_every_row_the_same_bits_in_any_pass(tmp_path):
