@@ -29,6 +29,7 @@ import numpy as np
 
 from edgellm.errors import ConfigError
 from edgellm.export.graph import IR_VERSION, MS_DOMAIN, OPSET, GraphWriter, LinearLayers
+from edgellm.export.quantize import quantize_blockwise
 from edgellm.export.families import Experts, Rope, rope_tables
 from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, Source, block_names, expert_names
 from edgellm.options import QUANTS
@@ -104,6 +105,22 @@ def io_names(num_layers: int) -> dict:
     }
 
 
+def routed_experts_reason(q: QuantConfig, activation: str, hidden: int, experts: Experts) -> str | None:
+    """Why a mixture of experts stored as ``q`` computes every expert per row instead of only
+    its own (onnxruntime's ``QMoE``: int4 / int8 blocks with int8 activations, SiLU-gated,
+    widths in whole blocks), or ``None`` when its experts are routed."""
+    if q.quant not in ("int4", "int8"):
+        return f"quant {q.quant!r} (routed experts take int4 or int8)"
+    if q.activations != "fp32" or q.accuracy_level != 4:
+        return "fp16 activations" if q.activations != "fp32" else f"accuracy_level {q.accuracy_level} (routed: 4)"
+    if activation != "silu":
+        return f"the {activation} activation (routed experts are SiLU-gated)"
+    for name, width in (("hidden_size", hidden), ("expert width", experts.intermediate_size)):
+        if width % q.block_size:
+            return f"{name} {width} is not a multiple of block_size {q.block_size}"
+    return None
+
+
 class DecoderBuilder(LinearLayers):
     """Turns a :class:`Source` into an ONNX decoder graph (see module docstring)."""
 
@@ -114,6 +131,7 @@ class DecoderBuilder(LinearLayers):
         super().__init__(source, quant, progress)
         self.logits_tokens = logits_tokens
         self.max_context = max_context
+        self.routed_layers = 0  # mixture-of-experts layers whose experts are routed (QMoE)
 
     # ------------------------------------------------------------------ graph
     def build(self, out_dir: Path, model_name: str = "model.onnx") -> Path:
@@ -143,6 +161,11 @@ class DecoderBuilder(LinearLayers):
                     inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, kv_shape))
                     outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, kv_shape))
                 x, resid = self._layer(g, i, x, resid, ropes)
+            experts = self.features.experts
+            if experts is not None:
+                why = routed_experts_reason(self.q, self.features.activation, s.hidden_size, experts)
+                self.progress(f"experts routed in {self.routed_layers} layers" if why is None else
+                              f"every expert computed per row (the cost of a dense model of every expert's size): {why}")
             self.progress("lm_head")
             normed = g.node("SkipSimplifiedLayerNormalization",
                             [x, resid, self._norm_weight(g, FINAL_NORM, "final_norm")],
@@ -254,24 +277,48 @@ class DecoderBuilder(LinearLayers):
     def _experts(self, g: GraphWriter, i: int, h: str, experts: Experts) -> str:
         """Block ``i``'s mixture-of-experts MLP of ``h`` ``(B, S, hidden)``; returns ``(B, S, hidden)``.
 
-        Every expert runs on every row, weighted by its routing probability, which is 0 for the
-        experts a row does not pick, so each row's output is transformers' sum over its ``top_k``
-        experts (adding exact zeros changes nothing) and does not depend on the other rows of the
-        pass: verify passes, batching and target steps agree bit for bit. The price: a step reads
-        every expert's weights, the bytes of a dense model of the same total size. The router
-        stays fp32 (a rounded router would pick other experts).
+        The router stays fp32 (a rounded router would pick other experts): ``softmax``, the
+        ``top_k`` largest kept (renormalized when the family does), each row's weight per expert
+        ``(B, S, count)``, 0 for the experts it does not pick. Int4 and int8 experts are then
+        *routed* (:meth:`_routed_experts`: a row reads only its own experts' weights); other
+        storage, or what onnxruntime's expert kernel cannot take (:func:`routed_experts_reason`),
+        computes every expert (:meth:`_every_expert`). The shared expert, where there is one, is a
+        dense MLP added to either, weighted by ``sigmoid(x @ shared_gate.T)`` (Qwen2-MoE) or 1
+        (Granite).
         """
         n = expert_names(i, self.features.family, experts)
-        widths = [experts.intermediate_size] * experts.count + [experts.shared_intermediate_size] * (
-            experts.shared_intermediate_size > 0)
         (logits,) = g.node("MatMul", [h, g.const(f"l{i}.router", self.src.tensor(n["router"]).T.astype(self.act))])
         (probs,) = g.node("Softmax", [logits], axis=-1)
         top, picked = g.node("TopK", [probs, g.const("top_k", np.array([experts.top_k], np.int64))], n_out=2, axis=-1)
         if experts.normalize:
             (total,) = g.node("ReduceSum", [top, g.const("last_axis", np.array([-1], np.int64))], keepdims=1)
             (top,) = g.node("Div", [top, total])
+        shared = experts.shared_intermediate_size
+        if routed_experts_reason(self.q, self.features.activation, self.spec.hidden_size, experts) is not None:
+            return self._every_expert(g, i, h, n, experts, probs, top, picked)
+        self.routed_layers += 1
+        y = self._routed_experts(g, i, h, n, experts, top, picked)
+        if not shared:
+            return y
+        shared_gate_up = [n["gate_up"][experts.count], n["gate_up"][-1]]  # after the routed gates / ups
+        act = self._gated(g, self._linear(g, h, shared_gate_up, self.q.quant, f"l{i}.shared_gate_up"), shared, f"l{i}.shared_gu_split")
+        y_shared = self._linear(g, act, [n["down"][-1]], self.q.quant, f"l{i}.shared_down")
+        if "shared_gate" in n:  # Qwen2-MoE: gated by a sigmoid; Granite: always added, weight 1
+            (gate,) = g.node("MatMul", [h, g.const(f"l{i}.shared_gate", self.src.tensor(n["shared_gate"]).T.astype(self.act))])
+            (y_shared,) = g.node("Mul", [y_shared, g.node("Sigmoid", [gate])[0]])
+        return g.node("Add", [y, y_shared])[0]
+
+    def _every_expert(self, g: GraphWriter, i: int, h: str, n: dict, experts: Experts, probs: str, top: str,
+                      picked: str) -> str:
+        """Every expert (and the shared one) on every row, each weighted by its kept probability
+        ``top`` (``(B, S, top_k)``, of experts ``picked``), 0 for the others: a row's output is
+        transformers' sum over its ``top_k`` experts (adding exact zeros changes nothing) and
+        does not depend on the other rows of the pass. The price: a step reads every expert's
+        weights, the bytes of a dense model of the same total size."""
         (zeros,) = g.node("Sub", [probs, probs])
         (weights,) = g.node("ScatterElements", [zeros, picked, top], axis=-1)  # (B, S, count)
+        widths = [experts.intermediate_size] * experts.count + [experts.shared_intermediate_size] * (
+            experts.shared_intermediate_size > 0)
         if "shared_gate" in n:  # Qwen2-MoE: a shared expert gated by a sigmoid
             (gate,) = g.node("MatMul", [h, g.const(f"l{i}.shared_gate", self.src.tensor(n["shared_gate"]).T.astype(self.act))])
             (weights,) = g.node("Concat", [weights, g.node("Sigmoid", [gate])[0]], axis=-1)
@@ -285,6 +332,69 @@ class DecoderBuilder(LinearLayers):
                           int(column_expert.size), f"l{i}.gu_split")
         (act,) = g.node("Mul", [act, per_column])
         return self._linear(g, act, n["down"], self.q.quant, f"l{i}.experts_down", along_input=True)
+
+    def _routed_experts(self, g: GraphWriter, i: int, h: str, n: dict, experts: Experts, top: str,
+                        picked: str) -> str:
+        """The routed experts of ``h`` ``(B, S, hidden)`` through onnxruntime's ``QMoE`` kernel,
+        which runs each expert on the rows that picked it: a step reads ``top_k`` experts'
+        weights, not ``count``. Returns ``(B, S, hidden)``.
+
+        Bit for bit, a row's output must not depend on the other rows of the pass. ``QMoE`` alone
+        does not give that: it adds a row's experts up in an order set by how many rows each
+        expert got. So each of the ``top_k`` slots is its own ``QMoE`` call of one expert per row
+        (the slot's expert, by a router that holds only that expert's weight), and the slots are
+        summed in rank order. Where the int8 kernels round an odd row of a batch apart (blocks of
+        64 and more, see :func:`edgellm.runtimes.graphs.matmul_row_multiple`), every row goes in
+        twice, so that every expert's batch is even.
+        """
+        from edgellm.runtimes.graphs import matmul_row_multiple
+
+        e, k, width, hidden = experts.count, experts.top_k, experts.intermediate_size, self.spec.hidden_size
+        bits = 4 if self.q.quant == "int4" else 8
+        fc1, fc2 = [], []
+        for j in range(e):  # gate and up rows interleaved (swiglu_fusion=1), then the down projection
+            gate, up = self.src.tensor(n["gate_up"][j]), self.src.tensor(n["gate_up"][e + (experts.shared_intermediate_size > 0) + j])
+            fc1.append(self._expert_blocks(np.stack([gate, up], axis=1).reshape(2 * width, hidden), bits))
+            fc2.append(self._expert_blocks(self.src.tensor(n["down"][j]), bits))
+        w = {}
+        for tag, packed in (("fc1", fc1), ("fc2", fc2)):
+            for part, arrays in zip(("qweight", "scales", "zero_points"), zip(*packed)):
+                w[tag, part] = g.const(f"l{i}.experts_{tag}.{part}", np.stack(arrays))
+        del fc1, fc2
+        copies = matmul_row_multiple(self.q.to_dict())
+        # one router per slot, (k * copies * rows, count): the slot's expert holds its weight, the rest 0
+        (hot,) = g.node("OneHot", [picked, g.const("experts_depth", np.array(e, np.int64)),
+                                   g.const("one_hot_values", np.array([0, 1], self.act))], axis=-1)
+        (routers,) = g.node("Mul", [hot, g.node("Unsqueeze", [top, g.const("last_axis", np.array([-1], np.int64))])[0]])
+        (routers,) = g.node("Reshape", [routers, g.const("rows_by_slots_by_experts", np.array([-1, k, e], np.int64))])
+        (routers,) = g.node("Transpose", [routers], perm=[1, 0, 2])  # (k, rows, count)
+        (rows,) = g.node("Reshape", [h, g.const("rows_by_hidden", np.array([-1, hidden], np.int64))])
+        if copies > 1:
+            (rows,) = g.node("Concat", [rows] * copies, axis=0)
+            (routers,) = g.node("Concat", [routers] * copies, axis=1)
+        (routers,) = g.node("Reshape", [routers, g.const("rows_by_experts", np.array([-1, e], np.int64))])
+        slots = g.node("Split", [routers], n_out=k, axis=0) if k > 1 else [routers]
+        ys = [g.node("QMoE", [rows, r, w["fc1", "qweight"], w["fc1", "scales"], "", w["fc2", "qweight"],
+                              w["fc2", "scales"], "", "", "", "", w["fc1", "zero_points"], w["fc2", "zero_points"], "", r],
+                     domain=MS_DOMAIN, k=1, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                     activation_beta=0.0, expert_weight_bits=bits, block_size=self.q.block_size,
+                     normalize_routing_weights=0, accuracy_level=self.q.accuracy_level, weights_prepacked=0)[0]
+              for r in slots]
+        (y,) = g.node("Sum", ys) if k > 1 else ys
+        if copies > 1:
+            y = g.node("Split", [y], n_out=copies, axis=0)[0]
+        return g.node("Reshape", [y, g.node("Shape", [h])[0]])[0]
+
+    def _expert_blocks(self, w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One expert matrix ``w`` ``(N, K)`` as ``QMoE`` reads it: codes ``(N, K * bits / 8)``,
+        scales ``(N, K / block)`` and zero points ``(N, ceil(K / block * bits / 8))`` (the
+        symmetric level spelled out where there are none)."""
+        p = quantize_blockwise(w, bits, self.q.block_size, self.q.symmetric)
+        nb = p.K // p.block_size
+        zp = p.zero_points
+        if zp is None:
+            zp = np.full(p.N * -(-nb * bits // 8), 0x88 if bits == 4 else 0x80, np.uint8)
+        return p.data.reshape(p.N, -1), p.scales.reshape(p.N, nb).astype(self.act), zp.reshape(p.N, -1)
 
     def _branch_output(self, g: GraphWriter, y: str, norm: str | None, tag: str) -> str:
         """An attention or MLP output before its residual add: its own norm (Gemma 2/3, OLMo-2)

@@ -39,6 +39,7 @@ class GraphWriter:
         self.nodes: list = []
         self.inits: list = []
         self._n = 0
+        self._small: dict[str, bytes] = {}  # small constants by name: each layer may ask for the same one
 
     def close(self) -> None:
         self._f.close()
@@ -50,6 +51,12 @@ class GraphWriter:
     def const(self, name: str, arr: np.ndarray) -> str:
         arr = np.ascontiguousarray(arr)
         if arr.nbytes < 4096:
+            key = arr.dtype.str + str(arr.shape) + arr.tobytes().hex()
+            if name in self._small:
+                if self._small[name] != key:
+                    raise ValueError(f"two different constants named {name!r}")
+                return name
+            self._small[name] = key
             self.inits.append(self.numpy_helper.from_array(arr, name))
             return name
         pad = (-self._f.tell()) % 4096  # page-aligned so onnxruntime can map it

@@ -52,16 +52,16 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", dict(pad_token_id=0)),
     # mixtures of experts: 4 experts, 2 per token; Qwen's with a dense layer among the sparse ones
     "mixtral": ("MixtralConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                                          shared_expert_intermediate_size=80, mlp_only_layers=[1])),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                                          norm_topk_prob=True, decoder_sparse_step=2)),
     "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2, pad_token_id=0)),
-    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64,
                                             embedding_multiplier=3.0, residual_multiplier=0.4,
                                             attention_multiplier=0.2, logits_scaling=2.5)),
     "granitemoeshared": ("GraniteMoeSharedConfig", dict(num_local_experts=4, num_experts_per_tok=2,
-                                                        intermediate_size=48, shared_intermediate_size=80)),
+                                                        intermediate_size=64, shared_intermediate_size=80)),
 }
 PROMPTS = [list(range(5, 25)), [7, 300, 4, 9] * 5, list(range(100, 140, 2)), [5, 6, 7, 8, 9]]  # the last crosses longrope's switch while generating
 
@@ -178,10 +178,91 @@ def test_int4_export_is_exact_under_speculation(family, tmp_path):
     bundle = export(folder, draft=folder, output=tmp_path / "int4", quant="int4", block_size=32,
                     draft_block_size=32, max_context=64, quality="none")
     assert read_manifest(bundle).target.quantization["quant"] == "int4"
+    if name in MOE:  # the experts are routed (a row reads only its own), and still exact
+        assert _ops(bundle).count("QMoE") == 2 * sum(_sparse_layers(folder)), name
     llm = edgellm.load(bundle, threads=1)
     for prompt in PROMPTS[:2]:
         ref = _tokens(llm, prompt, "target")
         assert _tokens(llm, prompt, "speculative") == ref and _tokens(llm, prompt, "lookup") == ref, name
+
+
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "granitemoeshared")
+
+
+def _ops(bundle) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(bundle / read_manifest(bundle).target.graph), load_external_data=False).graph.node]
+
+
+def _sparse_layers(folder) -> tuple[bool, ...]:
+    from edgellm.export.source import open_source
+
+    return open_source(folder).spec.features.experts.sparse
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_routed_experts_compute_what_every_expert_computes(name, tmp_path, monkeypatch):
+    """The routed experts (QMoE, one call per top-k slot, every row twice) give the logits of
+    the graph that runs every expert, to 1e-4, when both keep fp32 activations (at int8
+    activations the two round the down projection's inputs differently: its rows are scaled
+    by the routing weight before it in one and after it in the other). Same int4 weights: this
+    checks the routing, the gate/up interleaving, the slots' sum and the shared expert."""
+    from edgellm.export import builder
+
+    folder = make_family_model(tmp_path / "moe", name)
+    post = builder.QuantConfig.__post_init__
+    monkeypatch.setattr(builder.QuantConfig, "__post_init__",
+                        lambda q: (object.__setattr__(q, "accuracy_level", 0), post(q))[1])
+    ids = np.random.default_rng(0).integers(3, 300, 24)
+    logits = {}
+    for path, reason in (("routed", None), ("every", "every expert")):
+        monkeypatch.setattr(builder, "routed_experts_reason", lambda *a, reason=reason: reason)
+        b = export(folder, output=tmp_path / path, quant="int4", block_size=32, max_context=64, quality="none")
+        assert ("QMoE" in _ops(b)) == (path == "routed")
+        sess = _session(b)
+        logits[path] = np.concatenate([sess.forward(ids[:9], 9), sess.forward(ids[9:10], 1), sess.forward(ids[10:15], 5)])
+    np.testing.assert_allclose(logits["routed"], logits["every"], atol=1e-4)
+
+
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_routed_experts_give_a_row_the_same_bits_in_any_pass(block_size, tmp_path):
+    """Wide enough for onnxruntime's expert kernel to sum a row's experts in an order set by the
+    other rows (64 experts, 8 per token), and at block 64 to round an expert's odd row apart: a
+    row decoded alone and the same row in a verify pass of 2..7 rows agree bit for bit, so
+    speculative output stays the target's."""
+    from edgellm.runtimes.graphs import matmul_row_multiple
+
+    folder = make_tiny_hf_model(tmp_path / "wide", model=transformers.AutoModelForCausalLM.from_config(
+        transformers.MixtralConfig(**(COMMON | dict(hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                                                    num_local_experts=64, num_experts_per_tok=8, head_dim=64)))))
+    b = export(folder, output=tmp_path / "b", quant="int4", block_size=block_size, max_context=64, quality="none")
+    assert "QMoE" in _ops(b)
+    sess, ids = _session(b), np.random.default_rng(1).integers(3, 300, 24)
+    sess.min_rows, sess.row_multiple = 2, matmul_row_multiple(read_manifest(b).target.quantization)  # as the target runs
+    sess.forward(ids[:10], 1)
+    alone = np.concatenate([sess.forward(ids[j:j + 1], 1) for j in range(10, 24)])
+    for rows in range(2, 8):
+        sess.rollback(10)
+        got = np.concatenate([sess.forward(ids[j:j + rows], len(ids[j:j + rows])) for j in range(10, 24, rows)])
+        np.testing.assert_array_equal(got, alone, err_msg=f"passes of {rows} rows")
+
+
+def test_what_keeps_every_expert_computed():
+    """Storage or shapes onnxruntime's expert kernel does not take fall back to every expert, by name."""
+    from edgellm.export.builder import QuantConfig, routed_experts_reason
+    from edgellm.export.families import Experts
+
+    e = Experts(count=8, top_k=2, normalize=True, intermediate_size=96, shared_intermediate_size=0, sparse=(True,))
+    assert routed_experts_reason(QuantConfig("int4", block_size=32), "silu", 64, e) is None
+    assert routed_experts_reason(QuantConfig("int8", block_size=32), "silu", 64, e) is None
+    for q, act, hidden, says in ((QuantConfig("fp32"), "silu", 64, "quant 'fp32'"),
+                                 (QuantConfig("int4", block_size=64), "silu", 64, "expert width 96"),
+                                 (QuantConfig("int4", block_size=32), "silu", 80, "hidden_size 80"),
+                                 (QuantConfig("int4", block_size=32), "gelu_tanh", 64, "gelu_tanh activation"),
+                                 (QuantConfig("int4", accuracy_level=1), "silu", 64, "accuracy_level 1"),
+                                 (QuantConfig("int4", activations="fp16"), "silu", 64, "fp16 activations")):
+        assert says in routed_experts_reason(q, act, hidden, e)
 
 
 def test_the_models_are_sensitive_to_what_the_family_changes(tmp_path, monkeypatch):
