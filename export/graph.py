@@ -39,7 +39,7 @@ class GraphWriter:
         self.nodes: list = []
         self.inits: list = []
         self._n = 0
-        self._small: dict[str, bytes] = {}  # small constants by name: each layer may ask for the same one
+        self._small: dict[str, str] = {}  # small constants by name: each layer may ask for the same one
 
     def close(self) -> None:
         self._f.close()
