@@ -341,11 +341,12 @@ class DecoderBuilder(LinearLayers):
 
         Bit for bit, a row's output must not depend on the other rows of the pass. ``QMoE`` alone
         does not give that: it adds a row's experts up in an order set by how many rows each
-        expert got. So each of the ``top_k`` slots is its own ``QMoE`` call of one expert per row
-        (the slot's expert, by a router that holds only that expert's weight), and the slots are
-        summed in rank order. Where the int8 kernels round an odd row of a batch apart (blocks of
-        64 and more, see :func:`edgellm.runtimes.graphs.matmul_row_multiple`), every row goes in
-        twice, so that every expert's batch is even.
+        expert got. So every row goes in once per top-k slot (``top_k * rows`` rows, slot-major),
+        each copy routed to its slot's expert alone (a router row that holds only that expert's
+        weight): each output row is one expert's weighted output, and the slots are summed in
+        rank order. Where the int8 kernels round an odd row of a batch apart (blocks of 64 and
+        more, see :func:`edgellm.runtimes.graphs.matmul_row_multiple`), all of it goes in twice,
+        so that every expert's batch is even.
         """
         from edgellm.runtimes.graphs import matmul_row_multiple
 
@@ -362,27 +363,28 @@ class DecoderBuilder(LinearLayers):
                 w[tag, part] = g.const(f"l{i}.experts_{tag}.{part}", np.stack(arrays))
         del fc1, fc2
         copies = matmul_row_multiple(self.q.to_dict())
-        # one router per slot, (k * copies * rows, count): the slot's expert holds its weight, the rest 0
+        # each row once per slot, slot-major: (k * rows, hidden), each routed to its slot's expert only
+        # by a router row that holds that expert's weight and zeros: (k * rows, count)
         (hot,) = g.node("OneHot", [picked, g.const("experts_depth", np.array(e, np.int64)),
                                    g.const("one_hot_values", np.array([0, 1], self.act))], axis=-1)
         (routers,) = g.node("Mul", [hot, g.node("Unsqueeze", [top, g.const("last_axis", np.array([-1], np.int64))])[0]])
         (routers,) = g.node("Reshape", [routers, g.const("rows_by_slots_by_experts", np.array([-1, k, e], np.int64))])
-        (routers,) = g.node("Transpose", [routers], perm=[1, 0, 2])  # (k, rows, count)
-        (rows,) = g.node("Reshape", [h, g.const("rows_by_hidden", np.array([-1, hidden], np.int64))])
-        if copies > 1:
-            (rows,) = g.node("Concat", [rows] * copies, axis=0)
-            (routers,) = g.node("Concat", [routers] * copies, axis=1)
+        (routers,) = g.node("Transpose", [routers], perm=[1, 0, 2])
         (routers,) = g.node("Reshape", [routers, g.const("rows_by_experts", np.array([-1, e], np.int64))])
-        slots = g.node("Split", [routers], n_out=k, axis=0) if k > 1 else [routers]
-        ys = [g.node("QMoE", [rows, r, w["fc1", "qweight"], w["fc1", "scales"], "", w["fc2", "qweight"],
-                              w["fc2", "scales"], "", "", "", "", w["fc1", "zero_points"], w["fc2", "zero_points"], "", r],
-                     domain=MS_DOMAIN, k=1, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
-                     activation_beta=0.0, expert_weight_bits=bits, block_size=self.q.block_size,
-                     normalize_routing_weights=0, accuracy_level=self.q.accuracy_level, weights_prepacked=0)[0]
-              for r in slots]
-        (y,) = g.node("Sum", ys) if k > 1 else ys
+        (rows,) = g.node("Reshape", [h, g.const("rows_by_hidden", np.array([-1, hidden], np.int64))])
+        if k * copies > 1:
+            (rows,) = g.node("Concat", [rows] * (k * copies), axis=0)
         if copies > 1:
-            y = g.node("Split", [y], n_out=copies, axis=0)[0]
+            (routers,) = g.node("Concat", [routers] * copies, axis=0)
+        (y,) = g.node("QMoE", [rows, routers, w["fc1", "qweight"], w["fc1", "scales"], "", w["fc2", "qweight"],
+                               w["fc2", "scales"], "", "", "", "", w["fc1", "zero_points"], w["fc2", "zero_points"], "",
+                               routers],
+                      domain=MS_DOMAIN, k=1, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                      activation_beta=0.0, expert_weight_bits=bits, block_size=self.q.block_size,
+                      normalize_routing_weights=0, accuracy_level=self.q.accuracy_level, weights_prepacked=0)
+        if k * copies > 1:  # the slots' outputs, summed in rank order (the copies' dropped)
+            ys = g.node("Split", [y], n_out=k * copies, axis=0)[:k]
+            (y,) = g.node("Sum", ys) if k > 1 else ys
         return g.node("Reshape", [y, g.node("Shape", [h])[0]])[0]
 
     def _expert_blocks(self, w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
