@@ -225,8 +225,8 @@ def test_routed_experts_compute_what_every_expert_computes(name, tmp_path, monke
     np.testing.assert_allclose(logits["routed"], logits["every"], atol=1e-4)
 
 
-@pytest.mark.parametrize("block_size", [32, 64])
-def test_routed_experts_give_a_row_the_same_bits_in_any_pass(block_size, tmp_path):
+@pytest.mark.parametrize("quant,block_size", [("int4", 32), ("int4", 64), ("int8", 32)])
+def test_routed_experts_give_a_row_the_same_bits_in_any_pass(quant, block_size, tmp_path):
     """Wide enough for onnxruntime's expert kernel to sum a row's experts in an order set by the
     other rows (64 experts, 8 per token), and at block 64 to round an expert's odd row apart: a
     row decoded alone and the same row in a verify pass of 2..7 rows agree bit for bit, so
@@ -236,7 +236,7 @@ def test_routed_experts_give_a_row_the_same_bits_in_any_pass(block_size, tmp_pat
     folder = make_tiny_hf_model(tmp_path / "wide", model=transformers.AutoModelForCausalLM.from_config(
         transformers.MixtralConfig(**(COMMON | dict(hidden_size=256, intermediate_size=256, num_hidden_layers=1,
                                                     num_local_experts=64, num_experts_per_tok=8, head_dim=64)))))
-    b = export(folder, output=tmp_path / "b", quant="int4", block_size=block_size, max_context=64, quality="none")
+    b = export(folder, output=tmp_path / "b", quant=quant, block_size=block_size, max_context=64, quality="none")
     assert "QMoE" in _ops(b)
     sess, ids = _session(b), np.random.default_rng(1).integers(3, 300, 24)
     sess.min_rows, sess.row_multiple = 2, matmul_row_multiple(read_manifest(b).target.quantization)  # as the target runs
