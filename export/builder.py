@@ -132,6 +132,7 @@ class DecoderBuilder(LinearLayers):
         self.logits_tokens = logits_tokens
         self.max_context = max_context
         self.routed_layers = 0  # mixture-of-experts layers whose experts are routed (QMoE)
+        self.experts: str | None = None  # a mixture of experts: "routed" or "every expert per row: <why>"
 
     # ------------------------------------------------------------------ graph
     def build(self, out_dir: Path, model_name: str = "model.onnx") -> Path:
@@ -162,8 +163,9 @@ class DecoderBuilder(LinearLayers):
                     outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, kv_shape))
                 x, resid = self._layer(g, i, x, resid, ropes)
             experts = self.features.experts
-            if experts is not None:
+            if experts is not None:  # the manifest's quantization.experts
                 why = routed_experts_reason(self.q, self.features.activation, s.hidden_size, experts)
+                self.experts = "routed" if why is None else f"every expert per row: {why}"
                 self.progress(f"experts routed in {self.routed_layers} layers" if why is None else
                               f"every expert computed per row (the cost of a dense model of every expert's size): {why}")
             self.progress("lm_head")

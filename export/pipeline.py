@@ -341,6 +341,8 @@ def _export_model(tmp: Path, role: str, src, qcfg, max_context: int, say,
                              cache_length=builder.cache_length).build(folder, "step.onnx")
         step_graph = f"{role}/step.onnx"
     quantization = qcfg.to_dict()
+    if getattr(builder, "experts", None):  # how a mixture of experts computes them (see DecoderBuilder._experts)
+        quantization["experts"] = builder.experts
     if qcfg.quant == "gguf":
         kept: dict[str, int] = {}
         for t in builder.kept.values():

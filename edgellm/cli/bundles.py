@@ -137,6 +137,8 @@ def _print_summary(s: dict[str, Any]) -> None:
                    + (f" (block {q['block_size']})" if q.get("block_size") else "") + f", {m['size_mb']:.0f} MB"
                    + (", generic graph (optimum)" if q.get("export_path") == "generic" else ""))
         click.echo(f"    graphs: {', '.join(m['graphs'])}")
+        if q.get("experts"):
+            click.echo(f"    mixture of experts: {q['experts']}")
         if m.get("draft_vocab"):
             click.echo(f"    LM head: the {m['draft_vocab']['size']} most frequent tokens ({m['draft_vocab']['corpus']})")
         if m.get("quality"):

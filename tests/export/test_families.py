@@ -180,6 +180,11 @@ def test_int4_export_is_exact_under_speculation(family, tmp_path):
     assert read_manifest(bundle).target.quantization["quant"] == "int4"
     if name in MOE:  # the experts are routed (a row reads only its own), and still exact
         assert _ops(bundle).count("QMoE") == sum(_sparse_layers(folder)), name
+        assert read_manifest(bundle).target.quantization["experts"] == "routed"
+        from click.testing import CliRunner
+        from edgellm.cli import cli
+
+        assert "mixture of experts: routed" in CliRunner().invoke(cli, ["inspect", str(bundle)]).output
     llm = edgellm.load(bundle, threads=1)
     for prompt in PROMPTS[:2]:
         ref = _tokens(llm, prompt, "target")
@@ -216,10 +221,12 @@ def test_routed_experts_compute_what_every_expert_computes(name, tmp_path, monke
                         lambda q: (object.__setattr__(q, "accuracy_level", 0), post(q))[1])
     ids = np.random.default_rng(0).integers(3, 300, 24)
     logits = {}
-    for path, reason in (("routed", None), ("every", "every expert")):
+    for path, reason in (("routed", None), ("every", "forced here")):
         monkeypatch.setattr(builder, "routed_experts_reason", lambda *a, reason=reason: reason)
         b = export(folder, output=tmp_path / path, quant="int4", block_size=32, max_context=64, quality="none")
         assert ("QMoE" in _ops(b)) == (path == "routed")
+        assert read_manifest(b).target.quantization["experts"] == (
+            "routed" if path == "routed" else "every expert per row: forced here")
         sess = _session(b)
         logits[path] = np.concatenate([sess.forward(ids[:9], 9), sess.forward(ids[9:10], 1), sess.forward(ids[10:15], 5)])
     np.testing.assert_allclose(logits["routed"], logits["every"], atol=1e-4)
