@@ -108,8 +108,9 @@ def io_names(num_layers: int) -> dict:
 def routed_experts_reason(q: QuantConfig, activation: str, hidden: int, experts: Experts) -> str | None:
     """Why a mixture of experts stored as ``q`` computes every expert per row instead of only
     its own (onnxruntime's ``QMoE``: int4 / int8 blocks with int8 activations, SiLU-gated,
-    widths in whole blocks), or ``None`` when its experts are routed."""
-    if q.quant not in ("int4", "int8"):
+    widths in whole blocks; a GGUF file's experts re-quantized to int8), or ``None`` when its
+    experts are routed."""
+    if q.quant not in ("int4", "int8", "gguf"):  # gguf: QMoE takes no GGUF blocks, the experts become int8
         return f"quant {q.quant!r} (routed experts take int4 or int8)"
     if q.activations != "fp32" or q.accuracy_level != 4:
         return "fp16 activations" if q.activations != "fp32" else f"accuracy_level {q.accuracy_level} (routed: 4)"
@@ -354,6 +355,8 @@ class DecoderBuilder(LinearLayers):
 
         e, k, width, hidden = experts.count, experts.top_k, experts.intermediate_size, self.spec.hidden_size
         bits = 4 if self.q.quant == "int4" else 8
+        if self.q.quant == "gguf":  # QMoE cannot hold GGUF blocks (nor K-quants' minimums)
+            self.requantized.append(f"model.layers.{i}.mlp.experts (all {e})")
         fc1, fc2 = [], []
         for j in range(e):  # gate and up rows interleaved (swiglu_fusion=1), then the down projection
             gate, up = self.src.tensor(n["gate_up"][j]), self.src.tensor(n["gate_up"][e + (experts.shared_intermediate_size > 0) + j])

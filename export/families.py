@@ -103,8 +103,8 @@ FAMILIES: dict[str, Family] = {
     "granite": Family(multipliers=True),
     "olmo2": Family(norms="post", qk_norm="full"),
     "mixtral": Family(windows="all", moe="mixtral"),
-    "qwen2_moe": Family(attention_bias=True, moe="qwen"),  # no GGUF: transformers reads none of these
-    "qwen3_moe": Family(qk_norm="head", moe="qwen"),
+    "qwen2_moe": Family(attention_bias=True, moe="qwen", gguf_arch="qwen2moe"),
+    "qwen3_moe": Family(qk_norm="head", moe="qwen", gguf_arch="qwen3moe"),
     "olmoe": Family(qk_norm="full", moe="qwen"),
     "granitemoe": Family(multipliers=True, moe="granite"),
     "granitemoeshared": Family(multipliers=True, moe="granite"),

@@ -16,6 +16,10 @@ from edgellm.export.source import EMBED, FINAL_NORM, LM_HEAD, Source, spec_from_
 
 
 
+#: a stacked expert tensor ``(experts, out, in)``; expert j's matrix is ``mlp.experts.<j>.<role>.weight``
+STACKED = "mlp.experts.%s.weight"
+_EXPERT = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+_proj)\.weight")
+
 _GGUF_LAYER = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -33,6 +37,16 @@ _GGUF_LAYER = {
     "attn_k_norm.weight": "self_attn.k_norm.weight",
     "post_attention_norm.weight": "post_attention_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    # mixtures of experts (Qwen2-MoE, Qwen3-MoE): the router, every expert stacked in one tensor per
+    # role (read one expert at a time, see GGUFSource.tensor), the shared expert and its gate
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": STACKED % "gate_proj",
+    "ffn_up_exps.weight": STACKED % "up_proj",
+    "ffn_down_exps.weight": STACKED % "down_proj",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
 # families whose attention output has its own norm call the MLP's input norm pre_feedforward_layernorm
 _GGUF_SANDWICH = {"ffn_norm.weight": "pre_feedforward_layernorm.weight"}
@@ -88,6 +102,7 @@ class GGUFSource(Source):
             hf = _hf_name(t.name, self.family)
             if hf:
                 self._tensors[hf] = t
+        self._stacked: dict[str, np.ndarray] = {}  # the last stacked expert tensors read (gate, up, down)
         self.hf_config = self._config(arch)  # also what transformers' run of the file is corrected with
         self.spec = spec_from_hf_config(self.hf_config, str(path))
 
@@ -108,7 +123,8 @@ class GGUFSource(Source):
         hidden = int(f("embedding_length"))
         head_dim = int(f("attention.key_length") or hidden // heads)
         cfg = {
-            "model_type": GGUF_FAMILIES[arch], "hidden_size": hidden, "intermediate_size": int(f("feed_forward_length")),
+            "model_type": GGUF_FAMILIES[arch], "hidden_size": hidden,
+            "intermediate_size": int(f("feed_forward_length") or f("expert_feed_forward_length")),
             "num_hidden_layers": int(f("block_count")), "num_attention_heads": heads,
             "num_key_value_heads": int(f("attention.head_count_kv") or heads), "head_dim": head_dim,
             "vocab_size": int(self._tensors[EMBED].shape[1]),
@@ -124,7 +140,26 @@ class GGUFSource(Source):
         }
         if f("attention.sliding_window"):
             cfg["sliding_window"] = int(f("attention.sliding_window"))
-        return cfg | self._rope_config(f, head_dim)
+        return cfg | self._rope_config(f, head_dim) | self._experts_config(f, arch)
+
+    def _experts_config(self, f, arch: str) -> dict[str, Any]:
+        """A mixture of experts' config fields as llama.cpp runs the file: widths from the stacked
+        and shared tensors, top-k weights renormalized for Qwen3-MoE only (llama.cpp's ``norm_w``),
+        every layer sparse."""
+        if not f("expert_count"):
+            return {}
+        if not self.family.moe:  # Mixtral's GGUF files say llama
+            moe = sorted(a for a, name in GGUF_FAMILIES.items() if FAMILIES[name].moe)
+            raise ExportError(f"{self.path}: a mixture of experts of GGUF architecture {arch!r} is not supported; "
+                              f"allowed: {', '.join(moe)} (or export the model's Hugging Face folder)")
+        scale = f("expert_weights_scale")
+        if scale not in (None, 0, 1):
+            raise ExportError(f"{self.path}: {arch}.expert_weights_scale {scale!r} is not supported; allowed: 1")
+        width = lambda name: int(self._tensors[name].shape[1]) if name in self._tensors else 0  # noqa: E731
+        return {"num_experts": int(f("expert_count")), "num_experts_per_tok": int(f("expert_used_count")),
+                "moe_intermediate_size": width("model.layers.0." + STACKED % "gate_proj"),
+                "shared_expert_intermediate_size": width("model.layers.0.mlp.shared_expert.gate_proj.weight"),
+                "norm_topk_prob": arch == "qwen3moe", "decoder_sparse_step": 1, "mlp_only_layers": []}
 
     def _rope_config(self, f, head_dim: int) -> dict[str, Any]:
         """The config's rotary fields: partial rotary (``rope.dimension_count``), and rope scaling
@@ -162,15 +197,26 @@ class GGUFSource(Source):
         return np.asarray(t.data, np.float32).reshape(-1)
 
     def has(self, name: str) -> bool:
-        return name in self._tensors
+        m = _EXPERT.fullmatch(name)
+        return name in self._tensors if m is None else f"{m[1]}.{m[3]}.weight" in self._tensors
 
     def tensor(self, name: str) -> np.ndarray:
+        m = _EXPERT.fullmatch(name)
+        if m is not None:  # one expert of a stacked tensor, dequantized once for all its experts
+            stacked = f"{m[1]}.{m[3]}.weight"
+            if stacked not in self._stacked:
+                if len(self._stacked) == 3:
+                    del self._stacked[next(iter(self._stacked))]
+                self._stacked[stacked] = self.tensor(stacked)
+            return self._stacked[stacked][int(m[2])]
         if name not in self._tensors:
             raise ExportError(f"{self.path}: weight {name!r} not found in the GGUF file")
         t = self._tensors[name]
         arr = self._gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         shape = tuple(int(x) for x in reversed(t.shape))
         arr = arr.reshape(shape)
+        if name.endswith("shared_expert_gate.weight"):
+            arr = arr.reshape(1, -1)  # llama.cpp stores the shared expert's gate as a vector
         if self.family.norm_offset and name.endswith("norm.weight"):
             arr = arr - np.float32(self.family.norm_offset)  # llama.cpp stores Gemma's norms as (1 + w)
         if self.spec.architecture == "llama":

@@ -57,7 +57,8 @@ def source_logits(src, ids: np.ndarray, adapter: Path | None = None) -> np.ndarr
 
     if isinstance(src, GGUFSource):
         model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name,
-                                                     torch_dtype=torch.float32, attn_implementation="eager")
+                                                     torch_dtype=torch.float32, attn_implementation="eager",
+                                                     config=_gguf_config(src))
         _correct_gguf_rope(model, src)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(src.path), torch_dtype=torch.float32,
@@ -91,6 +92,30 @@ def _longrope_logits(model, ids: np.ndarray, switch: int) -> np.ndarray:
         out.append(r.logits[0].float().numpy())
         past = r.past_key_values
     return np.concatenate(out)
+
+
+#: what transformers' GGUF loader leaves at its defaults for a mixture of experts and llama.cpp reads
+_GGUF_EXPERT_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                       "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
+
+
+#: architectures whose GGUF metadata transformers 4.57 does not read at all (its config mapping is
+#: keyed by the name it renames the architecture from): a Qwen2-MoE GGUF became a 2048-wide model
+_GGUF_CONFIG_UNREAD = ("qwen2_moe",)
+
+
+def _gguf_config(src):
+    """transformers' config of a GGUF file, with the expert fields llama.cpp reads put back
+    (their widths from the tensors, Qwen3-MoE's renormalized top-k weights), or every field
+    the file gives where transformers reads none (the weights still come from its loader)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
+    unread = src.spec.architecture in _GGUF_CONFIG_UNREAD
+    for key, value in src.hf_config.items():
+        if key in _GGUF_EXPERT_FIELDS or (unread and key != "model_type" and value is not None):
+            setattr(config, key, value)
+    return config
 
 
 def _correct_gguf_rope(model, src) -> None:

@@ -117,6 +117,51 @@ def test_export_gguf_defaults_to_lossless_and_reports_it(tiny_gguf, tmp_path):
     assert llm.generate(text, mode="speculative", max_new_tokens=12).token_ids == t.token_ids
 
 
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
+def test_gguf_mixture_of_experts_routes_its_experts_exactly(tmp_path, arch):
+    """A mixture-of-experts GGUF's default export: attention, shared expert and head keep their
+    GGUF blocks, the stacked experts become int8 (QMoE holds no GGUF blocks) and are routed;
+    the quality check passes, and speculative and lookup output equal target output."""
+    import edgellm
+    from edgellm.export import export
+    from edgellm.bundle import read_manifest
+
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(_train_tokenizer().to_str())
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", tok, arch=arch)
+    out = export(path, draft=path, output=tmp_path / "b", max_context=64, draft_block_size=32)
+    q = read_manifest(out).target.quantization
+    assert q["quant"] == "gguf" and q["experts"] == "routed"
+    assert q["requantized_int8"] == [f"model.layers.{i}.mlp.experts (all {4 if arch == 'qwen3moe' else 60})" for i in (0, 1)]
+    assert sum(q["gguf_blocks_kept"].values()) == 2 * (4 + 3 * (arch == "qwen2moe")) + 1  # q/k/v/o, shared, head
+    import dataclasses
+
+    llm = edgellm.load(out, threads=1)
+
+    def tokens(prompt: list[int], mode: str) -> list[int]:  # 24 tokens, eos or not
+        cfg = dataclasses.replace(llm.decode_config(mode=mode, max_new_tokens=24), eos_token_ids=())
+        return [t for r in llm.generate_tokens(prompt, cfg) for t in r.tokens]
+
+    for text in ("def foo(x): return x + 1", "hello world print(foo(1))"):
+        prompt = llm.tokenizer.encode(text, add_special_tokens=False)
+        ref = tokens(prompt, "target")
+        assert tokens(prompt, "speculative") == ref and tokens(prompt, "lookup") == ref, arch
+
+
+def test_a_gguf_mixture_of_experts_of_another_architecture_is_refused(tmp_path):
+    """Mixtral's GGUF files say llama: refused by name, not a missing-weight error, nothing written."""
+    from edgellm.errors import ExportError
+    from edgellm.export import export
+
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(_train_tokenizer().to_str())
+    path = write_tiny_gguf(tmp_path / "mixtral.gguf", tok, arch="llama", expert_count=8)
+    with pytest.raises(ExportError, match="mixture of experts of GGUF architecture 'llama' is not supported; "
+                                          "allowed: qwen2moe, qwen3moe"):
+        export(path, output=tmp_path / "b", max_context=64)
+    assert not (tmp_path / "b").exists()
+
+
 def test_gguf_quant_needs_a_gguf_source(tiny_model_dir, tmp_path):
     from edgellm.errors import ConfigError
     from edgellm.export import export
@@ -126,7 +171,7 @@ def test_gguf_quant_needs_a_gguf_source(tiny_model_dir, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2", "qwen3moe", "qwen2moe"])
 def test_gguf_passes_the_full_quality_check(tmp_path, arch):
     """The fp32 graph of a GGUF equals transformers' run of it, checked by the exporter itself
     (quality='full' fails an export that differs): Qwen3's per-head q/k norms, and Llama's q/k
@@ -141,7 +186,7 @@ def test_gguf_passes_the_full_quality_check(tmp_path, arch):
     out = export(path, output=tmp_path / "b", quant="fp32", max_context=64, quality="full")
     src = json.loads((out / "quality.json").read_text())["models"]["target"]["fp32_vs_source"]
     assert src["top1_agreement"] == 1.0 and src["max_abs_diff"] < 1e-3
-    assert edgellm.load(out).manifest.target.architecture == arch
+    assert edgellm.load(out).manifest.target.architecture == {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}.get(arch, arch)
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

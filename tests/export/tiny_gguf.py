@@ -42,18 +42,36 @@ def _blocks(rng: np.random.Generator, type_name: str, shape: tuple[int, int]) ->
         return raw.reshape(shape[0], -1)
 
 
+EXPERT_INTER = 256  # K-quant blocks need 256 along the down projection
+#: experts and experts per token by architecture: transformers 4.57 reads a Qwen2-MoE GGUF as 60
+#: experts whatever the file says (its config keys miss the renamed architecture), so 60 there
+EXPERTS = {"qwen2moe": (60, 4), "qwen3moe": (4, 2)}
+
+
 def write_tiny_gguf(path: Path, tokenizer_json: Path | None, seed: int = 0, arch: str = "qwen2",
-                    rope_freqs: np.ndarray | None = None) -> Path:
+                    rope_freqs: np.ndarray | None = None, expert_count: int | None = None) -> Path:
     """Write a 2-layer Qwen2 (or Llama, or Qwen3 with q/k norms, or Phi-3 with fused q/k/v and gate/up,
-    half the head rotated and longrope factors) GGUF, quantized linear weights; its vocabulary is
+    half the head rotated and longrope factors, or the mixtures of experts Qwen2-MoE with its
+    shared expert and Qwen3-MoE: experts stacked per role, see ``EXPERTS``) GGUF, quantized linear
+    weights; ``expert_count``: that metadata field alone. Its vocabulary is
     the byte-level BPE ``tokenizer_json``, or (``None``) a SentencePiece one with Phi-3's special
     tokens (:func:`spm_vocab`). ``rope_freqs``: llama.cpp's per-frequency rope divisors (Llama 3.1+)."""
     import gguf
 
     rng = np.random.default_rng(seed)
     # transformers reads a Qwen3 GGUF with head_dim 128 whatever the file says: 2 heads of 128 here
-    heads, kv_heads = (2, 1) if arch == "qwen3" else (HEADS, KV_HEADS)
+    heads, kv_heads = (2, 1) if arch in ("qwen3", "qwen3moe") else (HEADS, KV_HEADS)
     w = _header(path, arch, heads, kv_heads)
+    moe = arch in ("qwen2moe", "qwen3moe")
+    experts, per_token = EXPERTS.get(arch, (0, 0))
+    if expert_count:  # the metadata of a mixture of experts only (as a Mixtral GGUF says llama)
+        w.add_expert_count(expert_count)
+    if moe:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(per_token)
+        w.add_expert_feed_forward_length(EXPERT_INTER)
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(INTER)
     if arch == "phi3":  # Phi-4-mini-like: part of each head rotated, longrope from a short original context
         w.add_rope_dimension_count(PHI3_ROTARY)
         w.add_rope_scaling_orig_ctx_len(32)
@@ -75,11 +93,23 @@ def write_tiny_gguf(path: Path, tokenizer_json: Path | None, seed: int = 0, arch
             types = {"attn_qkv": types["attn_q"], "attn_output": types["attn_output"], "ffn_up": types["ffn_gate"],
                      "ffn_down": types["ffn_down"]}
         for name, t in types.items():
+            if moe and name.startswith("ffn_"):  # every expert's matrix, stacked: (experts, out, in)
+                n, k = (EXPERT_INTER, HIDDEN) if name != "ffn_down" else (HIDDEN, EXPERT_INTER)
+                raw = _blocks(rng, t, (experts * n, k)).reshape(experts, n, -1)
+                w.add_tensor(f"blk.{i}.{name}_exps.weight", raw, raw_dtype=gguf.GGMLQuantizationType[t])
+                if arch == "qwen2moe":  # the shared expert, as wide as a dense MLP
+                    raw = _blocks(rng, t, dims[name])
+                    w.add_tensor(f"blk.{i}.{name}_shexp.weight", raw, raw_dtype=gguf.GGMLQuantizationType[t])
+                continue
             raw = _blocks(rng, t, dims[name])
             w.add_tensor(f"blk.{i}.{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType[t])
-        for name in ("attn_q", "attn_k", "attn_v") if arch == "qwen2" else ():
+        if moe:
+            w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", f32(experts, HIDDEN) * 20)  # routing that matters
+        if arch == "qwen2moe":
+            w.add_tensor(f"blk.{i}.ffn_gate_inp_shexp.weight", f32(HIDDEN) * 20)
+        for name in ("attn_q", "attn_k", "attn_v") if arch in ("qwen2", "qwen2moe") else ():
             w.add_tensor(f"blk.{i}.{name}.bias", f32(dims[name][0]))
-        for name in ("attn_q_norm", "attn_k_norm") if arch == "qwen3" else ():
+        for name in ("attn_q_norm", "attn_k_norm") if arch in ("qwen3", "qwen3moe") else ():
             w.add_tensor(f"blk.{i}.{name}.weight", 1 + 5 * f32(HIDDEN // heads))
     if arch == "phi3":
         w.add_tensor("rope_factors_long.weight", np.linspace(1.0, 12.0, PHI3_ROTARY // 2).astype(np.float32))
