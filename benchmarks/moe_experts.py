@@ -105,8 +105,8 @@ def main() -> None:
             m = read_manifest(b)
             sessions[name] = DecoderSession(b / m.target.graph, _layout(m.target), resolve_provider("cpu"), a.threads,
                                             min_rows=2)
-        sizes = {name: sum((b / f).stat().st_size for f in (read_manifest(b).target.graph, read_manifest(b).target.graph + ".data"))
-                 for name, b in bundles.items()}
+        graphs = {name: b / read_manifest(b).target.graph for name, b in bundles.items()}
+        sizes = {name: g.stat().st_size + Path(f"{g}.data").stat().st_size for name, g in graphs.items()}
         ids = np.random.default_rng(0).integers(3, 400, a.past + max(a.rows))
         greedy, first = {}, {}
         for name, s in sessions.items():
@@ -126,7 +126,8 @@ def main() -> None:
     ms = {name: {r: 1000 * statistics.median(times[(name, r)]) for r in a.rows} for name in sessions}
     result = {"model": a.model, "layers": f"{a.layers} of {MODELS[a.model][1]['num_hidden_layers']}",
               "threads": a.threads, "past": a.past, "repeats": a.repeats,
-              "target_bytes": sizes, "ms_per_pass": {n: {str(r): round(v, 2) for r, v in d.items()} for n, d in ms.items()},
+              "target_bytes": sizes,
+              "ms_per_pass": {n: {str(r): round(v, 2) for r, v in d.items()} for n, d in ms.items()},
               "speedup": {str(r): round(ms["every_expert"][r] / ms["routed"][r], 2) for r in a.rows},
               "greedy_tokens_equal": greedy["routed"] == greedy["every_expert"],
               "prompt_logits_max_difference": float(np.abs(first["routed"] - first["every_expert"]).max()),

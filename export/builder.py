@@ -304,10 +304,12 @@ class DecoderBuilder(LinearLayers):
         if not shared:
             return y
         shared_gate_up = [n["gate_up"][experts.count], n["gate_up"][-1]]  # after the routed gates / ups
-        act = self._gated(g, self._linear(g, h, shared_gate_up, self.q.quant, f"l{i}.shared_gate_up"), shared, f"l{i}.shared_gu_split")
+        gate_up = self._linear(g, h, shared_gate_up, self.q.quant, f"l{i}.shared_gate_up")
+        act = self._gated(g, gate_up, shared, f"l{i}.shared_gu_split")
         y_shared = self._linear(g, act, [n["down"][-1]], self.q.quant, f"l{i}.shared_down")
         if "shared_gate" in n:  # Qwen2-MoE: gated by a sigmoid; Granite: always added, weight 1
-            (gate,) = g.node("MatMul", [h, g.const(f"l{i}.shared_gate", self.src.tensor(n["shared_gate"]).T.astype(self.act))])
+            gate_w = self.src.tensor(n["shared_gate"]).T.astype(self.act)
+            (gate,) = g.node("MatMul", [h, g.const(f"l{i}.shared_gate", gate_w)])
             (y_shared,) = g.node("Mul", [y_shared, g.node("Sigmoid", [gate])[0]])
         return g.node("Add", [y, y_shared])[0]
 
@@ -357,9 +359,9 @@ class DecoderBuilder(LinearLayers):
         bits = 4 if self.q.quant == "int4" else 8
         if self.q.quant == "gguf":  # QMoE cannot hold GGUF blocks (nor K-quants' minimums)
             self.requantized.append(f"model.layers.{i}.mlp.experts (all {e})")
-        fc1, fc2 = [], []
+        fc1, fc2, ups = [], [], e + (experts.shared_intermediate_size > 0)  # gate_up: gates, then ups
         for j in range(e):  # gate and up rows interleaved (swiglu_fusion=1), then the down projection
-            gate, up = self.src.tensor(n["gate_up"][j]), self.src.tensor(n["gate_up"][e + (experts.shared_intermediate_size > 0) + j])
+            gate, up = self.src.tensor(n["gate_up"][j]), self.src.tensor(n["gate_up"][ups + j])
             fc1.append(self._expert_blocks(np.stack([gate, up], axis=1).reshape(2 * width, hidden), bits))
             fc2.append(self._expert_blocks(self.src.tensor(n["down"][j]), bits))
         w = {}
