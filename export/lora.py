@@ -33,6 +33,7 @@ from edgellm.export.families import FAMILIES, Family
 from edgellm.export.source import DecoderSpec, block_names, safetensors_index, safetensors_tensor
 from edgellm.manifest import ADAPTER_NAME, ModelEntry
 SITE_ROLES = ("qkv", "o", "gate_up", "down")
+ATTENTION_ROLES = ("qkv", "o")  # a mixture of experts' sites
 # adapter_config.json fields that change the math in ways this module does not implement:
 # refused by name when set (False / None / empty / "none" mean unset)
 UNSUPPORTED = {
@@ -90,19 +91,17 @@ def entry_sites(entry: ModelEntry) -> dict[str, Site]:
 def site_table(family: Family, num_layers: int, q: int, kv: int, hidden: int, inter: int) -> dict[str, Site]:
     """The sites of ``num_layers`` blocks of ``family`` with these widths (query, key/value, residual, MLP).
 
-    Raises:
-        ExportError: a mixture-of-experts family (no LoRA branches on experts or routers).
+    A mixture of experts has its attention's sites only: its experts, router and shared expert
+    take no branch (an adapter that changes them is refused by :func:`read_adapter`).
     """
-    if family.moe:
-        raise ExportError("LoRA branches are not built for mixture-of-experts models (their experts and router "
-                          "take none); merge the adapter into the model and export that")
+    roles = ATTENTION_ROLES if family.moe else SITE_ROLES
     widths = {"q_proj": q, "k_proj": kv, "v_proj": kv, "qkv_proj": q + 2 * kv, "o_proj": hidden,
               "gate_proj": inter, "up_proj": inter, "gate_up_proj": 2 * inter, "down_proj": hidden}
     ins = {"qkv": hidden, "o": q, "gate_up": hidden, "down": inter}
     out: dict[str, Site] = {}
     for i in range(num_layers):
         names = block_names(i, family)
-        for role in SITE_ROLES:
+        for role in roles:
             mods, col = [], 0
             for w in [names[role]] if isinstance(names[role], str) else names[role]:
                 module = w.removesuffix(".weight")
@@ -207,14 +206,17 @@ def read_adapter(name: str, folder: Path, all_sites: dict[str, Site]) -> LoraAda
     if not pairs:
         raise ExportError(f"{where}: its safetensors hold no LoRA matrices")
     by_module = {mod: site for site in all_sites.values() for mod, _, _ in site.modules}
-    layers = len(all_sites) // len(SITE_ROLES)
+    layers = len({tag.split(".")[0] for tag in all_sites})
+    mlp = any(tag.endswith(".down") for tag in all_sites)
     rank, alpha, rslora = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8)), bool(cfg.get("use_rslora"))
     parts: dict[str, list[tuple[np.ndarray, np.ndarray, int, int]]] = {}
     for module, ab in sorted(pairs.items()):
         site = by_module.get(module)
         if site is None:
+            what = "the attention and MLP projections" if mlp else \
+                "the attention projections (a mixture of experts' experts, router and shared expert take none)"
             raise ExportError(f"{where}: it changes {module!r}, which this base has no LoRA site for; allowed: "
-                              f"the attention and MLP projections of layers 0-{layers - 1} "
+                              f"{what} of layers 0-{layers - 1} "
                               f"({', '.join(sorted({m.rsplit('.', 1)[1] for m in by_module}))})")
         if set(ab) != {"A", "B"}:
             raise ExportError(f"{where}: {module} has lora_{''.join(ab)} but not both A and B")

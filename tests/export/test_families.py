@@ -323,11 +323,41 @@ def test_the_experts_are_routed_as_transformers_routes(family, tmp_path, monkeyp
             assert not (tmp_path / "gated").exists()
 
 
+def test_a_mixture_of_experts_takes_lora_on_its_attention(tmp_path):
+    """An adapter on a mixture of experts' attention (q/v) gives PEFT's merged model's greedy
+    output, in target and speculative mode, on the routed int4 graph too (against its own
+    target mode); one that changes the experts (and the shared expert) is refused by name."""
+    pytest.importorskip("peft")
+    from test_lora import make_adapter, peft_greedy
+
+    folder = make_family_model(tmp_path / "moe", "qwen2_moe")
+    qv = make_adapter(folder, tmp_path / "qv", 1, b_std=0.6, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    gates = make_adapter(folder, tmp_path / "gates", 2, r=2, lora_alpha=4, target_modules=["gate_proj"])
+    with pytest.raises(ExportError, match="allowed: the attention projections \\(a mixture of experts' experts"):
+        export(folder, output=tmp_path / "x", lora={"gates": gates}, max_context=64)
+    assert not (tmp_path / "x").exists()
+    b = export(folder, draft=folder, output=tmp_path / "fp32", quant="fp32", draft_quant="fp32", max_context=64,
+               quality="full", lora={"qv": qv}, draft_lora={"qv": qv})
+    llm = edgellm.load(b, threads=1)
+    vocab = llm.manifest.tokenizer["vocab_size"]
+
+    def tokens(llm, prompt, mode):
+        cfg = dataclasses.replace(llm.decode_config(mode=mode, max_new_tokens=24), eos_token_ids=())
+        return [t for r in llm.generate_tokens(prompt, cfg, adapter="qv") for t in r.tokens]
+
+    for prompt in PROMPTS[:2]:
+        ref = peft_greedy(folder, qv, prompt, 24, vocab)
+        assert tokens(llm, prompt, "target") == ref and tokens(llm, prompt, "speculative") == ref, prompt
+    routed = edgellm.load(export(folder, draft=folder, output=tmp_path / "int4", quant="int4", max_context=64,
+                                 quality="none", lora={"qv": qv}), threads=1)
+    assert read_manifest(tmp_path / "int4").target.quantization["experts"] == "routed"
+    for prompt in PROMPTS[:2]:
+        assert tokens(routed, prompt, "speculative") == tokens(routed, prompt, "target"), prompt
+
+
 def test_what_mixtures_of_experts_refuse(tmp_path):
-    """LoRA on experts, npu graphs and impossible routing settings are refused by name, nothing written."""
+    """npu graphs and impossible routing settings are refused by name, nothing written."""
     folder = make_family_model(tmp_path / "moe", "mixtral")
-    with pytest.raises(ExportError, match="not built for mixture-of-experts"):
-        export(folder, output=tmp_path / "a", lora={"x": tmp_path / "adapter"}, max_context=64)
     with pytest.raises(ExportError, match="experts .*no npu graph"):
         export(folder, output=tmp_path / "b", target_device="npu", max_context=64)
     import json
