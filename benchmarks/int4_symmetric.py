@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +37,8 @@ def mean_kl(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def main() -> None:
+    from step_time import median_pass_ms
+
     import edgellm
     from edgellm.api import _layout
     from edgellm.bundle import read_manifest
@@ -70,15 +70,9 @@ def main() -> None:
         ref = logits["default bundle"]
         quality = {n: {"top1_agreement": float((lg.argmax(-1) == ref.argmax(-1)).mean()), "mean_kl": mean_kl(ref, lg)}
                    for n, lg in logits.items() if n != "default bundle"}
-        past, times = 160, {(n, r): [] for n in sessions for r in (1, 2)}
-        for _ in range(a.repeats):
-            for n, s in sessions.items():
-                for r in (1, 2):
-                    s.rollback(past)
-                    t0 = time.perf_counter()
-                    s.forward(ids[past: past + r], r)
-                    times[(n, r)].append(time.perf_counter() - t0)
-    ms = {n: {str(r): round(1000 * statistics.median(times[(n, r)]), 1) for r in (1, 2)} for n in sessions}
+        past = 160
+        ms = {n: {str(r): round(v, 1) for r, v in d.items()}
+              for n, d in median_pass_ms(sessions, ids, past, [1, 2], a.repeats).items()}
     for n in sessions:
         q = quality.get(n)
         print(f"{n:18s} 1-row {ms[n]['1']} ms, 2-row {ms[n]['2']} ms"

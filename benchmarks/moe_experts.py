@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -83,6 +82,8 @@ def export_both(folder: Path, out: Path) -> dict[str, Path]:
 
 
 def main() -> None:
+    from step_time import median_pass_ms
+
     from edgellm.api import _layout
     from edgellm.bundle import read_manifest
     from edgellm.runtimes.providers import resolve_provider
@@ -115,15 +116,7 @@ def main() -> None:
             for _ in range(15):
                 seq.append(int(s.forward(np.array(seq[-1:]), 1)[-1].argmax()))
             greedy[name] = seq
-        times: dict[tuple[str, int], list[float]] = {(n, r): [] for n in sessions for r in a.rows}
-        for _ in range(a.repeats):
-            for name, s in sessions.items():
-                for r in a.rows:
-                    s.rollback(a.past)
-                    t1 = time.perf_counter()
-                    s.forward(ids[a.past: a.past + r], r)
-                    times[(name, r)].append(time.perf_counter() - t1)
-    ms = {name: {r: 1000 * statistics.median(times[(name, r)]) for r in a.rows} for name in sessions}
+        ms = median_pass_ms(sessions, ids, a.past, a.rows, a.repeats)
     result = {"model": a.model, "layers": f"{a.layers} of {MODELS[a.model][1]['num_hidden_layers']}",
               "threads": a.threads, "past": a.past, "repeats": a.repeats,
               "target_bytes": sizes,

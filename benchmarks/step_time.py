@@ -24,6 +24,25 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def median_pass_ms(sessions: dict, ids: np.ndarray, past: int, rows: list[int], repeats: int) -> dict[str, dict[int, float]]:
+    """Median milliseconds of one pass of ``r`` new tokens (``ids[past:past + r]``) over ``past``
+    cached positions, per session name and ``r``; each repeat runs every session and ``r`` in
+    turn, so all see the same machine load. Primes each session's cache with ``ids[:past]``
+    and rolls back to it before each pass."""
+    for s in sessions.values():
+        s.rollback(0)
+        s.forward(ids[:past], 1)
+    times: dict[tuple[str, int], list[float]] = {(n, r): [] for n in sessions for r in rows}
+    for _ in range(repeats):
+        for name, s in sessions.items():
+            for r in rows:
+                s.rollback(past)
+                t0 = time.perf_counter()
+                s.forward(ids[past: past + r], r)
+                times[(name, r)].append(time.perf_counter() - t0)
+    return {n: {r: 1000 * statistics.median(times[(n, r)]) for r in rows} for n in sessions}
+
+
 def main() -> None:
     from edgellm.api import _layout
     from edgellm.bundle import read_manifest
@@ -47,18 +66,8 @@ def main() -> None:
                            "mean_kl": q.get("mean_kl")}
     vocab = min(s.layout.vocab_size for s in sessions.values())
     ids = np.random.default_rng(0).integers(3, min(vocab, 30000), a.past + max(a.rows))
-    for s in sessions.values():
-        s.forward(ids[: a.past], 1)
-    times: dict[tuple[str, int], list[float]] = {(n, r): [] for n in sessions for r in a.rows}
-    for _ in range(a.repeats):
-        for name, s in sessions.items():
-            for r in a.rows:
-                s.rollback(a.past)
-                t0 = time.perf_counter()
-                s.forward(ids[a.past: a.past + r], r)
-                times[(name, r)].append(time.perf_counter() - t0)
-    result = {name: {**quality[name], **{f"ms_{r}_rows": 1000 * statistics.median(times[(name, r)]) for r in a.rows}}
-              for name in sessions}
+    ms = median_pass_ms(sessions, ids, a.past, a.rows, a.repeats)
+    result = {name: {**quality[name], **{f"ms_{r}_rows": ms[name][r] for r in a.rows}} for name in sessions}
     for name, r in result.items():
         kl = f"{r['mean_kl']:.4f}" if r["mean_kl"] is not None else "-"
         print(f"{name:40} " + " ".join(f"{r[f'ms_{k}_rows']:6.1f} ms ({k} rows)" for k in a.rows) + f"  KL {kl}",
