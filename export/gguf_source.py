@@ -152,6 +152,9 @@ class GGUFSource(Source):
             moe = sorted(a for a, name in GGUF_FAMILIES.items() if FAMILIES[name].moe)
             raise ExportError(f"{self.path}: a mixture of experts of GGUF architecture {arch!r} is not supported; "
                               f"allowed: {', '.join(moe)} (or export the model's Hugging Face folder)")
+        if not f("expert_used_count"):
+            raise ExportError(f"{self.path}: {arch}.expert_count is set but {arch}.expert_used_count (experts per "
+                              "token) is missing; a mixture of experts needs both")
         scale = f("expert_weights_scale")
         if scale not in (None, 0, 1):
             raise ExportError(f"{self.path}: {arch}.expert_weights_scale {scale!r} is not supported; allowed: 1")

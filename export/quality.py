@@ -105,11 +105,14 @@ _GGUF_CONFIG_UNREAD = ("qwen2_moe",)
 
 
 def _gguf_config(src):
-    """transformers' config of a GGUF file, with the expert fields llama.cpp reads put back
-    (their widths from the tensors, Qwen3-MoE's renormalized top-k weights), or every field
-    the file gives where transformers reads none (the weights still come from its loader)."""
+    """transformers' config of a mixture-of-experts GGUF file, with the expert fields llama.cpp
+    reads put back (their widths from the tensors, Qwen3-MoE's renormalized top-k weights), or
+    every field the file gives where transformers reads none (the weights still come from its
+    loader); ``None`` (transformers' own) for other files."""
     from transformers import AutoConfig
 
+    if "num_experts" not in src.hf_config:
+        return None
     config = AutoConfig.from_pretrained(str(src.path.parent), gguf_file=src.path.name)
     unread = src.spec.architecture in _GGUF_CONFIG_UNREAD
     for key, value in src.hf_config.items():
