@@ -134,6 +134,10 @@ class DecoderBuilder(LinearLayers):
         self.max_context = max_context
         self.routed_layers = 0  # mixture-of-experts layers whose experts are routed (QMoE)
         self.experts: str | None = None  # a mixture of experts: "routed" or "every expert per row: <why>"
+        experts = self.features.experts
+        if experts is not None:  # the manifest's quantization.experts
+            why = routed_experts_reason(self.q, self.features.activation, self.spec.hidden_size, experts)
+            self.experts = "routed" if why is None else f"every expert per row: {why}"
 
     # ------------------------------------------------------------------ graph
     def build(self, out_dir: Path, model_name: str = "model.onnx") -> Path:
@@ -163,12 +167,9 @@ class DecoderBuilder(LinearLayers):
                     inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", kv_type, kv_shape))
                     outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", kv_type, kv_shape))
                 x, resid = self._layer(g, i, x, resid, ropes)
-            experts = self.features.experts
-            if experts is not None:  # the manifest's quantization.experts
-                why = routed_experts_reason(self.q, self.features.activation, s.hidden_size, experts)
-                self.experts = "routed" if why is None else f"every expert per row: {why}"
-                self.progress(f"experts routed in {self.routed_layers} layers" if why is None else
-                              f"every expert computed per row (the cost of a dense model of every expert's size): {why}")
+            if self.experts is not None:
+                self.progress(f"experts routed in {self.routed_layers} layers" if self.experts == "routed" else
+                              f"{self.experts} (the cost of a dense model of every expert's size)")
             self.progress("lm_head")
             normed = g.node("SkipSimplifiedLayerNormalization",
                             [x, resid, self._norm_weight(g, FINAL_NORM, "final_norm")],
@@ -297,7 +298,7 @@ class DecoderBuilder(LinearLayers):
             (total,) = g.node("ReduceSum", [top, g.const("last_axis", np.array([-1], np.int64))], keepdims=1)
             (top,) = g.node("Div", [top, total])
         shared = experts.shared_intermediate_size
-        if routed_experts_reason(self.q, self.features.activation, self.spec.hidden_size, experts) is not None:
+        if self.experts != "routed":
             return self._every_expert(g, i, h, n, experts, probs, top, picked)
         self.routed_layers += 1
         y = self._routed_experts(g, i, h, n, experts, top, picked)
