@@ -45,3 +45,42 @@ def test_load_schedule_and_summary():
     assert s["aggregate_tokens_per_second"] == 30 / 4.0 and s["per_client_tokens_per_second"] == [5.0, 5.0]
     assert s["identical_to_one_client"] is False and s["compared"] == 2  # p1 differs; p2 has no reference
     assert s["ttft_p50_s"] == 1.0 and s["latency_p95_s"] == 2.0
+
+
+def test_draft_depth_keeps_and_renumbers_blocks():
+    import dataclasses
+
+    import pytest
+    from draft_depth import parse_keep
+    from draft_vocab import LayerSubset
+
+    assert parse_keep("all", 24) is None
+    assert parse_keep("0-2,5,7-8", 24) == [0, 1, 2, 5, 7, 8]
+    for bad in ("0-24", "3-1,0", "x", "1,1"):
+        with pytest.raises(SystemExit, match="allowed"):
+            parse_keep(bad, 24)
+
+    @dataclasses.dataclass(frozen=True)
+    class Spec:
+        num_layers: int
+
+    class Src:
+        spec, kind = Spec(6), "fake"
+
+        def tensor(self, name):
+            return name
+
+        def has(self, name):
+            return name != "model.layers.4.mlp.up_proj.weight"
+
+        def native(self, name):
+            return None
+
+    sub = LayerSubset(Src(), [0, 1, 4, 5])
+    assert sub.spec.num_layers == 4 and sub.kind == "fake"
+    assert sub.tensor("model.layers.2.self_attn.q_proj.weight") == "model.layers.4.self_attn.q_proj.weight"
+    assert sub.tensor("model.layers.3.mlp.down_proj.weight") == "model.layers.5.mlp.down_proj.weight"
+    assert sub.tensor("model.norm.weight") == "model.norm.weight"  # outside the blocks: unchanged
+    assert not sub.has("model.layers.2.mlp.up_proj.weight") and sub.has("model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(SystemExit, match="allowed"):
+        LayerSubset(Src(), [0, 6])
