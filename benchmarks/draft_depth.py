@@ -40,9 +40,9 @@ def parse_keep(spec: str, num_layers: int) -> list[int] | None:
             first, last = int(lo), int(hi or lo)
         except ValueError:
             raise SystemExit(f"--keep {spec!r}: allowed: 'all' or ranges like 0-19 or 0-9,14-23") from None
-        keep.extend(range(first, last + 1) if first <= last else [num_layers])  # a backward range: refused below
-    if sorted(set(keep)) != keep or keep[0] < 0 or keep[-1] >= num_layers:
-        raise SystemExit(f"--keep {spec!r}: allowed: increasing block indices 0-{num_layers - 1}")
+        keep.extend(range(first, last + 1))
+        if first > last or (len(keep) > 1 and keep[-1] <= keep[-2]) or first < 0 or last >= num_layers:
+            raise SystemExit(f"--keep {spec!r}: allowed: increasing block indices 0-{num_layers - 1}")
     return keep
 
 
@@ -52,7 +52,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bundle", type=Path)
     ap.add_argument("draft_model", help="the draft's source (the GGUF file or HF folder it was exported from)")
-    ap.add_argument("--keep", nargs="*", default=["all", "0-21", "0-19", "0-9,14-23", "0-5,8-11,14-17,20-23"])
+    ap.add_argument("--keep", nargs="*", default=["all", "0-21", "0-10,13-23", "0-19", "0-9,14-23", "0-5,8-11,14-17,20-23"],
+                    help="blocks each variant keeps: 'all' or increasing ranges")
     ap.add_argument("--per-category", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("EDGELLM_THREADS", "2")))

@@ -53,7 +53,7 @@ def build_draft(llm, model: str, size: int | str, head: str, out: Path, keep_lay
     q = entry.quantization
     qcfg = _quant_config(src, quant=q["quant"], block_size=q["block_size"], lm_head_quant=head)
     if size == "bundle":  # the tokens the bundle's own draft keeps
-        dv = llm.manifest.draft.draft_vocab
+        dv = entry.draft_vocab
         tokens = None if dv is None else read_token_ids(llm.bundle / dv["file"], src.spec.vocab_size)
     else:
         chosen = DraftVocabConfig(size).choose(llm.bundle / llm.manifest.tokenizer["file"], src.spec.vocab_size,
