@@ -40,9 +40,9 @@ def parse_keep(spec: str, num_layers: int) -> list[int] | None:
             first, last = int(lo), int(hi or lo)
         except ValueError:
             raise SystemExit(f"--keep {spec!r}: allowed: 'all' or ranges like 0-19 or 0-9,14-23") from None
-        keep.extend(range(first, last + 1))
-        if first > last or (len(keep) > 1 and keep[-1] <= keep[-2]) or first < 0 or last >= num_layers:
+        if first > last or (keep and first <= keep[-1]) or first < 0 or last >= num_layers:
             raise SystemExit(f"--keep {spec!r}: allowed: increasing block indices 0-{num_layers - 1}")
+        keep.extend(range(first, last + 1))
     return keep
 
 

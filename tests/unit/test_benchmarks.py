@@ -56,7 +56,7 @@ def test_draft_depth_keeps_and_renumbers_blocks():
 
     assert parse_keep("all", 24) is None
     assert parse_keep("0-2,5,7-8", 24) == [0, 1, 2, 5, 7, 8]
-    for bad in ("0-24", "3-1,0", "x", "1,1"):
+    for bad in ("0-24", "3-1,0", "x", "1,1", "0-5,3-8", "4,2"):
         with pytest.raises(SystemExit, match="allowed"):
             parse_keep(bad, 24)
 
